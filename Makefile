@@ -1,0 +1,28 @@
+# sur-cache developer targets. TORCH_SPEC pins the CPU wheel for this machine and CI; GPU users override it
+# (make install TORCH_SPEC=torch) or install into their own environment with `pip install -e .[dev]`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test demo bench bench-extract bench-train lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,demo]"
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,173 @@
+"""Tiny random-weight stand-ins for Stable Diffusion and a Llama teacher, built from configs, no download.
+
+The tests and the demo save these with `save_pretrained` and load them back through the same
+`from_pretrained` paths a user's real models take, so nothing in the pipeline knows they are tiny.
+Widths are deliberately not SD 1.5's (CLIP 32, not 768; LLM 48, not 5120) so no code can assume them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY_CLIP_WIDTH = 32
+TINY_LLM_WIDTH = 48
+TINY_LLM_LAYERS = 3
+TINY_RESOLUTION = 32  # pixels; the tiny VAE downsamples 4x, so latents are 4 x 8 x 8
+
+_CORPUS = [
+    "a cat sitting on a red sofa in the afternoon sun",
+    "an old man walks his dog along the beach at dawn",
+    "portrait of a knight, highly detailed, digital painting, artstation, concept art, sharp focus",
+    "a little girl reads a book under a tree while birds sing",
+    "cyberpunk city at night, neon lights, rain, cinematic lighting, 8k, trending on artstation",
+    "two friends share a pizza and laugh about old times",
+    "a castle on a hill, fantasy landscape, matte painting, volumetric light, by greg rutkowski",
+]
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Folders of the saved tiny models: `sd` is a diffusers StableDiffusionPipeline folder."""
+
+    sd: Path
+    llm: Path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def save_clip_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer over single byte-level characters: 256 chars, their `</w>` forms, two specials, no merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(folder)
+
+
+def build_sd_pipeline(folder: Path, seed: int = 0):
+    """Save a tiny StableDiffusionPipeline (CLIP text encoder, VAE, UNet, PNDM scheduler) under `folder`."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        save_clip_tokenizer(Path(scratch))
+        tokenizer = CLIPTokenizer.from_pretrained(scratch)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_CLIP_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=TINY_RESOLUTION,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=TINY_CLIP_WIDTH,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return pipeline
+
+
+def build_llm(folder: Path, seed: int = 0) -> None:
+    """Save a tiny Llama causal LM with a byte-level BPE tokenizer trained on the fly (a second, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_LLM_WIDTH,
+            intermediate_size=96,
+            num_hidden_layers=TINY_LLM_LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+
+
+def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
+    """Build and save both tiny models under `root`; returns their folders."""
+    root = Path(root)
+    build_sd_pipeline(root / "sd", seed=seed)
+    build_llm(root / "llm", seed=seed)
+    return TinyModels(sd=root / "sd", llm=root / "llm")
