@@ -1,0 +1,300 @@
+"""The frozen models: loading Stable Diffusion's parts and the LLM teacher, and the three feature functions.
+
+Loading goes through the real `from_pretrained` paths, so a diffusers SD folder, a hub id, or the tiny test models
+all take the same road. The three `encode_*` functions are shared by stage one (extract) and stage two's
+`--online` mode, so cached and online features are computed by the same code.
+
+Which LLM tensor is "layer i" (DESIGN.md section 2): the raw output of decoder layer i, before the model's final
+norm, read with a forward hook on the layer module. `output_hidden_states` would give the same tensor for every
+layer but the last, whose entry has the final norm applied; the hook avoids that trap. LLM_LAYER_SOURCE records
+this in the store's manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+# alias -> (public hub id, hidden size). The hidden size lets a user check an LLM feature file before loading.
+LLM_ALIASES: dict[str, tuple[str, int]] = {
+    "llama-7b": ("huggyllama/llama-7b", 4096),
+    "llama-13b": ("huggyllama/llama-13b", 5120),
+    "llama-30b": ("huggyllama/llama-30b", 6656),
+}
+
+LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+Pooling = Literal["mean", "last"]
+
+
+@dataclass
+class ClipFeatures:
+    """`embeddings` [B, 77, d] float32 (`last_hidden_state`); `truncated` [B] bool: the prompt did not fit."""
+
+    embeddings: torch.Tensor
+    truncated: torch.Tensor
+
+
+@dataclass
+class LatentDistribution:
+    """The VAE encoder's diagonal Gaussian: `mean`, `logvar` [B, c, h, w] float32 (unscaled latents)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+
+@dataclass
+class LLMFeatures:
+    """`pooled` [B, D] float32; with per-token states, `tokens` [B, T, D] float32 (zeros past the prompt)
+    and `mask` [B, T] bool (True on real tokens), T = max_length."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def resolve_llm(name: str) -> str:
+    """An alias (`llama-13b`, ...) -> its hub id; a local path or any other hub id passes through unchanged."""
+    alias = LLM_ALIASES.get(name.lower())
+    return alias[0] if alias and not Path(name).exists() else name
+
+
+def load_clip(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """CLIP tokenizer and text encoder from a diffusers SD folder or hub id (subfolders tokenizer/, text_encoder/)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(sd), subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder", dtype=dtype)
+    return tokenizer, _frozen(text_encoder.to(device))
+
+
+def load_vae(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The `AutoencoderKL` from a diffusers SD folder or hub id (subfolder vae/)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae", torch_dtype=dtype)
+    return _frozen(vae.to(device))
+
+
+def load_llm(
+    name: str,
+    *,
+    load_in_8bit: bool = True,
+    dtype: torch.dtype = torch.float16,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """The LLM's tokenizer and base model (`AutoModel`: no LM head), so decoder LLMs and BERT-like encoders both load.
+
+    `name` is an alias from LLM_ALIASES, a hub id, or a local folder. By default the weights are quantised to
+    LLM.int8 with bitsandbytes (`BitsAndBytesConfig(load_in_8bit=True)`, works on the CPU too) with `dtype` for
+    the non-quantised parts; `load_in_8bit=False` loads plain `dtype` weights. The tokenizer pads on the right
+    (with the EOS token if it has no pad token); the attention mask keeps padding out of every feature.
+    """
+    from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
+
+    path = resolve_llm(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": torch.device(device)}
+    model = AutoModel.from_pretrained(path, **kwargs)
+    if not load_in_8bit:
+        model = model.to(device)
+    return tokenizer, _frozen(model)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+
+def model_fingerprint(name_or_path: str, subfolder: str | None = None) -> dict:
+    """What identifies the loaded weights, for the store's manifest: `{"id": ..., "revision": ...}`.
+
+    A local folder: "sha256:<hex>" over every file under it (relative name, size and bytes, in sorted order;
+    hidden files such as `.cache/` skipped), so weights, configs and tokenizer files all count. A hub id: the
+    resolved commit, from the local hub cache first (what `from_pretrained` just loaded), else from the hub;
+    "unresolved" when neither is reachable (offline and not cached).
+    """
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        target = folder / subfolder if subfolder else folder
+        return {"id": str(folder.resolve()) + (f"/{subfolder}" if subfolder else ""), "revision": _folder_hash(target)}
+    repo_id = resolve_llm(name_or_path)
+    model_id = repo_id + (f"/{subfolder}" if subfolder else "")
+    return {"id": model_id, "revision": _hub_commit(repo_id)}
+
+
+def _folder_hash(folder: Path) -> str:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; cannot fingerprint the model there")
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _hub_commit(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["config.json"])).name
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "unresolved"
+    try:
+        from huggingface_hub import model_info
+
+        return model_info(repo_id).sha or "unresolved"
+    except Exception:  # noqa: BLE001 - network or auth failure: the manifest records that we could not tell
+        return "unresolved"
+
+
+# ---------------------------------------------------------------------------------------------------- features
+
+
+@torch.inference_mode()
+def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> ClipFeatures:
+    """CLIP `last_hidden_state` of prompts padded/truncated to `tokenizer.model_max_length` (77), as SD sees them.
+
+    No attention mask is passed, exactly as StableDiffusionPipeline and the diffusers training scripts call the
+    text encoder. `truncated` marks prompts whose tokens (with BOS/EOS) did not fit.
+    """
+    max_length = tokenizer.model_max_length
+    full_lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    embeddings = text_encoder(tokens.input_ids.to(text_encoder.device)).last_hidden_state
+    return ClipFeatures(embeddings.float(), torch.tensor([n > max_length for n in full_lengths], dtype=torch.bool))
+
+
+@torch.inference_mode()
+def encode_vae(vae, pixels: torch.Tensor) -> LatentDistribution:
+    """`vae.encode(pixels).latent_dist` for pixels [B, 3, H, W] in [-1, 1]; mean and log-variance in float32."""
+    distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return LatentDistribution(distribution.mean.float(), distribution.logvar.float())
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer layers, found generically (model.layers, encoder.layer, h, ...).
+
+    It is the shortest-named `ModuleList` with `config.num_hidden_layers` entries.
+    """
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [
+        (name.count("."), name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count)
+    ]
+    if not candidates:
+        raise ValueError(
+            f"cannot find the layer stack of {type(model).__name__}: expected an nn.ModuleList with "
+            f"config.num_hidden_layers={count} entries"
+        )
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """A possibly negative layer index -> the 0-based index it names; raises if out of range."""
+    count = len(decoder_layers(model))
+    if not -count <= layer < count:
+        raise ValueError(
+            f"--llm-layer {layer} is out of range: {type(model).__name__} has {count} layers (0..{count - 1})"
+        )
+    return layer % count
+
+
+class _LayerReached(Exception):
+    """Raised by the hook to stop the forward once the wanted layer has run (later layers are not needed)."""
+
+
+@torch.inference_mode()
+def encode_llm(
+    tokenizer,
+    model,
+    prompts: list[str],
+    *,
+    layer: int = -1,
+    pooling: Pooling = "mean",
+    per_token: bool = False,
+    max_length: int = 77,
+) -> LLMFeatures:
+    """Layer `layer`'s raw hidden states of the prompts, pooled over real tokens (`mean`) or the last real token.
+
+    Prompts are truncated to `max_length` tokens and each batch is right-padded only to its longest prompt;
+    the attention mask keeps padding out, so a prompt's feature does not depend on its batch-mates (up to
+    floating-point noise). With `per_token`, the states are also returned padded with zeros to `max_length`.
+    """
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"--llm-pooling must be 'mean' or 'last', found {pooling!r}")
+    index = resolve_layer(model, layer)
+    batch = tokenizer(prompts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    states = _layer_output(model, decoder_layers(model)[index], batch).float()
+    mask = batch["attention_mask"].bool()
+    weights = mask.unsqueeze(-1).float()
+    if pooling == "mean":
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    else:
+        last = mask.long().sum(1).clamp_min(1) - 1
+        pooled = states[torch.arange(states.shape[0], device=states.device), last]
+    if not per_token:
+        return LLMFeatures(pooled.cpu())
+    tokens = torch.zeros(states.shape[0], max_length, states.shape[-1])
+    tokens[:, : states.shape[1]] = (states * weights).cpu()
+    token_mask = torch.zeros(states.shape[0], max_length, dtype=torch.bool)
+    token_mask[:, : mask.shape[1]] = mask.cpu()
+    return LLMFeatures(pooled.cpu(), tokens, token_mask)
+
+
+def _layer_output(model: nn.Module, layer_module: nn.Module, batch: dict) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _LayerReached
+
+    handle = layer_module.register_forward_hook(hook)
+    try:
+        model(**batch, **({"use_cache": False} if _accepts_use_cache(model) else {}))
+    except _LayerReached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"the forward of {type(model).__name__} never ran the selected layer")
+    return captured[0]
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    return "use_cache" in inspect.signature(model.forward).parameters
