@@ -1,0 +1,307 @@
+"""The SUR-adapter: a small network that rewrites a simple prompt's CLIP embedding before the frozen UNet sees it.
+
+Math (DESIGN.md section 3), for the simple-prompt CLIP embedding `x [B, L, d]`:
+
+    h = TransformerEncoder(x)                       2 post-norm layers, 8 heads, feed-forward 2048, ReLU, dropout 0.1
+    A = softmax(Q K^T / sqrt(d)) V + V              Q = query_layer(h), K = key_layer(x), V = x   (`calibrate`)
+    R = MLP(A) + A                                  MLP = Linear -> ReLU -> Linear, all d -> d
+    out = w * fc(R) + (1 - w) * x                   fc.weight starts at zero, so a fresh adapter ignores R
+
+`h` is returned too: the distillation loss pulls it towards the projected LLM feature (`project_llm`).
+
+Parameter names follow the reference implementation's state dict, so a reference checkpoint imports by a plain
+key check (`import_reference`). The one behavioural difference is the transformer's layout: the reference builds its
+layers with `batch_first=False` but feeds them `[B, L, d]`, so their self-attention mixes the samples of a batch and
+never the tokens of a prompt. sur-cache attends across tokens; `reference_compat=True` reproduces the reference
+(at batch 1, as in the reference run, every token then passes through the encoder on its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sur_cache.config import ImportReferenceConfig
+
+ATTENTION_BACKENDS = ("eager", "sdpa", "fused")
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Everything needed to rebuild an adapter; written to `config.json` beside the weights.
+
+    `attention` picks the implementation of the calibration core only (the numbers agree to rounding); it is a
+    runtime choice that `from_pretrained(..., attention=...)` may override. `llm_proj_seed`, when set, seeds the
+    LLM projection's initialisation independently of the global RNG, so a frozen projection is reproducible
+    (its weights are saved in any case).
+    """
+
+    width: int
+    llm_width: int
+    num_layers: int = 2
+    num_heads: int = 8
+    feedforward: int = 2048
+    dropout: float = 0.1
+    adapter_weight: float = 0.1
+    attention: str = "eager"
+    reference_compat: bool = False
+    freeze_llm_proj: bool = False
+    llm_proj_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("width", "llm_width", "num_layers", "num_heads", "feedforward"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.width >= 1 and self.num_heads >= 1 and self.width % self.num_heads:
+            problems.append(f"width {self.width} must be divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ATTENTION_BACKENDS:
+            problems.append(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if problems:
+            raise ValueError("invalid AdapterConfig: " + "; ".join(problems))
+
+
+class AdapterOutput(NamedTuple):
+    """`embedding`: the adapted CLIP embedding `[B, L, d]` for the UNet; `h`: the encoder output `[B, L, d]`."""
+
+    embedding: Tensor
+    h: Tensor
+
+
+def resolve_attention(choice: str, device: torch.device | str) -> str:
+    """Map the CLI's `auto` to a backend: the fused kernel on CUDA, eager elsewhere; other names pass through."""
+    if choice == "auto":
+        return "fused" if torch.device(device).type == "cuda" else "eager"
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention must be auto or one of {', '.join(ATTENTION_BACKENDS)}, got {choice!r}")
+    return choice
+
+
+def calibrate(q: Tensor, k: Tensor, v: Tensor, backend: str = "eager") -> Tensor:
+    """Attention calibration `softmax(q k^T / sqrt(d)) v + v` over `[B, L, d]` inputs, one head of width d.
+
+    "eager" is the reference's matmul + softmax; "sdpa" is PyTorch's scaled_dot_product_attention plus the residual;
+    "fused" is the Triton kernel of `sur_cache.kernels`, imported only when asked for.
+    """
+    if backend == "eager":
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        return torch.matmul(torch.softmax(scores, dim=-1), v) + v
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v) + v
+    if backend == "fused":
+        from sur_cache.kernels import attention_calibration
+
+        return attention_calibration(q, k, v)
+    raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+
+
+class AttentionCalibration(nn.Module):
+    """`R = MLP(A) + A` with `A = calibrate(query_layer(h), key_layer(x), x)`.
+
+    The reference also defines a value projection that its forward never uses; it is left out here and ignored
+    on import.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.query_layer = nn.Linear(width, width)
+        self.key_layer = nn.Linear(width, width)
+        self.output_layer = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+    def forward(self, h: Tensor, x: Tensor, backend: str) -> Tensor:
+        calibrated = calibrate(self.query_layer(h), self.key_layer(x), x, backend)
+        return self.output_layer(calibrated) + calibrated
+
+
+class SURAdapter(nn.Module):
+    """The adapter of DESIGN.md section 3 plus the LLM projection `llm_proj: Linear(llm_width -> width)`."""
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        layer = nn.TransformerEncoderLayer(
+            d_model=config.width,
+            nhead=config.num_heads,
+            dim_feedforward=config.feedforward,
+            dropout=config.dropout,
+            activation="relu",
+            batch_first=not config.reference_compat,
+        )
+        self.transformer_encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+        self.attention = AttentionCalibration(config.width)
+        self.fc = nn.Linear(config.width, config.width)
+        # As in the reference, only the weight starts at zero: a fresh adapter returns (1 - w) x + w fc.bias, and
+        # the calibration layers receive gradient once fc.weight has left zero (after the first optimizer step).
+        nn.init.zeros_(self.fc.weight)
+        self.llm_proj = nn.Linear(config.llm_width, config.width)
+        if config.llm_proj_seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.llm_proj_seed)
+                self.llm_proj.reset_parameters()
+        self.llm_proj.requires_grad_(not config.freeze_llm_proj)
+
+    def forward(self, x: Tensor) -> AdapterOutput:
+        """Adapt `x [B, L, width]`; see the module docstring for the math."""
+        h = self.transformer_encoder(x)
+        calibrated = self.attention(h, x, self.config.attention)
+        w = self.config.adapter_weight
+        return AdapterOutput(w * self.fc(calibrated) + (1 - w) * x, h)
+
+    def project_llm(self, llm: Tensor) -> Tensor:
+        """Map pooled LLM features `[B, llm_width]` to the CLIP width `[B, width]` (the distillation teacher)."""
+        return self.llm_proj(llm)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `model.safetensors` (all weights, the LLM projection included) and `config.json` into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self.config)}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, attention: str | None = None) -> SURAdapter:
+        """Load a folder written by `save_pretrained`, in eval mode on the CPU; `attention` overrides the backend."""
+        config = read_adapter_config(folder)
+        if attention is not None:
+            config = dataclasses.replace(config, attention=attention)
+        adapter = cls(config)
+        adapter.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+        return adapter.eval()
+
+
+def read_adapter_config(folder: str | Path) -> AdapterConfig:
+    """Read and validate `config.json` of an adapter folder, with errors that say what to pass instead."""
+    folder = Path(folder)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a sur-cache adapter folder: {name} is missing. Pass the folder written by "
+                "`sur-cache train` (RUN_DIR/adapter or a checkpoint's adapter/) or by `sur-cache import-reference`."
+            )
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON ({error}); re-save the adapter.") from error
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: adapter format_version {version!r} is not supported "
+            f"(this sur-cache reads version {FORMAT_VERSION}); re-save it with a matching sur-cache."
+        )
+    fields = {field.name for field in dataclasses.fields(AdapterConfig)}
+    unknown = sorted(set(raw) - fields)
+    missing = sorted(field.name for field in dataclasses.fields(AdapterConfig) if field.name not in raw)
+    if unknown or missing:
+        raise ValueError(
+            f"{folder / CONFIG_FILE} does not match AdapterConfig: unknown keys {unknown}, missing keys {missing}."
+        )
+    return AdapterConfig(**raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference checkpoints (`adapter_checkpoint*.pt` of the reference training script)
+
+# Present in reference checkpoints but unused by the reference forward: the template layer that
+# nn.TransformerEncoder deep-copies, and the value projection.
+REFERENCE_IGNORED_PREFIXES = ("encoder_layer.", "attention.value_layer.")
+_LAYER_KEY = re.compile(r"^transformer_encoder\.layers\.(\d+)\.")
+
+
+class ReferenceCheckpointError(ValueError):
+    """A reference checkpoint whose keys or shapes do not match the reference adapter."""
+
+
+def reference_adapter_config(
+    state_dict: dict[str, Tensor], *, adapter_weight: float, llm_width: int, llm_proj_seed: int, num_heads: int = 8
+) -> AdapterConfig:
+    """The compat-mode config of a reference state dict: width, depth and feed-forward read from the shapes.
+
+    The head count is not visible in the weights (the packed in-projection is `[3d, d]` for any count); the
+    reference hard-codes 8.
+    """
+    width_keys = ("fc.weight", "attention.query_layer.weight", "attention.key_layer.weight")
+    width = next((state_dict[key].shape[-1] for key in width_keys if key in state_dict), None)
+    layers = {int(match.group(1)) for key in state_dict if (match := _LAYER_KEY.match(key))}
+    if width is None or not layers:
+        raise ReferenceCheckpointError(
+            "not a reference SUR-adapter state dict: cannot infer the width (none of "
+            f"{', '.join(width_keys)}) or the depth (no transformer_encoder.layers.N.* keys); "
+            f"found keys: {sorted(state_dict)[:20]}"
+        )
+    ff_key = "transformer_encoder.layers.0.linear1.weight"
+    feedforward = state_dict[ff_key].shape[0] if ff_key in state_dict else 2048
+    return AdapterConfig(
+        width=width,
+        llm_width=llm_width,
+        num_layers=max(layers) + 1,
+        num_heads=num_heads,
+        feedforward=feedforward,
+        adapter_weight=adapter_weight,
+        reference_compat=True,
+        freeze_llm_proj=True,
+        llm_proj_seed=llm_proj_seed,
+    )
+
+
+def adapter_from_reference(state_dict: dict[str, Tensor], config: AdapterConfig) -> SURAdapter:
+    """Build a compat-mode adapter holding a reference state dict; one error lists every bad key.
+
+    The reference never saved its LLM projection, so `llm_proj` keeps its fresh, seeded initialisation.
+    """
+    adapter = SURAdapter(config)
+    expected = {name: tensor for name, tensor in adapter.state_dict().items() if not name.startswith("llm_proj.")}
+    used = {name: tensor for name, tensor in state_dict.items() if not name.startswith(REFERENCE_IGNORED_PREFIXES)}
+    missing = sorted(set(expected) - set(used))
+    unknown = sorted(set(used) - set(expected))
+    wrong_shape = [
+        f"{name}: expected {tuple(expected[name].shape)}, found {tuple(used[name].shape)}"
+        for name in sorted(set(used) & set(expected))
+        if used[name].shape != expected[name].shape
+    ]
+    if missing or unknown or wrong_shape:
+        lines = [f"missing: {name}" for name in missing] + [f"unknown: {name}" for name in unknown]
+        lines += [f"wrong shape: {line}" for line in wrong_shape]
+        raise ReferenceCheckpointError(
+            f"the checkpoint does not match a reference adapter of width {config.width}, {config.num_layers} "
+            f"layers, feed-forward {config.feedforward} ({len(lines)} problems):\n  " + "\n  ".join(lines)
+        )
+    adapter.load_state_dict({name: tensor.float() for name, tensor in used.items()}, strict=False)
+    return adapter.eval()
+
+
+def import_reference(config: ImportReferenceConfig) -> Path:
+    """`sur-cache import-reference`: reference `.pt` checkpoint -> sur-cache adapter folder in compat mode."""
+    if config.out.exists() and any(config.out.iterdir()) and not config.overwrite:
+        raise FileExistsError(f"{config.out} exists and is not empty; choose another --out or pass --overwrite.")
+    state_dict = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict) or not all(isinstance(value, Tensor) for value in state_dict.values()):
+        raise ReferenceCheckpointError(
+            f"{config.checkpoint} does not hold a state dict of tensors (found {type(state_dict).__name__}); "
+            "pass an adapter_checkpoint<step>.pt written by the reference training script."
+        )
+    adapter_config = reference_adapter_config(
+        state_dict,
+        adapter_weight=config.adapter_weight,
+        llm_width=config.llm_width,
+        llm_proj_seed=config.llm_proj_seed,
+        num_heads=config.num_heads,
+    )
+    return adapter_from_reference(state_dict, adapter_config).save_pretrained(config.out)
