@@ -1,0 +1,219 @@
+"""Stage three: images from short prompts with a trained adapter, through the stock diffusers pipeline.
+
+No forked pipeline: `StableDiffusionPipeline` gets `prompt_embeds` = adapter(CLIP(prompt)) and
+`negative_prompt_embeds` = CLIP(negative prompt), both encoded with the pipeline's own tokenizer and text encoder by
+`models.encode_clip`, the function that cached the adapter's training inputs (CLIP `last_hidden_state`, 77 tokens).
+
+An adapter in reference-compat mode is applied the way the reference release applies it: to the concatenated
+`[negative, positive]` pair in one forward, so that its batch-attending transformer (DESIGN.md section 3) sees the
+same two-row batch, and the negative embedding comes out adapted too. Otherwise only the positive prompt is adapted.
+
+Each image's starting noise comes from a CPU generator seeded with its seed, so an image depends on its prompt, seed
+and settings only, and the two halves of a `--compare` image start from the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from sur_cache.adapter import SURAdapter, resolve_attention
+from sur_cache.config import GenerateConfig
+from sur_cache.models import encode_clip
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+COMPARE_LABELS = ("base", "with adapter")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One output file: which prompt and seed it shows, and where it goes."""
+
+    prompt: str
+    seed: int
+    path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> float16 on a GPU, float32 on the CPU (where half precision is slow or unsupported)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_pipeline(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The stock `StableDiffusionPipeline` from a hub id or folder, on `device`, progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_adapter(folder: Path, pipe, attention: str = "auto") -> SURAdapter:
+    """Load a trained adapter for `pipe` (float32, eval mode, on the pipeline's device); refuse a width mismatch.
+
+    `attention` picks the calibration backend (`auto`: the fused kernel on CUDA, eager elsewhere).
+    """
+    adapter = SURAdapter.from_pretrained(folder, attention=resolve_attention(attention, pipe.device))
+    clip_width = pipe.text_encoder.config.hidden_size
+    if adapter.config.width != clip_width:
+        raise ValueError(
+            f"--adapter {folder}: the adapter was trained on CLIP embeddings of width {adapter.config.width}, but "
+            f"the pipeline's text encoder has width {clip_width}. Use the Stable Diffusion model whose features "
+            "trained this adapter (--sd), or train an adapter on features extracted with this one."
+        )
+    return adapter.to(device=pipe.device, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def prompt_embeddings(
+    pipe, adapter: SURAdapter | None, prompt: str, negative_prompt: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(prompt_embeds, negative_prompt_embeds)`, each `[1, 77, d]` in the pipeline's dtype.
+
+    With `adapter=None` these are the plain CLIP embeddings, the same the pipeline computes from text.
+    """
+    clip = encode_clip(pipe.tokenizer, pipe.text_encoder, [negative_prompt, prompt]).embeddings
+    clip = clip.to(device=pipe.device, dtype=torch.float32)
+    if adapter is None:
+        negative, positive = clip[:1], clip[1:]
+    elif adapter.config.reference_compat:
+        adapted = adapter(clip).embedding  # the reference adapts [negative, positive] as one batch
+        negative, positive = adapted[:1], adapted[1:]
+    else:
+        negative, positive = clip[:1], adapter(clip[1:]).embedding
+    dtype = pipe.unet.dtype
+    return positive.to(dtype), negative.to(dtype)
+
+
+def generate(
+    pipe,
+    adapter: SURAdapter | None,
+    prompt: str,
+    *,
+    seeds: Sequence[int] = (0,),
+    negative_prompt: str = "",
+    steps: int = 50,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image]:
+    """One image per seed for `prompt`, with the adapter (or without it, `adapter=None`)."""
+    positive, negative = prompt_embeddings(pipe, adapter, prompt, negative_prompt)
+    result = pipe(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        num_images_per_prompt=len(seeds),
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+    )
+    return result.images
+
+
+def side_by_side(left: Image.Image, right: Image.Image, labels: tuple[str, str] = COMPARE_LABELS) -> Image.Image:
+    """`left | right` under a white band that names each half (PIL's default font)."""
+    font = ImageFont.load_default()
+    band = font.getbbox("Ag")[3] + 6
+    canvas = Image.new("RGB", (left.width + right.width, band + max(left.height, right.height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for x, image, label in ((0, left, labels[0]), (left.width, right, labels[1])):
+        canvas.paste(image.convert("RGB"), (x, band))
+        draw.text((x + 3, 3), label, fill="black", font=font)
+    return canvas
+
+
+def plan_outputs(prompts: Sequence[str], seeds: Sequence[int], out: Path, compare: bool = False) -> list[PlannedImage]:
+    """Where each (prompt, seed) image goes: `out` itself for a single image named like a file, else a folder."""
+    count = len(prompts) * len(seeds)
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        if count > 1:
+            raise ValueError(
+                f"--out {out} names one image file, but this run writes {count} images ({len(prompts)} prompt(s) "
+                f"x {len(seeds)} seed(s)). Pass a folder as --out."
+            )
+        return [PlannedImage(prompts[0], seeds[0], out)]
+    kind = "compare" if compare else "image"
+    return [
+        PlannedImage(prompt, seed, out / f"{index:03d}-{_slug(prompt)}-seed{seed}-{kind}.png")
+        for index, prompt in enumerate(prompts)
+        for seed in seeds
+    ]
+
+
+def run_generate(config: GenerateConfig) -> list[PlannedImage]:
+    """Load the pipeline and adapter, write one image (or one comparison) per prompt and seed, and say where.
+
+    Returns the written images. Raises ValueError for an `--out` that cannot hold the images or an adapter whose
+    width does not match the pipeline's text encoder.
+    """
+    planned = plan_outputs(config.prompts, config.seeds, config.out, config.compare)
+    device = resolve_device(config.device)
+    pipe = load_pipeline(config.sd, device=device, dtype=resolve_dtype(config.dtype, device))
+    adapter = load_adapter(config.adapter, pipe, config.attention)
+    settings = dict(
+        negative_prompt=config.negative_prompt,
+        steps=config.steps,
+        guidance=config.guidance,
+        height=config.height,
+        width=config.width,
+    )
+    per_prompt = len(config.seeds)
+    for index, prompt in enumerate(config.prompts):
+        outputs = planned[index * per_prompt : (index + 1) * per_prompt]
+        images = generate(pipe, adapter, prompt, seeds=config.seeds, **settings)
+        if config.compare:
+            base = generate(pipe, None, prompt, seeds=config.seeds, **settings)
+            images = [side_by_side(b, a) for b, a in zip(base, images, strict=True)]
+        for output, image in zip(outputs, images, strict=True):
+            output.path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(output.path)
+            print(f"{output.path}  (seed {output.seed}: {prompt!r})")
+    if len(planned) > 1:
+        _write_index(config, planned)
+    return planned
+
+
+def _write_index(config: GenerateConfig, planned: list[PlannedImage]) -> None:
+    """`index.jsonl` beside the images: file name, prompt, seed and settings of each, since names are shortened."""
+    rows = [
+        {
+            "file_name": p.path.name,
+            "prompt": p.prompt,
+            "seed": p.seed,
+            "negative_prompt": config.negative_prompt,
+            "steps": config.steps,
+            "guidance": config.guidance,
+            "compare": config.compare,
+        }
+        for p in planned
+    ]
+    (config.out / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    print(f"{config.out / 'index.jsonl'}  (prompt and seed of each image)")
+
+
+def _slug(prompt: str, max_length: int = 40) -> str:
+    """A file-name-safe, shortened form of a prompt."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_length].rstrip("-") or "prompt"

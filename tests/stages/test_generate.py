@@ -1,0 +1,174 @@
+"""`sur-cache generate` on the tiny models: files, sizes, seeds, the adapter's effect, --compare, compat mode."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from sur_cache.stages.generate import (
+    generate,
+    load_adapter,
+    load_pipeline,
+    plan_outputs,
+    prompt_embeddings,
+    side_by_side,
+)
+
+from sur_cache.adapter import AdapterConfig, SURAdapter
+from sur_cache.cli import main
+from sur_cache.models import encode_clip
+from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_RESOLUTION
+
+PROMPT = "a red circle waits by the sea"
+FAST = dict(steps=2, guidance=7.5)
+
+
+def _save_adapter(folder, *, reference_compat=False, width=TINY_CLIP_WIDTH, seed=0):
+    """A trained-looking adapter: fc.weight non-zero and a large adapter weight, so its effect is visible."""
+    torch.manual_seed(seed)
+    config = AdapterConfig(
+        width=width, llm_width=48, feedforward=64, adapter_weight=0.5, reference_compat=reference_compat
+    )
+    adapter = SURAdapter(config)
+    torch.nn.init.normal_(adapter.fc.weight, std=1.0)
+    return adapter.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    return _save_adapter(tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    return load_pipeline(str(tiny_models.sd))
+
+
+@pytest.fixture(scope="module")
+def adapter(pipe, adapter_dir):
+    return load_adapter(adapter_dir, pipe, attention="eager")
+
+
+def _pixels(image):
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_cli_writes_one_image_of_the_requested_size(tiny_models, adapter_dir, tmp_path):
+    out = tmp_path / "cat.png"
+    args = ["generate", "--sd", str(tiny_models.sd), "--adapter", str(adapter_dir), "--prompt", PROMPT]
+    result = CliRunner().invoke(main, [*args, "--steps", "2", "--height", "48", "--width", "40", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (40, 48)
+    assert str(out) in result.output
+
+
+def test_same_seed_same_image_other_seed_or_no_adapter_differs(pipe, adapter):
+    first = generate(pipe, adapter, PROMPT, seeds=[0], **FAST)[0]
+    again = generate(pipe, adapter, PROMPT, seeds=[0], **FAST)[0]
+    other_seed = generate(pipe, adapter, PROMPT, seeds=[1], **FAST)[0]
+    base = generate(pipe, None, PROMPT, seeds=[0], **FAST)[0]
+    assert first.size == (TINY_RESOLUTION, TINY_RESOLUTION)
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert not np.array_equal(_pixels(first), _pixels(other_seed))
+    assert np.abs(_pixels(first) - _pixels(base)).mean() > 1.0
+
+
+def test_a_seed_gives_the_same_image_alone_or_batched_with_others(pipe, adapter):
+    alone = generate(pipe, adapter, PROMPT, seeds=[1], **FAST)[0]
+    batched = generate(pipe, adapter, PROMPT, seeds=[0, 1], **FAST)[1]
+    assert np.abs(_pixels(alone) - _pixels(batched)).max() <= 1  # same noise; batched matmuls may round differently
+
+
+@torch.inference_mode()
+def test_positive_prompt_is_adapted_and_negative_prompt_is_plain_clip(pipe, adapter):
+    positive, negative = prompt_embeddings(pipe, adapter, PROMPT, "blurry")
+    clip = encode_clip(pipe.tokenizer, pipe.text_encoder, ["blurry", PROMPT]).embeddings
+    torch.testing.assert_close(negative, clip[:1])
+    torch.testing.assert_close(positive, adapter(clip[1:]).embedding)
+    assert not torch.allclose(positive, clip[1:])
+
+
+def test_negative_prompt_changes_the_image(pipe, adapter):
+    plain = generate(pipe, adapter, PROMPT, seeds=[0], **FAST)[0]
+    negative = generate(pipe, adapter, PROMPT, seeds=[0], negative_prompt="blurry, dark", **FAST)[0]
+    assert not np.array_equal(_pixels(plain), _pixels(negative))
+
+
+@torch.inference_mode()
+def test_reference_compat_adapts_negative_and_positive_as_one_batch(pipe, tmp_path):
+    compat = load_adapter(_save_adapter(tmp_path / "compat", reference_compat=True), pipe)
+    positive, negative = prompt_embeddings(pipe, compat, PROMPT, "blurry")
+    clip = encode_clip(pipe.tokenizer, pipe.text_encoder, ["blurry", PROMPT]).embeddings
+    paired = compat(clip).embedding
+    torch.testing.assert_close(negative, paired[:1])
+    torch.testing.assert_close(positive, paired[1:])
+    # The reference's transformer attends across the batch: the pair is not the same as each row on its own.
+    assert not torch.allclose(positive, compat(clip[1:]).embedding)
+    assert not torch.allclose(negative, clip[:1])
+
+
+def test_compare_writes_base_and_adapter_halves_under_a_label_band(tiny_models, adapter_dir, pipe, adapter, tmp_path):
+    out = tmp_path / "compare"
+    args = ["generate", "--sd", str(tiny_models.sd), "--adapter", str(adapter_dir), "--prompt", PROMPT]
+    result = CliRunner().invoke(main, [*args, "--steps", "2", "--num-seeds", "2", "--compare", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [(row["prompt"], row["seed"]) for row in rows] == [(PROMPT, 0), (PROMPT, 1)]
+    for row in rows:
+        assert str(out / row["file_name"]) in result.output
+        grid = Image.open(out / row["file_name"])
+        base = generate(pipe, None, PROMPT, seeds=[row["seed"]], **FAST)[0]
+        adapted = generate(pipe, adapter, PROMPT, seeds=[row["seed"]], **FAST)[0]
+        band = grid.height - TINY_RESOLUTION
+        assert grid.width == 2 * TINY_RESOLUTION and band > 0
+        left = grid.crop((0, band, TINY_RESOLUTION, grid.height))
+        right = grid.crop((TINY_RESOLUTION, band, grid.width, grid.height))
+        assert np.abs(_pixels(left) - _pixels(base)).max() <= 1
+        assert np.abs(_pixels(right) - _pixels(adapted)).max() <= 1
+
+
+def test_side_by_side_labels_both_halves():
+    grid = side_by_side(Image.new("RGB", (64, 40), "red"), Image.new("RGB", (64, 40), "blue"))
+    band = grid.height - 40
+    labels = _pixels(grid.crop((0, 0, grid.width, band)))
+    assert grid.size == (128, 40 + band)
+    assert (labels[:, :64] < 128).any() and (labels[:, 64:] < 128).any()  # dark text on white in each half
+    assert tuple(grid.getpixel((10, band + 5))) == (255, 0, 0)
+    assert tuple(grid.getpixel((100, band + 5))) == (0, 0, 255)
+
+
+def test_out_file_for_several_images_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Pass a folder as --out"):
+        plan_outputs(["a", "b"], [0], tmp_path / "one.png")
+    names = [p.path.name for p in plan_outputs(["A cat!", "a dog"], [3], tmp_path)]
+    assert names == ["000-a-cat-seed3-image.png", "001-a-dog-seed3-image.png"]
+
+
+def test_adapter_of_another_clip_width_is_refused(pipe, tmp_path):
+    wide = _save_adapter(tmp_path / "wide", width=64)
+    with pytest.raises(ValueError, match="width 64.*width 32"):
+        load_adapter(wide, pipe)
+
+
+def test_cli_reports_bad_options(tiny_models, adapter_dir, tmp_path):
+    args = ["generate", "--sd", str(tiny_models.sd), "--adapter", str(adapter_dir), "--out", str(tmp_path / "x")]
+    no_prompt = CliRunner().invoke(main, args)
+    assert no_prompt.exit_code != 0 and "--prompt TEXT" in no_prompt.output
+    both = CliRunner().invoke(main, [*args, "--prompt", "a", "--seed", "1", "--seed", "2", "--num-seeds", "3"])
+    assert both.exit_code != 0 and "--num-seeds" in both.output
+    odd = CliRunner().invoke(main, [*args, "--prompt", "a", "--height", "30"])
+    assert odd.exit_code != 0 and "multiple of 8" in odd.output
+
+
+def test_prompts_file_adds_one_prompt_per_line(tiny_models, adapter_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\n\n  a green triangle  \n")
+    out = tmp_path / "images"
+    args = ["generate", "--sd", str(tiny_models.sd), "--adapter", str(adapter_dir), "--prompt", PROMPT]
+    result = CliRunner().invoke(main, [*args, "--prompts-file", str(prompts), "--steps", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [PROMPT, "a blue square", "a green triangle"]
+    assert all((out / row["file_name"]).is_file() for row in rows)
