@@ -1,0 +1,217 @@
+"""Model loading and the three feature functions, on the tiny models loaded through the same paths the CLI uses."""
+
+import shutil
+
+import pytest
+import torch
+
+from sur_cache.models import (
+    LLM_ALIASES,
+    LLM_LAYER_SOURCE,
+    decoder_layers,
+    encode_clip,
+    encode_llm,
+    encode_vae,
+    load_clip,
+    load_llm,
+    load_vae,
+    model_fingerprint,
+    resolve_layer,
+    resolve_llm,
+)
+from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_LAYERS, TINY_LLM_WIDTH, TINY_RESOLUTION
+
+PROMPTS = ["a red circle waits by the sea", "a cat", "portrait of a knight, highly detailed, digital painting"]
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_models):
+    return load_clip(str(tiny_models.sd))
+
+
+@pytest.fixture(scope="module")
+def llm_fp32(tiny_models):
+    return load_llm(str(tiny_models.llm), load_in_8bit=False, dtype=torch.float32)
+
+
+def _reference_states(tokenizer, model, prompts):
+    batch = tokenizer(prompts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    return out.hidden_states, batch["attention_mask"].bool()
+
+
+def test_encode_clip_equals_the_text_encoder_called_directly(clip):
+    tokenizer, text_encoder = clip
+    features = encode_clip(tokenizer, text_encoder, PROMPTS)
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = text_encoder(ids).last_hidden_state
+    assert features.embeddings.shape == (3, 77, TINY_CLIP_WIDTH) and features.embeddings.dtype == torch.float32
+    assert torch.equal(features.embeddings, expected)
+    assert not features.truncated.any()
+
+
+def test_encode_clip_flags_exactly_the_prompts_that_do_not_fit(clip):
+    tokenizer, text_encoder = clip
+    # the tiny CLIP tokenizer has one token per character: 75 characters + BOS + EOS fill the 77 slots exactly
+    prompts = ["a" * 75, "a" * 76, "word " * 60]
+    features = encode_clip(tokenizer, text_encoder, prompts)
+    assert features.truncated.tolist() == [False, True, True]
+    assert features.embeddings.shape == (3, 77, TINY_CLIP_WIDTH)
+
+
+def test_encode_vae_returns_the_latent_distribution(tiny_models):
+    vae = load_vae(str(tiny_models.sd))
+    pixels = torch.rand(2, 3, TINY_RESOLUTION, TINY_RESOLUTION) * 2 - 1
+    latents = encode_vae(vae, pixels)
+    with torch.no_grad():
+        expected = vae.encode(pixels).latent_dist
+    side = TINY_RESOLUTION // 4
+    assert latents.mean.shape == latents.logvar.shape == (2, 4, side, side)
+    assert torch.equal(latents.mean, expected.mean) and torch.equal(latents.logvar, expected.logvar)
+    assert not vae.training
+
+
+def test_non_last_layer_equals_hidden_states_of_that_layer(llm_fp32):
+    tokenizer, model = llm_fp32
+    hidden, mask = _reference_states(tokenizer, model, PROMPTS)
+    features = encode_llm(tokenizer, model, PROMPTS, layer=1, pooling="mean", per_token=True)
+    states = hidden[2]  # hidden_states[0] is the embeddings, so layer i is entry i + 1
+    weights = mask[..., None].float()
+    assert torch.allclose(features.pooled, (states * weights).sum(1) / weights.sum(1), atol=1e-6)
+    assert torch.allclose(features.tokens[:, : states.shape[1]], states * weights, atol=1e-6)
+
+
+def test_last_layer_is_the_raw_output_before_the_final_norm(llm_fp32):
+    tokenizer, model = llm_fp32
+    hidden, mask = _reference_states(tokenizer, model, PROMPTS)
+    last = encode_llm(tokenizer, model, PROMPTS, layer=-1, pooling="last", per_token=True)
+    assert torch.equal(
+        last.pooled, encode_llm(tokenizer, model, PROMPTS, layer=TINY_LLM_LAYERS - 1, pooling="last").pooled
+    )
+    length = mask.sum(1) - 1
+    normed = hidden[-1][torch.arange(3), length]
+    assert not torch.allclose(last.pooled, normed, atol=1e-2), "the final norm must not be applied"
+    # the manual computation: the model's own final norm applied to what we stored gives hidden_states[-1]
+    assert torch.allclose(model.norm(last.pooled), normed, atol=1e-5)
+    assert torch.allclose(model.norm(last.tokens[:, : mask.shape[1]])[mask], hidden[-1][mask], atol=1e-5)
+    assert "before the final norm" in LLM_LAYER_SOURCE
+
+
+def test_last_pooling_takes_the_last_real_token(llm_fp32):
+    tokenizer, model = llm_fp32
+    features = encode_llm(tokenizer, model, PROMPTS, layer=0, pooling="last", per_token=True)
+    lengths = features.mask.sum(1)
+    assert torch.equal(features.pooled, features.tokens[torch.arange(3), lengths - 1])
+
+
+def test_pooling_does_not_depend_on_batch_padding(llm_fp32):
+    tokenizer, model = llm_fp32
+    short, long = "a cat", "a castle on a hill, fantasy landscape, matte painting, volumetric light, by greg rutkowski"
+    for pooling in ("mean", "last"):
+        alone = encode_llm(tokenizer, model, [short], layer=1, pooling=pooling).pooled
+        batched = encode_llm(tokenizer, model, [short, long], layer=1, pooling=pooling).pooled
+        assert torch.allclose(alone[0], batched[0], atol=1e-5), pooling
+
+
+def test_per_token_states_are_padded_to_max_length_with_zeros(llm_fp32):
+    tokenizer, model = llm_fp32
+    features = encode_llm(tokenizer, model, PROMPTS, layer=1, per_token=True)
+    assert features.tokens.shape == (3, 77, TINY_LLM_WIDTH) and features.mask.shape == (3, 77)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    assert features.mask.sum(1).tolist() == lengths
+    assert torch.equal(features.tokens[~features.mask], torch.zeros(int((~features.mask).sum()), TINY_LLM_WIDTH))
+    assert encode_llm(tokenizer, model, PROMPTS, layer=1).tokens is None
+
+
+def test_prompts_longer_than_max_length_are_truncated(llm_fp32):
+    tokenizer, model = llm_fp32
+    features = encode_llm(tokenizer, model, ["a cat " * 100], layer=0, per_token=True, max_length=77)
+    assert features.mask.sum().item() == 77
+
+
+def test_8bit_is_the_default_and_quantises_the_linear_layers(tiny_models):
+    from bitsandbytes.nn import Linear8bitLt
+
+    tokenizer, model = load_llm(str(tiny_models.llm))
+    layers = decoder_layers(model)
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, Linear8bitLt) for m in linears)
+    assert not model.training
+    features = encode_llm(tokenizer, model, PROMPTS, layer=-1)
+    assert features.pooled.dtype == torch.float32 and torch.isfinite(features.pooled).all()
+
+
+def test_a_bert_like_encoder_loads_and_its_last_layer_is_last_hidden_state(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "dog", "on", "the", "mat"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=80,
+    )
+    BertModel(config).save_pretrained(tmp_path)
+    tokenizer, model = load_llm(str(tmp_path), load_in_8bit=False, dtype=torch.float32)
+    assert decoder_layers(model) is model.encoder.layer
+    prompts = ["a cat on the mat", "a dog"]
+    hidden, mask = _reference_states(tokenizer, model, prompts)
+    features = encode_llm(tokenizer, model, prompts, layer=-1, pooling="mean")
+    weights = mask[..., None].float()
+    assert torch.allclose(features.pooled, (hidden[-1] * weights).sum(1) / weights.sum(1), atol=1e-6)
+
+
+def test_layer_index_validation(llm_fp32):
+    _, model = llm_fp32
+    assert resolve_layer(model, -1) == TINY_LLM_LAYERS - 1 and resolve_layer(model, 0) == 0
+    with pytest.raises(ValueError, match=r"--llm-layer 3 is out of range.*3 layers"):
+        resolve_layer(model, 3)
+    with pytest.raises(ValueError, match="--llm-pooling"):
+        encode_llm(*llm_fp32, ["a"], layer=0, pooling="max")
+
+
+def test_aliases_resolve_to_public_hub_ids():
+    assert LLM_ALIASES["llama-13b"] == ("huggyllama/llama-13b", 5120)
+    assert {alias: width for alias, (_, width) in LLM_ALIASES.items()} == {
+        "llama-7b": 4096,
+        "llama-13b": 5120,
+        "llama-30b": 6656,
+    }
+    assert resolve_llm("llama-7b") == "huggyllama/llama-7b"
+    assert resolve_llm("LLaMA-30B") == "huggyllama/llama-30b"
+    assert resolve_llm("meta-llama/Llama-2-13b-hf") == "meta-llama/Llama-2-13b-hf"
+    assert resolve_llm("/models/my-llm") == "/models/my-llm"
+
+
+def test_folder_fingerprint_tracks_file_contents(tiny_models, tmp_path):
+    first = model_fingerprint(str(tiny_models.sd), "vae")
+    assert first["revision"].startswith("sha256:") and first["id"].endswith("/vae")
+    assert model_fingerprint(str(tiny_models.sd), "vae") == first
+    copy = shutil.copytree(tiny_models.sd / "vae", tmp_path / "sd" / "vae")
+    assert model_fingerprint(str(tmp_path / "sd"), "vae")["revision"] == first["revision"]
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(str(tmp_path / "sd"), "vae")["revision"] != first["revision"]
+    assert model_fingerprint(str(tiny_models.sd))["revision"] != first["revision"]
+
+
+def test_hub_fingerprint_is_the_cached_commit_or_unresolved(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert model_fingerprint("llama-13b") == {"id": "huggyllama/llama-13b", "revision": "unresolved"}
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--huggyllama--llama-13b"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    assert model_fingerprint("llama-13b") == {"id": "huggyllama/llama-13b", "revision": commit}
