@@ -1,0 +1,399 @@
+"""SURAdapter: shapes, init, gradients, attention backends, reference-compat mode, save/load, reference import."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+if not torch.cuda.is_available():
+    # The fused backend's Triton kernels can only run on the CPU through the interpreter, which must be switched on
+    # before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sur_cache.adapter import (  # noqa: E402
+    AdapterConfig,
+    AdapterOutput,
+    ReferenceCheckpointError,
+    SURAdapter,
+    adapter_from_reference,
+    calibrate,
+    read_adapter_config,
+    reference_adapter_config,
+    resolve_attention,
+)
+from sur_cache.cli import main  # noqa: E402
+from sur_cache.losses import alignment_loss, distillation_loss  # noqa: E402
+
+L = 77
+
+
+def _config(width=32, **overrides) -> AdapterConfig:
+    return AdapterConfig(width=width, llm_width=48, feedforward=64, **overrides)
+
+
+def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter random values, so no zero-initialised layer hides a wrong wiring."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return module
+
+
+def _x(batch: int, width: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, L, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _fused_or_skip():
+    try:
+        from sur_cache.kernels import attention_calibration
+    except ImportError as error:
+        pytest.skip(f"fused backend unavailable: sur_cache.kernels.attention_calibration cannot be imported ({error})")
+    return attention_calibration
+
+
+@pytest.mark.parametrize("reference_compat", [False, True])
+@pytest.mark.parametrize("width", [32, 64])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_shapes(batch, width, reference_compat):
+    adapter = SURAdapter(_config(width, reference_compat=reference_compat))
+    out = adapter(_x(batch, width))
+    assert isinstance(out, AdapterOutput)
+    assert out.embedding.shape == out.h.shape == (batch, L, width)
+    assert adapter.project_llm(torch.randn(batch, 48)).shape == (batch, width)
+
+
+def test_fresh_adapter_ignores_encoder_and_calibration():
+    """fc.weight starts at zero (as in the reference), so the output is (1 - w) x + w fc.bias whatever R is."""
+    adapter = SURAdapter(_config(adapter_weight=0.25)).eval()
+    x = _x(2)
+    expected = 0.75 * x + 0.25 * adapter.fc.bias
+    torch.testing.assert_close(adapter(x).embedding, expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        adapter.attention.query_layer.weight.add_(1.0)
+        adapter.transformer_encoder.layers[0].linear1.weight.add_(1.0)
+    torch.testing.assert_close(adapter(x).embedding, expected, rtol=0, atol=1e-6)
+    assert torch.count_nonzero(adapter.fc.weight) == 0
+
+
+def _training_loss(adapter: SURAdapter, x: torch.Tensor) -> torch.Tensor:
+    out = adapter(x)
+    llm = torch.randn(x.shape[0], adapter.config.llm_width, generator=torch.Generator().manual_seed(3))
+    complex_embedding = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    return alignment_loss(complex_embedding, out.embedding) + distillation_loss(adapter.project_llm(llm), out.h)
+
+
+def test_gradients_reach_every_parameter_once_fc_leaves_zero():
+    adapter = SURAdapter(_config(dropout=0.0))
+    x = _x(2)
+    _training_loss(adapter, x).backward()
+    calibration = {f"attention.{name}" for name, _ in adapter.attention.named_parameters()}
+    for name, parameter in adapter.named_parameters():
+        if name in calibration:  # behind the zero fc.weight: exactly no gradient on the first step
+            assert torch.count_nonzero(parameter.grad) == 0, name
+        else:
+            assert torch.count_nonzero(parameter.grad) > 0, name
+
+    torch.optim.SGD(adapter.parameters(), lr=1.0).step()
+    adapter.zero_grad()
+    _training_loss(adapter, x).backward()
+    for name, parameter in adapter.named_parameters():
+        assert parameter.grad is not None and torch.count_nonzero(parameter.grad) > 0, name
+
+
+def test_frozen_llm_projection_gets_no_gradient_and_is_saved(tmp_path):
+    adapter = SURAdapter(_config(freeze_llm_proj=True, dropout=0.0))
+    assert not adapter.llm_proj.weight.requires_grad and not adapter.llm_proj.bias.requires_grad
+    _training_loss(adapter, _x(2)).backward()
+    assert adapter.llm_proj.weight.grad is None and adapter.llm_proj.bias.grad is None
+    loaded = SURAdapter.from_pretrained(adapter.save_pretrained(tmp_path / "adapter"))
+    assert not loaded.llm_proj.weight.requires_grad
+    torch.testing.assert_close(loaded.llm_proj.weight, adapter.llm_proj.weight, rtol=0, atol=0)
+
+
+def test_llm_proj_seed_makes_the_projection_reproducible():
+    torch.manual_seed(0)
+    first = SURAdapter(_config(llm_proj_seed=7))
+    torch.manual_seed(123)
+    second = SURAdapter(_config(llm_proj_seed=7))
+    other = SURAdapter(_config(llm_proj_seed=8))
+    torch.testing.assert_close(first.llm_proj.weight, second.llm_proj.weight, rtol=0, atol=0)
+    assert not torch.equal(first.llm_proj.weight, other.llm_proj.weight)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fused"])
+def test_calibrate_backends_match_eager(backend):
+    if backend == "fused":
+        _fused_or_skip()
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, L, 64, generator=generator, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(3, L, 64, generator=generator)
+
+    def run(name):
+        out = calibrate(q, k, v, name)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    for got, want in zip(run(backend), run("eager"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_eager_is_the_formula():
+    q, k, v = (torch.randn(2, 5, 8) for _ in range(3))
+    scores = torch.einsum("bid,bjd->bij", q, k) / math.sqrt(8)
+    expected = torch.einsum("bij,bjd->bid", scores.softmax(-1), v) + v
+    torch.testing.assert_close(calibrate(q, k, v, "eager"), expected)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fused"])
+def test_adapter_backends_agree(backend):
+    if backend == "fused":
+        _fused_or_skip()
+    eager = _randomize(SURAdapter(_config(dropout=0.0)))
+    other = SURAdapter(_config(dropout=0.0, attention=backend))
+    other.load_state_dict(eager.state_dict())
+    x = _x(2)
+    torch.testing.assert_close(other(x).embedding, eager(x).embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="attention must be one of eager, sdpa, fused, got 'flash'"):
+        _config(attention="flash")
+    with pytest.raises(ValueError, match="got 'flash'"):
+        calibrate(*(torch.zeros(1, 2, 4) for _ in range(3)), backend="flash")
+
+
+def test_resolve_attention():
+    assert resolve_attention("auto", "cpu") == "eager"
+    assert resolve_attention("auto", "cuda") == "fused"
+    assert resolve_attention("sdpa", "cuda") == "sdpa"
+    with pytest.raises(ValueError, match="--attention"):
+        resolve_attention("flash", "cpu")
+
+
+def test_config_validation_lists_every_problem():
+    with pytest.raises(ValueError, match="width 30 must be divisible by num_heads 8.*dropout must be in"):
+        AdapterConfig(width=30, llm_width=48, dropout=1.5)
+
+
+def test_compat_mode_at_batch_one_transforms_each_token_on_its_own():
+    compat = _randomize(SURAdapter(_config(dropout=0.0, reference_compat=True)))
+    tokens = SURAdapter(_config(dropout=0.0))
+    tokens.load_state_dict(compat.state_dict())
+    x = _x(1)
+    out = compat(x)
+    # Per-token processing: 77 sequences of length 1 through the token-attending encoder.
+    h_per_token = tokens.transformer_encoder(x.transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(out.h, h_per_token, rtol=1e-5, atol=1e-6)
+    calibrated = compat.attention(h_per_token, x, "eager")
+    w = compat.config.adapter_weight
+    torch.testing.assert_close(out.embedding, w * compat.fc(calibrated) + (1 - w) * x, rtol=1e-5, atol=1e-6)
+
+
+def test_compat_mode_mixes_the_batch_and_token_mode_does_not():
+    compat = _randomize(SURAdapter(_config(dropout=0.0, reference_compat=True)))
+    tokens = SURAdapter(_config(dropout=0.0))
+    tokens.load_state_dict(compat.state_dict())
+    x = _x(3)
+    assert not torch.allclose(compat(x).h, tokens(x).h, atol=1e-3)
+
+    changed = x.clone()
+    changed[2] += 1.0
+    assert not torch.allclose(compat(changed).embedding[0], compat(x).embedding[0], atol=1e-4)
+    torch.testing.assert_close(tokens(changed).embedding[:2], tokens(x).embedding[:2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reference_compat", [False, True])
+def test_save_load_round_trip_is_exact(tmp_path, reference_compat):
+    config = _config(adapter_weight=0.3, reference_compat=reference_compat, freeze_llm_proj=True, llm_proj_seed=5)
+    adapter = _randomize(SURAdapter(config)).eval()
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved == {"format_version": 1, **dataclasses.asdict(config)}
+
+    loaded = SURAdapter.from_pretrained(folder)
+    assert loaded.config == config and not loaded.training
+    for name, tensor in adapter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = _x(2)
+    assert torch.equal(loaded(x).embedding, adapter(x).embedding)
+    assert SURAdapter.from_pretrained(folder, attention="sdpa").config.attention == "sdpa"
+
+
+def test_from_pretrained_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing.*sur-cache import-reference"):
+        SURAdapter.from_pretrained(tmp_path / "nowhere")
+    folder = SURAdapter(_config()).save_pretrained(tmp_path / "adapter")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99 is not supported"):
+        read_adapter_config(folder)
+    (folder / "config.json").write_text(json.dumps({**raw, "colour": "red"}))
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        read_adapter_config(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        read_adapter_config(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference import. `_ReferenceAdapter` mirrors the reference implementation's structure independently of
+# sur_cache.adapter: nn.TransformerEncoder over a template layer (batch_first=False, fed [B, L, d]), an attention
+# block with an unused value projection, and fc with a zero weight.
+
+
+class _ReferenceAttention(nn.Module):
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.query_layer = nn.Linear(hidden_size, hidden_size)
+        self.key_layer = nn.Linear(hidden_size, hidden_size)
+        self.value_layer = nn.Linear(hidden_size, hidden_size)
+        self.output_layer = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, query, key, value):
+        scores = self.query_layer(query) @ self.key_layer(key).transpose(-2, -1) / self.hidden_size**0.5
+        weighted = torch.softmax(scores, dim=-1) @ value + value
+        return self.output_layer(weighted) + weighted
+
+
+class _ReferenceAdapter(nn.Module):
+    def __init__(self, depth, adapter_weight, width, feedforward):
+        super().__init__()
+        self.adapter_weight = adapter_weight
+        self.encoder_layer = nn.TransformerEncoderLayer(d_model=width, nhead=8, dim_feedforward=feedforward)
+        self.transformer_encoder = nn.TransformerEncoder(self.encoder_layer, num_layers=depth)
+        self.attention = _ReferenceAttention(width)
+        self.fc = nn.Linear(width, width)
+        nn.init.zeros_(self.fc.weight)
+
+    def forward(self, x):
+        encoded = self.transformer_encoder(x)
+        fc_out = self.fc(self.attention(query=encoded, key=x, value=x))
+        return self.adapter_weight * fc_out + (1 - self.adapter_weight) * x, encoded, fc_out
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """A randomised reference adapter (width 32, 3 layers, feed-forward 96) and its checkpoint file."""
+    model = _randomize(_ReferenceAdapter(depth=3, adapter_weight=0.1, width=32, feedforward=96), seed=11).eval()
+    path = tmp_path / "adapter_checkpoint5000.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def _import(args):
+    return CliRunner().invoke(main, ["import-reference", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_import_reference_matches_the_reference_forward(reference, tmp_path, batch):
+    model, path = reference
+    result = _import([path, "--adapter-weight", 0.1, "--out", tmp_path / "imported", "--llm-width", 48])
+    assert result.exit_code == 0, result.output
+
+    adapter = SURAdapter.from_pretrained(tmp_path / "imported")
+    assert adapter.config == AdapterConfig(
+        width=32,
+        llm_width=48,
+        num_layers=3,
+        feedforward=96,
+        adapter_weight=0.1,
+        reference_compat=True,
+        freeze_llm_proj=True,
+        llm_proj_seed=0,
+    )
+    x = _x(batch)
+    with torch.no_grad():
+        want_embedding, want_h, _ = model(x)
+        got = adapter(x)
+    torch.testing.assert_close(got.embedding, want_embedding, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.h, want_h, rtol=0, atol=1e-6)
+
+
+def test_import_reference_gives_a_seeded_fresh_projection(reference, tmp_path):
+    _, path = reference
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        _import([path, "--adapter-weight", 0.1, "--out", tmp_path / name, "--llm-width", 48, "--llm-proj-seed", seed])
+    a, b, c = (SURAdapter.from_pretrained(tmp_path / name).llm_proj.weight for name in "abc")
+    assert a.shape == (32, 48)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_import_reference_lists_every_bad_key(reference, tmp_path):
+    model, _ = reference
+    state_dict = model.state_dict()
+    del state_dict["attention.key_layer.bias"]
+    state_dict["attention.extra.weight"] = torch.zeros(2)
+    state_dict["fc.bias"] = torch.zeros(31)
+    config = reference_adapter_config(state_dict, adapter_weight=0.1, llm_width=48, llm_proj_seed=0)
+    with pytest.raises(ReferenceCheckpointError) as error:
+        adapter_from_reference(state_dict, config)
+    message = str(error.value)
+    assert "(3 problems)" in message
+    assert "missing: attention.key_layer.bias" in message
+    assert "unknown: attention.extra.weight" in message
+    assert "wrong shape: fc.bias: expected (32,), found (31,)" in message
+
+    path = tmp_path / "bad.pt"
+    torch.save(state_dict, path)
+    result = CliRunner().invoke(
+        main, ["import-reference", str(path), "--adapter-weight", "0.1", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1
+    assert "missing: attention.key_layer.bias" in result.output and "unknown: attention.extra.weight" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_import_reference_refuses_what_is_not_a_reference_checkpoint(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"unet.weight": torch.zeros(3)}, path)
+    result = CliRunner().invoke(
+        main, ["import-reference", str(path), "--adapter-weight", "0.1", "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1 and "cannot infer the width" in result.output
+    torch.save([torch.zeros(3)], path)
+    result = CliRunner().invoke(
+        main, ["import-reference", str(path), "--adapter-weight", "0.1", "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1 and "does not hold a state dict of tensors" in result.output
+
+
+def test_import_reference_refuses_a_non_empty_output_unless_overwrite(reference, tmp_path):
+    _, path = reference
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = [path, "--adapter-weight", 0.1, "--out", out, "--llm-width", 48]
+    result = CliRunner().invoke(main, ["import-reference", *map(str, args)])
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert _import([*args, "--overwrite"]).exit_code == 0
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_import_reference_in_a_subprocess(reference, tmp_path):
+    _, path = reference
+    script = Path(sys.executable).with_name("sur-cache")
+    completed = subprocess.run(
+        [str(script), "import-reference", str(path), "--adapter-weight", "0.1", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert read_adapter_config(tmp_path / "out").llm_width == 5120
