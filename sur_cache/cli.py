@@ -177,3 +177,192 @@ def _seeds(seeds: tuple[int, ...], num_seeds: int | None) -> tuple[int, ...]:
         raise click.UsageError("--num-seeds counts up from one --seed; pass several --seed or --num-seeds, not both.")
     start = seeds[0] if seeds else 0
     return tuple(range(start, start + num_seeds))
+
+
+# ----------------------------------------------------------------------------------- extract, inspect, verify
+
+
+@main.command("extract")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="SURD dataset folder: images plus metadata.jsonl.",
+)
+@click.option(
+    "--out", required=True, help="Feature store to write or resume: a folder or an fsspec URL (memory://...)."
+)
+@click.option(
+    "--sd", required=True, help="Stable Diffusion folder or hub id (tokenizer/, text_encoder/, vae/ are used)."
+)
+@click.option("--llm", default=None, help="LLM teacher: hub id, local folder, or alias llama-7b/llama-13b/llama-30b.")
+@click.option(
+    "--llm-features",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Instead of --llm: a reference {simple prompt: tensor[D]} .pt file (e.g. prompt2vec/13B/39.pt).",
+)
+@click.option("--resolution", type=int, default=512, help="Image side in pixels after resize + crop.")
+@click.option("--batch-size", type=int, default=16, help="Samples per model call.")
+@click.option(
+    "--device", default="auto", help="cpu, cuda, cuda:1, ... ('auto': this process's accelerator or the CPU)."
+)
+@click.option(
+    "--sd-dtype",
+    type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+    default="auto",
+    help="CLIP and VAE weights dtype ('auto': float16 on CUDA, float32 on the CPU).",
+)
+@click.option(
+    "--llm-layer",
+    type=int,
+    default=-1,
+    help="Decoder layer whose raw output is the LLM feature (0-based; negative counts from the end).",
+)
+@click.option(
+    "--llm-pooling",
+    type=click.Choice(["mean", "last"]),
+    default="mean",
+    help="Pool the layer's states over the prompt's real tokens (mean) or take the last real token.",
+)
+@click.option(
+    "--llm-per-token", is_flag=True, help="Also store the per-token states padded to 77 (llm_tokens, llm_mask)."
+)
+@click.option("--llm-8bit/--no-8bit", default=True, help="Load the LLM in 8-bit (bitsandbytes LLM.int8).")
+@click.option(
+    "--llm-dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default="float16",
+    help="LLM dtype (of the non-quantised parts with --llm-8bit; of all weights with --no-8bit).",
+)
+@click.option(
+    "--llm-alongside",
+    is_flag=True,
+    help="Keep CLIP, VAE and LLM in memory together for one pass (default: LLM after CLIP/VAE are freed).",
+)
+@click.option("--trust-remote-code", is_flag=True, help="Allow the LLM's repository to run its own model code.")
+@click.option(
+    "--crop",
+    type=click.Choice(["center", "random"]),
+    default="center",
+    help="Square crop after resizing the shorter side; random crops are seeded per sample.",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the random crops (with the sample's metadata line).")
+@click.option("--flip-variants", is_flag=True, help="Also store the latent distribution of the mirrored image.")
+@click.option(
+    "--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Dtype of the stored features."
+)
+@click.option("--shard-rows", type=int, default=256, help="Samples per shard file (the unit of writing and resuming).")
+@click.option(
+    "--num-workers",
+    type=int,
+    default=None,
+    help="Image-decoding DataLoader workers per process (default: the free cores, at most 8).",
+)
+@click.option("--text-column", default="text", help="metadata.jsonl key of the simple prompt.")
+@click.option("--prompt-column", default="prompt", help="metadata.jsonl key of the complex prompt.")
+@click.option("--image-column", default="file_name", help="metadata.jsonl key of the image file name.")
+@click.option("--strict", is_flag=True, help="Fail on the first bad row instead of skipping and reporting it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar with samples/s.")
+def extract_command(**options) -> None:
+    """Run the frozen CLIP, VAE and LLM once over a SURD dataset and write a feature store.
+
+    Re-running the same command resumes: finished shards are kept, unfinished ones recomputed. Run it under
+    `torchrun` or `accelerate launch` to split the shards between processes.
+    """
+    from accelerate import PartialState
+
+    from sur_cache.config import ExtractConfig
+    from sur_cache.stages.extract import format_summary, run_extract
+    from sur_cache.store import ManifestMismatchError
+
+    try:
+        summary = run_extract(ExtractConfig(**options))
+    except (ManifestMismatchError, ValueError, FileExistsError) as error:
+        raise click.ClickException(str(error)) from error
+    if PartialState().is_main_process:
+        click.echo(format_summary(summary))
+
+
+@main.command("inspect")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (complete, skipped, manifest, arrays).")
+def inspect_command(store: str, as_json: bool) -> None:
+    """Show a feature store: manifest, arrays (shape, dtype, chunks, shards), completion, skipped rows, bytes."""
+    import json
+
+    from sur_cache.store import FeatureStore, StoreFormatError
+
+    try:
+        description = FeatureStore.open(store).describe()
+    except (FileNotFoundError, StoreFormatError) as error:
+        raise click.ClickException(str(error)) from error
+    if as_json:
+        click.echo(json.dumps(description, indent=2))
+        return
+    manifest = dict(description["manifest"])
+    file_names = manifest.pop("file_names", [])
+    click.echo(f"store     {description['url']}")
+    click.echo(
+        f"samples   {description['num_samples']}: {description['complete']} complete, {description['pending']} pending"
+    )
+    skipped = ", ".join(f"{reason} {n}" for reason, n in description["skipped"].items()) or "none"
+    click.echo(f"skipped   {sum(description['skipped'].values())} ({skipped})")
+    click.echo(f"on disk   {description['bytes_stored'] / 2**20:.2f} MiB")
+    click.echo("manifest")
+    for key, value in manifest.items():
+        click.echo(f"  {key:<22} {json.dumps(value)}")
+    click.echo(f"  {'file_names':<22} [{len(file_names)} names]")
+    click.echo("arrays")
+    for name, array in description["arrays"].items():
+        click.echo(
+            f"  {name:<22} {str(tuple(array['shape'])):<18} {array['dtype']:<8} chunks {tuple(array['chunks'])} "
+            f"shards {tuple(array['shards'])} {array['bytes_stored'] / 2**20:.2f} MiB"
+        )
+
+
+@main.command("verify")
+@click.argument("store")
+def verify_command(store: str) -> None:
+    """Read every chunk of a feature store back and check its crc32c checksum; exit code 1 if any is corrupt."""
+    from sur_cache.store import FeatureStore, StoreFormatError
+
+    try:
+        opened = FeatureStore.open(store)
+    except (FileNotFoundError, StoreFormatError) as error:
+        raise click.ClickException(str(error)) from error
+    corrupt = opened.verify()
+    for bad in corrupt:
+        click.echo(f"corrupt   {bad.array} samples {bad.start}..{bad.stop - 1}: {bad.error}", err=True)
+    checked = len(opened.array_names)
+    if corrupt:
+        click.echo(
+            f"{len(corrupt)} corrupt ranges in {checked} arrays of {store}; "
+            "re-extract with `sur-cache extract ... --overwrite`",
+            err=True,
+        )
+        raise SystemExit(1)
+    click.echo(f"ok: {checked} arrays, {opened.num_samples} samples, every chunk's checksum matches")
+
+
+@main.command("demo-assets")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into.")
+@click.option("--num-samples", type=int, default=32, help="Images in the demo dataset.")
+@click.option(
+    "--llm",
+    type=click.Choice(["auto", "minilm", "tiny"]),
+    default="auto",
+    help="LLM teacher: the packaged all-MiniLM-L6-v2 (demo extra), a tiny random Llama, or auto (MiniLM if installed).",
+)
+def demo_assets_command(out, num_samples, llm) -> None:
+    """Build the demo's inputs: a SURD-format dataset, a tiny random Stable Diffusion, and an LLM teacher folder."""
+    from sur_cache.demo import build_demo_assets
+
+    try:
+        assets = build_demo_assets(out, num_samples=num_samples, llm=llm)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"dataset   {assets.data}  ({num_samples} images, metadata.jsonl)")
+    click.echo(f"sd        {assets.sd}  (tiny random Stable Diffusion)")
+    click.echo(f"llm       {assets.llm}  ({assets.llm_kind})")

@@ -7,6 +7,7 @@ Layout (sample axis first in every array; N = number of dataset rows that passed
     llm                         [N, llm_width]                  store dtype (+ llm_tokens [N, L, D], llm_mask [N, L])
     sample_line                 [N] int64                       0-based line in metadata.jsonl
     truncated                   [N, 2] bool                     CLIP truncated the (simple, complex) prompt
+    crop_offset                 [N, 2] int32                    (top, left) of the crop in the resized image
     image_sha256, text_sha256, prompt_sha256  [N, 32] uint8     content hashes
     status                      [N] uint8                       0 pending, 1 done, 2 skipped
 
@@ -105,6 +106,7 @@ def array_specs(manifest: dict[str, Any]) -> dict[str, ArraySpec]:
         specs["llm_mask"] = ArraySpec((length,), "bool")
     specs["sample_line"] = ArraySpec((), "int64")
     specs["truncated"] = ArraySpec((2,), "bool")
+    specs["crop_offset"] = ArraySpec((2,), "int32")
     for name in ("image_sha256", "text_sha256", "prompt_sha256"):
         specs[name] = ArraySpec((_HASH_BYTES,), "uint8")
     specs["status"] = ArraySpec((), "uint8")
@@ -315,19 +317,33 @@ class FeatureStore:
 
     # ---- writing --------------------------------------------------------------------------------------------------
     def write_shard(self, shard: int, rows: dict[str, np.ndarray], status: np.ndarray) -> None:
-        """Write shard `shard` whole: every feature array first, the status slice last (the commit point).
-
-        `rows` maps every array but `status` to its `[stop - start, ...]` block; rows that were skipped hold zeros.
-        """
-        start, stop = self.shard_ranges()[shard]
+        """Write shard `shard` whole: every feature array, then its status (see `write_arrays`, `commit_shard`)."""
         expected = set(self.specs) - {"status"}
         if set(rows) != expected:
             raise ValueError(f"shard {shard}: expected arrays {sorted(expected)}, got {sorted(rows)}")
+        self.write_arrays(shard, rows)
+        self.commit_shard(shard, status)
+
+    def write_arrays(self, shard: int, rows: dict[str, np.ndarray]) -> None:
+        """Write the whole shard `shard` of each named array; `rows[name]` is its `[stop - start, ...]` block.
+
+        Nothing counts as written until `commit_shard`: a shard left uncommitted is recomputed from scratch.
+        """
+        start, stop = self.shard_ranges()[shard]
+        for name in sorted(rows):
+            if name == "status" or name not in self.specs:
+                raise ValueError(f"shard {shard}: cannot write {name!r}; feature arrays are {self.array_names[:-1]}")
+            block = np.asarray(rows[name], dtype=self.specs[name].dtype)
+            want = (stop - start, *self.specs[name].row_shape)
+            if block.shape != want:
+                raise ValueError(f"shard {shard}: {name} expected shape {want}, got {block.shape}")
+            self._writable(name)[start:stop] = block
+
+    def commit_shard(self, shard: int, status: np.ndarray) -> None:
+        """Write shard `shard`'s status (1 done, 2 skipped for every sample): the commit point of the shard."""
+        start, stop = self.shard_ranges()[shard]
         if status.shape != (stop - start,) or not np.isin(status, (DONE, SKIPPED)).all():
             raise ValueError(f"shard {shard}: status must be {stop - start} final values (1 done, 2 skipped)")
-        for name in sorted(expected):
-            block = np.asarray(rows[name], dtype=self.specs[name].dtype)
-            self._writable(name)[start:stop] = block
         self._writable("status")[start:stop] = status.astype(np.uint8)
 
     def _writable(self, name: str) -> zarr.Array:

@@ -1,0 +1,471 @@
+"""Stage one: a SURD folder -> a feature store, running the frozen CLIP, VAE and LLM once per sample.
+
+    setup    read and check the metadata, build the manifest, create or resume the store (main process first)
+    extract  for each pending shard this process owns: decode images (DataLoader workers), CLIP + VAE, then LLM
+    cleanup  merge the skip reports, summarise
+
+Supports: any number of processes (`torchrun`/`accelerate launch`; process r takes shards r, r + world, ...),
+resume after a crash at any point (unfinished shards are recomputed whole, at the same batch boundaries, so the
+result is bit-identical to an uninterrupted run), a reference `{simple prompt: vector}` file instead of an LLM.
+The LLM is loaded after CLIP and the VAE are freed, unless `llm_alongside` keeps all three in memory for one pass.
+
+Raises ValueError for bad options or data (no usable row, `strict` with a bad row, a wrong LLM feature file) and
+ManifestMismatchError when `--out` holds a store made with other settings.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sur_cache import __version__
+from sur_cache.config import ExtractConfig
+from sur_cache.dataset import BadRow, ImageDataset, Row, digest_array, metadata_sha256, read_metadata, text_sha256
+from sur_cache.models import (
+    LLM_LAYER_SOURCE,
+    encode_clip,
+    encode_llm,
+    encode_vae,
+    load_clip,
+    load_llm,
+    load_vae,
+    model_fingerprint,
+    resolve_llm,
+)
+from sur_cache.store import DONE, SKIPPED, FeatureStore
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_LLM_ARRAYS = ("llm", "llm_tokens", "llm_mask")
+
+
+@dataclass
+class _ShardState:
+    """What one shard has learned so far: per-sample status (decode failures become SKIPPED) and skip records."""
+
+    start: int
+    stop: int
+    status: np.ndarray
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """The shape facts of the models, read from their configs without loading weights."""
+
+    clip_width: int
+    tokenizer_max_length: int
+    latent_channels: int
+    latent_size: int
+    vae_scaling_factor: float
+    llm_width: int
+    llm_layer: int | None
+
+
+# ------------------------------------------------------------------------------------------------------------ setup
+
+
+def load_llm_features(path: Path) -> dict[str, torch.Tensor]:
+    """A reference prompt2vec file `{simple prompt: tensor[D]}`, loaded with `weights_only=True`; checks the widths."""
+    table = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"--llm-features {path}: expected a non-empty dict {{prompt: tensor[D]}}, found {type(table)}")
+    widths = Counter()
+    for prompt, vector in table.items():
+        if not isinstance(prompt, str) or not isinstance(vector, torch.Tensor) or vector.ndim != 1:
+            shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
+            raise ValueError(
+                f"--llm-features {path}: entry {prompt!r} should map a prompt to a 1-D tensor, found {shape}"
+            )
+        widths[vector.shape[0]] += 1
+    if len(widths) > 1:
+        width = widths.most_common(1)[0][0]
+        odd = next(p for p, v in table.items() if v.shape[0] != width)
+        raise ValueError(
+            f"--llm-features {path}: every vector must have one width; most have {width}, "
+            f"but {odd!r} has {table[odd].shape[0]} (widths found: {dict(widths)})"
+        )
+    return table
+
+
+def _read_rows(config: ExtractConfig, llm_table: dict | None) -> tuple[list[Row], list[BadRow]]:
+    rows, bad = read_metadata(
+        config.data,
+        text_column=config.text_column,
+        prompt_column=config.prompt_column,
+        image_column=config.image_column,
+    )
+    if llm_table is not None:
+        missing = [row for row in rows if row.text not in llm_table]
+        bad += [
+            BadRow(row.line, row.file_name, "missing_llm_feature", f"simple prompt {row.text!r} not in the file")
+            for row in missing
+        ]
+        rows = [row for row in rows if row.text in llm_table]
+    bad.sort(key=lambda b: b.line)
+    if bad and config.strict:
+        listing = "\n  ".join(f"line {b.line}: {b.reason}: {b.detail}" for b in bad[:20])
+        raise ValueError(f"--strict: {len(bad)} bad rows in {config.data}:\n  {listing}")
+    if not rows:
+        reasons = dict(Counter(b.reason for b in bad))
+        raise ValueError(f"no usable row in {config.data} (skipped by reason: {reasons}); nothing to extract")
+    return rows, bad
+
+
+def _model_shapes(config: ExtractConfig, llm_table: dict | None) -> _Shapes:
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig, CLIPTextConfig, CLIPTokenizer
+
+    clip = CLIPTextConfig.from_pretrained(config.sd, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(config.sd, subfolder="tokenizer")
+    vae = AutoencoderKL.load_config(config.sd, subfolder="vae")
+    downsample = 2 ** (len(vae["block_out_channels"]) - 1)
+    if config.resolution % downsample:
+        raise ValueError(f"--resolution {config.resolution} must be a multiple of the VAE's downsampling {downsample}")
+    if llm_table is not None:
+        llm_width, layer = next(iter(llm_table.values())).shape[0], None
+    else:
+        llm = AutoConfig.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
+        count = llm.num_hidden_layers
+        if not -count <= config.llm_layer < count:
+            raise ValueError(f"--llm-layer {config.llm_layer} is out of range: {config.llm} has {count} layers")
+        llm_width, layer = llm.hidden_size, config.llm_layer % count
+    return _Shapes(
+        clip_width=clip.hidden_size,
+        tokenizer_max_length=tokenizer.model_max_length,
+        latent_channels=vae["latent_channels"],
+        latent_size=config.resolution // downsample,
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        llm_width=llm_width,
+        llm_layer=layer,
+    )
+
+
+def _sd_dtype(config: ExtractConfig, device: torch.device) -> str:
+    if config.sd_dtype != "auto":
+        return config.sd_dtype
+    return "float16" if device.type == "cuda" else "float32"
+
+
+def _sd_fingerprint(sd: str) -> dict:
+    """One revision for the three SD parts we use (tokenizer, text encoder, VAE), not the UNet we never load."""
+    parts = [model_fingerprint(sd, sub) for sub in ("tokenizer", "text_encoder", "vae")]
+    revisions = {part["revision"] for part in parts}
+    if len(revisions) == 1:  # a hub commit covers all parts
+        return {"id": sd, "revision": revisions.pop()}
+    combined = hashlib.sha256("\n".join(part["revision"] for part in parts).encode()).hexdigest()
+    return {"id": str(Path(sd).resolve()) if Path(sd).exists() else sd, "revision": f"sha256:{combined}"}
+
+
+def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, device: torch.device) -> dict[str, Any]:
+    """Everything that decides the stored numbers; a resumed run must match it field by field."""
+    if config.llm_features is not None:
+        digest = hashlib.sha256(Path(config.llm_features).read_bytes()).hexdigest()
+        teacher = {"llm_features_file": {"path": str(Path(config.llm_features).resolve()), "sha256": digest}}
+        layer_source = "llm_features_file"
+    else:
+        teacher = {"llm_model": model_fingerprint(config.llm)}
+        layer_source = LLM_LAYER_SOURCE
+    return {
+        "sur_cache_version": __version__,
+        "sd_model": _sd_fingerprint(config.sd),
+        **teacher,
+        "sd_dtype": _sd_dtype(config, device),
+        "llm_layer": shapes.llm_layer,
+        "llm_layer_source": layer_source,
+        "llm_pooling": config.llm_pooling if config.llm_features is None else None,
+        "llm_8bit": config.llm_8bit if config.llm_features is None else None,
+        "llm_dtype": (None if config.llm_8bit else config.llm_dtype) if config.llm_features is None else None,
+        "llm_per_token": config.llm_per_token,
+        "resolution": config.resolution,
+        "crop": config.crop,
+        "crop_seed": config.seed,
+        "flip_variants": config.flip_variants,
+        "store_dtype": config.store_dtype,
+        "tokenizer_max_length": shapes.tokenizer_max_length,
+        "dataset_path": str(Path(config.data).resolve()),
+        "metadata_sha256": metadata_sha256(config.data),
+        "columns": {"text": config.text_column, "prompt": config.prompt_column, "image": config.image_column},
+        "num_samples": len(rows),
+        "file_names": [row.file_name for row in rows],
+        "clip_width": shapes.clip_width,
+        "llm_width": shapes.llm_width,
+        "latent_channels": shapes.latent_channels,
+        "latent_size": shapes.latent_size,
+        "vae_scaling_factor": shapes.vae_scaling_factor,
+        "shard_rows": config.shard_rows,
+    }
+
+
+def _open_store(config: ExtractConfig, manifest: dict[str, Any], num_samples: int) -> FeatureStore:
+    if FeatureStore.exists(config.out) and not config.overwrite:
+        store = FeatureStore.open(config.out, mode="r+", expected=manifest)
+    else:
+        store = FeatureStore.create(config.out, manifest, num_samples, config.shard_rows, overwrite=config.overwrite)
+    store.remove_partial_files()
+    return store
+
+
+def _resolve_device(name: str, state) -> torch.device:
+    return state.device if name == "auto" else torch.device(name)
+
+
+def default_num_workers(num_processes: int) -> int:
+    """Image-decoding workers per process: the cores left after each process's own thread, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) // num_processes - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------- encoders
+
+
+def _batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
+    """Fixed batch boundaries inside a shard: the same on every run and every process (bit-identical results)."""
+    return [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+
+
+class _ImageTextEncoder:
+    """CLIP of both prompts, the VAE's latent distribution (and its mirror), hashes and truncation flags."""
+
+    def __init__(self, config: ExtractConfig, manifest: dict, rows: list[Row], device: torch.device, workers: int):
+        dtype = _DTYPES[manifest["sd_dtype"]]
+        self.config, self.rows, self.device = config, rows, device
+        self.tokenizer, self.text_encoder = load_clip(config.sd, device=device, dtype=dtype)
+        self.vae = load_vae(config.sd, device=device, dtype=dtype)
+        self.dataset = ImageDataset(rows, config.resolution, config.crop, config.seed, flip=config.flip_variants)
+        self.workers = workers
+
+    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
+        """One dict of arrays per shard, in order; decode failures mark the shard's samples SKIPPED."""
+        per_shard = [_batches(s.start, s.stop, self.config.batch_size) for s in shards]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=[list(range(a, b)) for batches in per_shard for a, b in batches],
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        items = iter(loader)
+        for shard, batches in zip(shards, per_shard, strict=True):
+            parts = [self._encode_batch(next(items), shard) for _ in batches]
+            progress.update(shard.stop - shard.start)
+            yield {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _encode_batch(self, batch: dict, shard: _ShardState) -> dict[str, np.ndarray]:
+        positions = batch["position"].tolist()
+        rows = [self.rows[p] for p in positions]
+        for position, error in zip(positions, batch["error"], strict=True):
+            if error:
+                self._skip(shard, position, error)
+        simple = encode_clip(self.tokenizer, self.text_encoder, [r.text for r in rows])
+        complex_ = encode_clip(self.tokenizer, self.text_encoder, [r.prompt for r in rows])
+        latents = encode_vae(self.vae, batch["pixels"].to(self.device))
+        out = {
+            "clip_simple": simple.embeddings.cpu().numpy(),
+            "clip_complex": complex_.embeddings.cpu().numpy(),
+            "latent_mean": latents.mean.cpu().numpy(),
+            "latent_logvar": latents.logvar.cpu().numpy(),
+            "sample_line": np.array([r.line for r in rows], dtype=np.int64),
+            "truncated": torch.stack([simple.truncated, complex_.truncated], 1).numpy(),
+            "crop_offset": batch["crop_offset"].numpy().astype(np.int32),
+            "image_sha256": batch["image_sha256"].numpy(),
+            "text_sha256": np.stack([digest_array(text_sha256(r.text)) for r in rows]),
+            "prompt_sha256": np.stack([digest_array(text_sha256(r.prompt)) for r in rows]),
+        }
+        if self.config.flip_variants:
+            flipped = encode_vae(self.vae, batch["pixels_flipped"].to(self.device))
+            out["latent_mean_flipped"] = flipped.mean.cpu().numpy()
+            out["latent_logvar_flipped"] = flipped.logvar.cpu().numpy()
+        return out
+
+    def _skip(self, shard: _ShardState, position: int, error: str) -> None:
+        row = self.rows[position]
+        reason, _, detail = error.partition(": ")
+        if self.config.strict:
+            raise ValueError(f"--strict: line {row.line} ({row.file_name}): {error}")
+        shard.status[position - shard.start] = SKIPPED
+        shard.skipped.append(asdict(BadRow(row.line, row.file_name, reason, detail)))
+
+
+class _LLMEncoder:
+    """One LLM layer's hidden states of the simple prompts, pooled (and per token if asked)."""
+
+    def __init__(self, config: ExtractConfig, manifest: dict, rows: list[Row], device: torch.device):
+        self.config, self.manifest, self.rows = config, manifest, rows
+        self.tokenizer, self.model = load_llm(
+            config.llm,
+            load_in_8bit=config.llm_8bit,
+            dtype=_DTYPES[config.llm_dtype],
+            device=device,
+            trust_remote_code=config.trust_remote_code,
+        )
+
+    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
+        for shard in shards:
+            parts = [self._encode_batch(a, b) for a, b in _batches(shard.start, shard.stop, self.config.batch_size)]
+            progress.update(shard.stop - shard.start)
+            yield {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _encode_batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        features = encode_llm(
+            self.tokenizer,
+            self.model,
+            [row.text for row in self.rows[start:stop]],
+            layer=self.manifest["llm_layer"],
+            pooling=self.config.llm_pooling,
+            per_token=self.config.llm_per_token,
+            max_length=self.manifest["tokenizer_max_length"],
+        )
+        out = {"llm": features.pooled.numpy()}
+        if self.config.llm_per_token:
+            out["llm_tokens"], out["llm_mask"] = features.tokens.numpy(), features.mask.numpy()
+        return out
+
+
+class _LLMTableEncoder:
+    """LLM features looked up in a reference `{simple prompt: vector}` file instead of running a model."""
+
+    def __init__(self, table: dict[str, torch.Tensor], rows: list[Row]):
+        self.table, self.rows = table, rows
+
+    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
+        for shard in shards:
+            vectors = [self.table[row.text].float().numpy() for row in self.rows[shard.start : shard.stop]]
+            progress.update(shard.stop - shard.start)
+            yield {"llm": np.stack(vectors)}
+
+
+class _Together:
+    """Several encoders in one pass (all models in memory at once): `--llm-alongside`."""
+
+    def __init__(self, *encoders):
+        self.encoders = encoders
+
+    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
+        quiet = tqdm(disable=True)
+        streams = [encoder.encode(shards, quiet) for encoder in self.encoders]
+        for shard in shards:
+            merged = {}
+            for stream in streams:  # image encoder first: it decides which samples are skipped
+                merged.update(next(stream))
+            progress.update(shard.stop - shard.start)
+            yield merged
+
+
+# ---------------------------------------------------------------------------------------------------------- extract
+
+
+def _passes(config, manifest, rows, device, workers, llm_table) -> list[tuple[str, callable]]:
+    """(label, encoder factory) per pass; each pass's models are loaded when it starts and freed when it ends."""
+    image = ("clip+vae", lambda: _ImageTextEncoder(config, manifest, rows, device, workers))
+    if llm_table is not None:
+        return [image, ("llm-features", lambda: _LLMTableEncoder(llm_table, rows))]
+    llm = ("llm", lambda: _LLMEncoder(config, manifest, rows, device))
+    if config.llm_alongside:
+        return [("clip+vae+llm", lambda: _Together(image[1](), llm[1]()))]
+    return [image, llm]
+
+
+def _write(store: FeatureStore, shard_index: int, shard: _ShardState, arrays: dict[str, np.ndarray]) -> None:
+    """Write a pass's arrays for one shard; samples already known to be skipped are stored as zeros."""
+    skipped = shard.status == SKIPPED
+    if skipped.any():
+        arrays = {name: np.where(_expand(skipped, a.ndim), np.zeros_like(a), a) for name, a in arrays.items()}
+    store.write_arrays(shard_index, arrays)
+
+
+def _expand(mask: np.ndarray, ndim: int) -> np.ndarray:
+    return mask.reshape(mask.shape + (1,) * (ndim - 1))
+
+
+def _extract_shards(store, mine: list[int], passes, show_progress: bool) -> None:
+    ranges = store.shard_ranges()
+    states = [_ShardState(*ranges[i], np.full(ranges[i][1] - ranges[i][0], DONE, np.uint8)) for i in mine]
+    total = sum(s.stop - s.start for s in states)
+    for number, (label, make_encoder) in enumerate(passes):
+        encoder = make_encoder()
+        with tqdm(total=total, unit="sample", desc=label, disable=not show_progress, dynamic_ncols=True) as bar:
+            for index, state, arrays in zip(mine, states, encoder.encode(states, bar), strict=True):
+                _write(store, index, state, arrays)
+                if number == len(passes) - 1:  # the commit: skip report first, status last
+                    store.write_skipped(f"shard-{index:06d}", state.skipped)
+                    store.commit_shard(index, state.status)
+        del encoder
+        _free_memory()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_extract(config: ExtractConfig) -> dict[str, Any]:
+    """Extract every pending sample of `config.data` into the store at `config.out`; returns the summary."""
+    from accelerate import PartialState
+
+    started = time.perf_counter()
+    state = PartialState()
+    device = _resolve_device(config.device, state)
+    llm_table = load_llm_features(config.llm_features) if config.llm_features is not None else None
+    rows, bad = _read_rows(config, llm_table)
+    if state.is_main_process:  # the main process alone writes the manifest; the others open what it wrote
+        manifest = build_manifest(config, rows, _model_shapes(config, llm_table), device)
+        store = _open_store(config, manifest, len(rows))
+        store.write_skipped("metadata", [asdict(b) for b in bad])
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        store = FeatureStore.open(config.out, mode="r+")
+    pending = store.pending_shards()
+    mine = [shard for shard in pending if shard % state.num_processes == state.process_index]
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(state.num_processes)
+    if mine:
+        passes = _passes(config, store.manifest, rows, device, workers, llm_table)
+        _extract_shards(store, mine, passes, config.progress and state.is_main_process)
+    state.wait_for_everyone()
+    summary = _summarise(store, pending, time.perf_counter() - started)
+    if state.is_main_process:
+        summary["report"] = store.write_skipped_report()
+    if summary["complete"] == 0:
+        raise ValueError(f"no sample of {config.data} could be extracted: {summary['skipped']}; see {config.out}")
+    return summary
+
+
+def _summarise(store: FeatureStore, pending: list[int], seconds: float) -> dict[str, Any]:
+    summary = store.summary()
+    done = store.status() == DONE
+    truncated = store.array("truncated")[:][done]
+    ranges = store.shard_ranges()
+    computed = sum(ranges[i][1] - ranges[i][0] for i in pending)
+    summary.update(
+        store=store.url,
+        computed_now=computed,
+        seconds=round(seconds, 2),
+        samples_per_second=round(computed / seconds, 2) if seconds > 0 else None,
+        truncated={"simple": int(truncated[:, 0].sum()), "complex": int(truncated[:, 1].sum())},
+    )
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The lines `sur-cache extract` prints at the end."""
+    skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()) or "none"
+    lines = [
+        f"store       {summary['store']}",
+        f"done        {summary['complete']} of {summary['num_samples']} samples "
+        f"({summary['computed_now']} computed in this run, {summary['samples_per_second']} samples/s)",
+        f"skipped     {sum(summary['skipped'].values())} ({skipped})",
+        f"truncated   {summary['truncated']['simple']} simple, {summary['truncated']['complex']} complex prompts "
+        f"longer than the CLIP context",
+    ]
+    if summary.get("report"):
+        lines.append(f"report      {summary['report']}")
+    return "\n".join(lines)
