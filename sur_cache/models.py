@@ -4,6 +4,9 @@ Loading goes through the real `from_pretrained` paths, so a diffusers SD folder,
 all take the same road. The three `encode_*` functions are shared by stage one (extract) and stage two's
 `--online` mode, so cached and online features are computed by the same code.
 
+All three run under `torch.no_grad()` (not `inference_mode`, whose tensors could not enter the adapter's autograd
+graph in `--online` training) and return float32 tensors on the model's device; callers move them to the CPU.
+
 Which LLM tensor is "layer i" (DESIGN.md section 2): the raw output of decoder layer i, before the model's final
 norm, read with a forward hook on the layer module. `output_hidden_states` would give the same tensor for every
 layer but the last, whose entry has the final norm applied; the hook avoids that trap. LLM_LAYER_SOURCE records
@@ -184,7 +187,7 @@ def _hub_commit(repo_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------- features
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> ClipFeatures:
     """CLIP `last_hidden_state` of prompts padded/truncated to `tokenizer.model_max_length` (77), as SD sees them.
 
@@ -195,10 +198,11 @@ def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> ClipFeatures:
     full_lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
     tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     embeddings = text_encoder(tokens.input_ids.to(text_encoder.device)).last_hidden_state
-    return ClipFeatures(embeddings.float(), torch.tensor([n > max_length for n in full_lengths], dtype=torch.bool))
+    truncated = torch.tensor([n > max_length for n in full_lengths], dtype=torch.bool, device=embeddings.device)
+    return ClipFeatures(embeddings.float(), truncated)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_vae(vae, pixels: torch.Tensor) -> LatentDistribution:
     """`vae.encode(pixels).latent_dist` for pixels [B, 3, H, W] in [-1, 1]; mean and log-variance in float32."""
     distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
@@ -238,7 +242,7 @@ class _LayerReached(Exception):
     """Raised by the hook to stop the forward once the wanted layer has run (later layers are not needed)."""
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_llm(
     tokenizer,
     model,
@@ -269,12 +273,12 @@ def encode_llm(
         last = mask.long().sum(1).clamp_min(1) - 1
         pooled = states[torch.arange(states.shape[0], device=states.device), last]
     if not per_token:
-        return LLMFeatures(pooled.cpu())
-    tokens = torch.zeros(states.shape[0], max_length, states.shape[-1])
-    tokens[:, : states.shape[1]] = (states * weights).cpu()
-    token_mask = torch.zeros(states.shape[0], max_length, dtype=torch.bool)
-    token_mask[:, : mask.shape[1]] = mask.cpu()
-    return LLMFeatures(pooled.cpu(), tokens, token_mask)
+        return LLMFeatures(pooled)
+    tokens = states.new_zeros(states.shape[0], max_length, states.shape[-1])
+    tokens[:, : states.shape[1]] = states * weights
+    token_mask = mask.new_zeros(mask.shape[0], max_length)
+    token_mask[:, : mask.shape[1]] = mask
+    return LLMFeatures(pooled, tokens, token_mask)
 
 
 def _layer_output(model: nn.Module, layer_module: nn.Module, batch: dict) -> torch.Tensor:

@@ -215,3 +215,12 @@ def test_hub_fingerprint_is_the_cached_commit_or_unresolved(tmp_path, monkeypatc
     (repo / "snapshots" / commit).mkdir(parents=True)
     (repo / "snapshots" / commit / "config.json").write_text("{}")
     assert model_fingerprint("llama-13b") == {"id": "huggyllama/llama-13b", "revision": commit}
+
+
+def test_features_can_enter_an_autograd_graph(clip):
+    """`--online` training feeds these straight into the adapter: they must not be inference-mode tensors."""
+    tokenizer, text_encoder = clip
+    embeddings = encode_clip(tokenizer, text_encoder, PROMPTS).embeddings
+    weight = torch.ones(TINY_CLIP_WIDTH, requires_grad=True)
+    (embeddings * weight).sum().backward()
+    assert weight.grad is not None and not embeddings.requires_grad
