@@ -1,0 +1,216 @@
+"""`sur_cache.kernels.attention_calibration` against the one PyTorch reference, on the CPU and on a GPU.
+
+Interpreter cases run the Triton kernels on the CPU under TRITON_INTERPRET=1. Triton decides at definition time
+whether a kernel is interpreted, so the variable must be set before `sur_cache.kernels` is imported, and setting it
+in this process would also turn the GPU cases into interpreted ones. The interpreter cases therefore run together in
+one child process: this file run as a script, which prints every case's errors as JSON.
+
+Tolerances: fp32 kernels must match the fp64 truth within 1e-4 (IEEE fp32 products, errors are ~1e-6); fp16 and bf16
+kernels must be within 2x PyTorch's own error at that dtype, plus 1e-5 (the flash-attention test recipe), for the
+output and each gradient.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from sur_cache.kernels import attention_calibration, attention_calibration_reference
+
+OUTPUTS = ("out", "grad_q", "grad_k", "grad_v")
+FP32_TOLERANCE = 1e-4
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_SLACK = 1e-5
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    length: int
+    width: int
+    dtype: str
+    contiguous: bool = True
+    scale: float | None = None
+
+    @property
+    def name(self) -> str:
+        layout = "" if self.contiguous else "-strided"
+        scale = "" if self.scale is None else f"-scale{self.scale}"
+        return f"B{self.batch}-L{self.length}-d{self.width}-{self.dtype}{layout}{scale}"
+
+
+# Every value of the grid (L in {1, 77, 128, 200}, d in {16, 64, 768}, B in {1, 3}, fp32 and fp16) appears at least
+# once; the interpreter is slow, so the grid is covered, not enumerated.
+INTERPRETER_CASES = [
+    Case(1, 77, 768, "float32"),
+    Case(3, 1, 16, "float32"),
+    Case(3, 128, 64, "float16"),
+    Case(1, 200, 64, "float32"),
+    Case(3, 77, 64, "float16", contiguous=False),
+    Case(1, 200, 768, "float16"),
+    Case(3, 128, 16, "float32", contiguous=False, scale=0.3),
+]
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """q, k, v and the output gradient, in float64 on the CPU; strided cases get a width stride != 1."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (case.batch, case.width, case.length) if not case.contiguous else (case.batch, case.length, case.width)
+    tensors = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4)]
+    if not case.contiguous:
+        tensors = [tensor.transpose(1, 2) for tensor in tensors]
+    return [tensor.to(device) for tensor in tensors]
+
+
+def forward_backward(fn, inputs: list[torch.Tensor], dtype: torch.dtype, scale: float | None) -> dict:
+    """Output and gradients of fn at `dtype`, returned in float64 (strides of the inputs are kept)."""
+    q, k, v, grad_out = (tensor.to(dtype) for tensor in inputs)
+    q, k, v = (tensor.detach().requires_grad_() for tensor in (q, k, v))
+    out = fn(q, k, v, scale)
+    out.backward(grad_out)
+    return {name: t.detach().double() for name, t in zip(OUTPUTS, (out, q.grad, k.grad, v.grad), strict=True)}
+
+
+def max_errors(case: Case, device: str) -> dict[str, dict[str, float]]:
+    """Max abs error vs the high-precision reference, per output: for the kernel and for PyTorch at case.dtype."""
+    inputs = make_inputs(case, device)
+    truth_dtype = torch.float64 if device == "cpu" else torch.float32
+    truth = forward_backward(attention_calibration_reference, inputs, truth_dtype, case.scale)
+    dtype = DTYPES[case.dtype]
+    results = {
+        "kernel": forward_backward(attention_calibration, inputs, dtype, case.scale),
+        "torch": forward_backward(attention_calibration_reference, inputs, dtype, case.scale),
+    }
+    return {
+        who: {name: (result[name] - truth[name]).abs().max().item() for name in OUTPUTS}
+        for who, result in results.items()
+    }
+
+
+def assert_within_tolerance(case: Case, errors: dict[str, dict[str, float]]) -> None:
+    for name in OUTPUTS:
+        kernel, torch_error = errors["kernel"][name], errors["torch"][name]
+        if case.dtype == "float32":
+            assert kernel <= FP32_TOLERANCE, f"{case.name} {name}: error {kernel:.3g} > {FP32_TOLERANCE}"
+        else:
+            bound = LOW_PRECISION_FACTOR * torch_error + LOW_PRECISION_SLACK
+            assert kernel <= bound, f"{case.name} {name}: error {kernel:.3g} > 2 x PyTorch's {torch_error:.3g}"
+
+
+@pytest.fixture(scope="module")
+def interpreter_errors() -> dict[str, dict[str, dict[str, float]]]:
+    """Run every interpreter case in one child process with TRITON_INTERPRET=1; errors keyed by case name."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cases = json.dumps([asdict(case) for case in INTERPRETER_CASES])
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__)), cases], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert child.returncode == 0, f"interpreter child failed:\n{child.stderr[-4000:]}"
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda case: case.name)
+def test_interpreted_kernel_matches_reference(case, interpreter_errors):
+    assert_within_tolerance(case, interpreter_errors[case.name])
+
+
+@pytest.mark.interpreter
+def test_interpreter_child_really_ran_triton(interpreter_errors):
+    """The child's fp16 kernel differs from PyTorch's fp16 result, so it did not fall back to the reference."""
+    errors = interpreter_errors[Case(3, 128, 64, "float16").name]
+    assert any(errors["kernel"][name] != errors["torch"][name] for name in OUTPUTS)
+
+
+def test_cpu_without_interpreter_runs_the_reference():
+    case = Case(2, 5, 32, "bfloat16")
+    inputs = make_inputs(case, "cpu")
+    fused = forward_backward(attention_calibration, inputs, torch.bfloat16, None)
+    reference = forward_backward(attention_calibration_reference, inputs, torch.bfloat16, None)
+    for name in OUTPUTS:
+        torch.testing.assert_close(fused[name], reference[name], rtol=0, atol=0)
+
+
+def test_default_scale_is_one_over_sqrt_width():
+    q, k, v, _ = make_inputs(Case(1, 4, 64, "float32"), "cpu")
+    expected = torch.softmax(q @ k.transpose(1, 2) / 8.0, dim=-1) @ v + v
+    torch.testing.assert_close(attention_calibration(q.float(), k.float(), v.float()), expected.float())
+
+
+@pytest.mark.parametrize(
+    ("shapes", "dtypes", "error", "message"),
+    [
+        (((2, 7, 32), (2, 7, 32), (2, 8, 32)), None, ValueError, "same shape"),
+        (((2, 257, 32),) * 3, None, ValueError, "length 257"),
+        (((2, 7, 40),) * 3, None, ValueError, "multiple of 16"),
+        (((7, 32),) * 3, None, ValueError, r"\[batch, length, width\]"),
+        (((0, 7, 32),) * 3, None, ValueError, "batch 0"),
+        (((2, 7, 32),) * 3, (torch.int32,) * 3, TypeError, "torch.int32"),
+        (((2, 7, 32),) * 3, (torch.float16, torch.float32, torch.float16), TypeError, "one dtype"),
+    ],
+    ids=["shape-mismatch", "too-long", "width-not-multiple-of-16", "not-3d", "empty-batch", "int", "mixed-dtypes"],
+)
+def test_bad_inputs_raise_clear_errors(shapes, dtypes, error, message):
+    dtypes = dtypes or (torch.float32,) * 3
+    q, k, v = (torch.zeros(shape).to(dtype) for shape, dtype in zip(shapes, dtypes, strict=True))
+    with pytest.raises(error, match=message):
+        attention_calibration(q, k, v)
+
+
+def test_non_tensor_input_raises_type_error():
+    q = torch.zeros(1, 4, 16)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        attention_calibration(q, q.numpy(), q)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_CASES = [
+    Case(batch, length, width, dtype)
+    for dtype in ("float16", "bfloat16")
+    for width in (768, 1024, 2048)
+    for length, batch in ((77, 16), (256, 3))
+]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda case: case.name)
+def test_gpu_low_precision_within_twice_pytorch_error(case):
+    assert_within_tolerance(case, max_errors(case, "cuda"))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(4, 77, 1024, "float32"),
+        Case(3, 1, 16, "float32"),
+        Case(2, 200, 64, "float32", contiguous=False, scale=0.3),
+        Case(5, 77, 768, "bfloat16", contiguous=False),
+    ],
+    ids=lambda case: case.name,
+)
+def test_gpu_edge_shapes(case):
+    assert_within_tolerance(case, max_errors(case, "cuda"))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_backward_is_deterministic():
+    inputs = make_inputs(Case(16, 77, 768, "bfloat16"), "cuda")
+    first = forward_backward(attention_calibration, inputs, torch.bfloat16, None)
+    second = forward_backward(attention_calibration, inputs, torch.bfloat16, None)
+    for name in OUTPUTS:
+        assert torch.equal(first[name], second[name]), name
+
+
+if __name__ == "__main__":  # the interpreter child: python test_attention_calibration.py '<cases as JSON>'
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run the interpreter child with TRITON_INTERPRET=1"
+    child_cases = [Case(**fields) for fields in json.loads(sys.argv[1])]
+    print(json.dumps({case.name: max_errors(case, "cpu") for case in child_cases}))
