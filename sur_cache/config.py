@@ -111,3 +111,106 @@ class GenerateConfig:
                 problems.append(f"--{name} must be a positive multiple of 8, got {size}")
         if problems:
             raise ValueError("invalid generate options: " + "; ".join(problems))
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PRELOAD = ("none", "cpu", "device")
+REFERENCE_MAX_STEPS = 5000  # the reference run's length, used when neither --max-steps nor --epochs is given
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`sur-cache train`: a feature store (or, with `online`, the images themselves) -> a trained SUR-adapter.
+
+    Defaults follow the reference run (DESIGN.md section 4) except where docs/train.md says why not:
+    the denoising gradient reaches the adapter (`detach_unet_input=False`) and the LLM projection learns.
+    One optimizer step consumes `batch_size * gradient_accumulation` samples per process.
+    """
+
+    store: str
+    sd: str
+    out: Path
+    # data
+    batch_size: int = 1
+    gradient_accumulation: int = 4
+    max_steps: int | None = None
+    epochs: int | None = None
+    random_flip: bool = False
+    buffer_shards: int = 4
+    preload: str = "none"
+    online: bool = False
+    data: Path | None = None
+    llm: str | None = None
+    # adapter
+    adapter_weight: float = 0.1
+    num_layers: int = 2
+    num_heads: int = 8
+    feedforward: int = 2048
+    dropout: float = 0.1
+    attention: str = "auto"
+    reference_compat: bool = False
+    freeze_llm_proj: bool = False
+    # objective
+    denoise_weight: float = 1.0
+    llm_weight: float = 1e-5
+    align_weight: float = 1e-5
+    detach_unet_input: bool = False
+    snr_gamma: float | None = None
+    # optimisation
+    lr: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    # run
+    checkpoint_every: int = 500
+    resume: str | None = None
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("batch_size", "gradient_accumulation", "buffer_shards", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("denoise_weight", "llm_weight", "align_weight", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.max_grad_norm <= 0:
+            problems.append(f"--lr and --max-grad-norm must be > 0, got {self.lr} and {self.max_grad_norm}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            problems.append(f"--snr-gamma must be > 0, got {self.snr_gamma}")
+        for name, allowed in (
+            ("lr_schedule", LR_SCHEDULES),
+            ("mixed_precision", MIXED_PRECISION),
+            ("preload", PRELOAD),
+        ):
+            if getattr(self, name) not in allowed:
+                problems.append(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.online and self.data is None:
+            problems.append("--online computes the features from the images: pass --data DATASET_DIR")
+        if self.online and self.preload != "none":
+            problems.append("--preload reads cached features; it has no meaning with --online")
+        if self.features_only and self.detach_unet_input:
+            problems.append("--detach-unet-input has no effect with --denoise-weight 0 (the UNet is skipped); drop one")
+        if problems:
+            raise ValueError("invalid train options:\n  " + "\n  ".join(problems))
+
+    @property
+    def features_only(self) -> bool:
+        """The UNet term has weight 0: skip the UNet and the latents entirely."""
+        return self.denoise_weight == 0
+
+    @property
+    def total_steps_cap(self) -> int | None:
+        """--max-steps, or the reference's 5000 when neither --max-steps nor --epochs bounds the run."""
+        if self.max_steps is None and self.epochs is None:
+            return REFERENCE_MAX_STEPS
+        return self.max_steps

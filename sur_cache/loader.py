@@ -1,0 +1,349 @@
+"""Feature store -> shuffled training batches, keyed by sample index and never by step order.
+
+Order: every epoch, the read units (the store's shards, split further only when there are fewer than processes)
+are shuffled with a seeded RNG and dealt to the processes round-robin; each process then shuffles its samples
+within a buffer of `buffer_shards` consecutive units. So a process reads each unit with one contiguous range read
+per array, holds at most a few units in memory, and no two processes read the same sample. Only complete samples
+(status done) are ever served.
+
+Position: a batch is named by `(epoch, batch)`, `batch` counting this process's micro-batches within the epoch.
+Everything random about a batch (which flip variant, the latent's noise `eps`, and whatever the trainer draws after
+it: diffusion noise and timesteps) comes from a generator seeded by `(seed, epoch, batch, rank)`, so a resumed run
+sees exactly the batches and draws an uninterrupted run would have seen.
+
+Latents are sampled from the cached distribution at every step, `(mean + exp(logvar / 2) * eps) * scaling_factor`,
+as the reference does with `vae.encode(x).latent_dist.sample() * vae.config.scaling_factor`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from sur_cache.store import FeatureStore, ManifestMismatchError
+
+TEXT_ARRAYS = ("clip_simple", "clip_complex", "llm")
+LATENT_ARRAYS = ("latent_mean", "latent_logvar")
+FLIPPED_ARRAYS = ("latent_mean_flipped", "latent_logvar_flipped")
+DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
+
+
+# ------------------------------------------------------------------------------------------------------ order
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """Samples `[start, stop)` read with one range read per array; `samples` are its complete ones, ascending."""
+
+    start: int
+    stop: int
+    samples: np.ndarray
+
+
+def read_units(shard_ranges: list[tuple[int, int]], complete: np.ndarray, world_size: int = 1) -> list[ReadUnit]:
+    """The store's shards as read units, each split evenly when there are fewer shards than processes.
+
+    Units without a complete sample are dropped. Raises when fewer units than processes remain.
+    """
+    pieces = max(1, -(-world_size // max(1, len(shard_ranges))))
+    units = []
+    for start, stop in shard_ranges:
+        bounds = np.linspace(start, stop, min(pieces, stop - start) + 1).round().astype(np.int64)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            samples = complete[(complete >= a) & (complete < b)]
+            if len(samples):
+                units.append(ReadUnit(int(a), int(b), samples))
+    if len(units) < world_size:
+        raise ValueError(
+            f"the store has {len(complete)} complete samples in {len(units)} readable parts, fewer than the "
+            f"{world_size} processes: run fewer processes, or finish the extraction (`sur-cache extract --resume`)"
+        )
+    return units
+
+
+def epoch_order(
+    units: list[ReadUnit], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, buffer_units: int = 4
+) -> np.ndarray:
+    """This process's sample indices for one epoch: units shuffled and dealt round-robin, samples shuffled per buffer.
+
+    Every process computes the same unit permutation from `(seed, epoch)`; process `rank` takes every
+    `world_size`-th unit, so the processes' samples are disjoint and together cover the store.
+    """
+    permutation = np.random.default_rng([seed, epoch]).permutation(len(units))
+    mine = permutation[rank::world_size]
+    rng = np.random.default_rng([seed, epoch, rank])
+    buffers = [
+        rng.permutation(np.concatenate([units[u].samples for u in mine[b : b + buffer_units]]))
+        for b in range(0, len(mine), buffer_units)
+    ]
+    return np.concatenate(buffers) if buffers else np.empty(0, dtype=np.int64)
+
+
+def batches_per_epoch(
+    units: list[ReadUnit], *, batch_size: int, seed: int, epoch: int, world_size: int = 1, buffer_units: int = 4
+) -> int:
+    """Full batches every process can serve this epoch (the same count on all, so they step together)."""
+    sizes = [
+        len(epoch_order(units, seed=seed, epoch=epoch, rank=r, world_size=world_size, buffer_units=buffer_units))
+        for r in range(world_size)
+    ]
+    return min(sizes) // batch_size
+
+
+def batch_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of one batch: a pure function of its position, so resume replays the same draws."""
+    state = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def sd_shape_facts(sd: str) -> dict[str, Any]:
+    """What the store must agree with, read from the SD model's config files only (no weights are loaded).
+
+    clip_width: text_encoder hidden_size; latent_channels: unet in_channels; vae_scaling_factor: vae scaling_factor;
+    and the UNet's cross_attention_dim, which must equal the CLIP width the adapter emits.
+    """
+    text = _read_config(sd, "text_encoder")
+    unet = _read_config(sd, "unet")
+    vae = _read_config(sd, "vae")
+    return {
+        "clip_width": int(text["hidden_size"]),
+        "latent_channels": int(unet["in_channels"]),
+        "vae_scaling_factor": float(vae.get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR)),
+        "cross_attention_dim": int(unet["cross_attention_dim"]),
+    }
+
+
+def _read_config(sd: str, subfolder: str) -> dict[str, Any]:
+    """`<sd>/<subfolder>/config.json`, from a local folder or the hub (config file only)."""
+    local = Path(sd) / subfolder / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(sd).is_dir():
+        raise FileNotFoundError(f"{local} not found: --sd must be a diffusers Stable Diffusion folder or hub id")
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(sd, "config.json", subfolder=subfolder)).read_text())
+
+
+def check_manifest(manifest: dict[str, Any], sd: str, store_url: str = "the store") -> None:
+    """Refuse a store whose features do not fit the SD model; one error names every mismatching field."""
+    facts = sd_shape_facts(sd)
+    problems = []
+    for field in ("clip_width", "latent_channels", "vae_scaling_factor"):
+        found = manifest.get(field, "<absent>")
+        if found != facts[field] and not (field == "vae_scaling_factor" and _close(found, facts[field])):
+            problems.append(f"{field}: the SD model --sd {sd} has {facts[field]}, {store_url} has {found}")
+    if facts["cross_attention_dim"] != facts["clip_width"]:
+        problems.append(
+            f"cross_attention_dim: the UNet of {sd} expects {facts['cross_attention_dim']}-wide text embeddings, "
+            f"its text encoder gives {facts['clip_width']}"
+        )
+    if problems:
+        raise ManifestMismatchError(
+            f"{store_url} was not extracted for --sd {sd}:\n  "
+            + "\n  ".join(problems)
+            + "\nPass the --sd model the store was extracted with, or extract a new store for this model."
+        )
+
+
+def _close(a: Any, b: float) -> bool:
+    return isinstance(a, (int, float)) and abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+
+
+class FeatureSource(Protocol):
+    """Where a batch's features come from: the store (cached), memory (preloaded), or the frozen models (online).
+
+    `fetch` returns float32 tensors `clip_simple`, `clip_complex` [B, L, d], `llm` [B, D] and, when latents are
+    wanted, `latent_mean`, `latent_logvar` [B, c, s, s] (of the flipped image where `flipped` is True).
+    """
+
+    def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]: ...
+
+
+def array_names(*, latents: bool, flips: bool) -> list[str]:
+    """The store arrays a run reads: text features always, latents unless features-only, flips if drawn."""
+    names = list(TEXT_ARRAYS)
+    if latents:
+        names += LATENT_ARRAYS
+        if flips:
+            names += FLIPPED_ARRAYS
+    return names
+
+
+def _pick_variants(rows: dict[str, Any], flipped) -> dict[str, Any]:
+    """Replace the latent arrays by their flipped variants in the rows where `flipped` is True."""
+    picked = {name: rows[name] for name in rows if name not in FLIPPED_ARRAYS}
+    for plain, mirrored in zip(LATENT_ARRAYS, FLIPPED_ARRAYS, strict=True):
+        if mirrored in rows:
+            mask = flipped.reshape(-1, *([1] * (rows[plain].ndim - 1)))
+            picked[plain] = torch.where(mask, rows[mirrored], rows[plain])
+    return picked
+
+
+class StoreSource:
+    """Reads whole read units with contiguous range reads and serves samples from the few units in memory.
+
+    `capacity` units stay cached (least recently used dropped first); with the buffered order, two buffers' worth
+    means each unit is read once per epoch.
+    """
+
+    def __init__(self, store: FeatureStore, units: list[ReadUnit], names: list[str], capacity: int) -> None:
+        self.store, self.units, self.names, self.capacity = store, units, names, capacity
+        self._unit_starts = np.array([u.start for u in units], dtype=np.int64)
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
+        which = np.searchsorted(self._unit_starts, indices, side="right") - 1
+        rows = {name: [] for name in self.names}
+        for index, unit in zip(indices, which, strict=True):
+            block = self._unit(int(unit))
+            for name in self.names:
+                rows[name].append(block[name][index - self.units[unit].start])
+        tensors = {name: torch.from_numpy(np.stack(rows[name])).float() for name in self.names}
+        return _pick_variants(tensors, torch.from_numpy(flipped))
+
+    def _unit(self, unit: int) -> dict[str, np.ndarray]:
+        if unit in self._cache:
+            self._cache.move_to_end(unit)
+        else:
+            self._cache[unit] = self.store.read(self.names, self.units[unit].start, self.units[unit].stop)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return self._cache[unit]
+
+
+class PreloadedSource:
+    """Every complete sample of the named arrays in memory (CPU or GPU), read once with range reads.
+
+    For the features-only mode: SURD's text features (2 x 77 x 768 fp16 + 5120 per sample, about 6 GB for 26k
+    samples) fit in one GPU, and then a batch is one `index_select` per array.
+    """
+
+    def __init__(self, store: FeatureStore, units: list[ReadUnit], names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.device = device
+        complete = np.concatenate([u.samples for u in units])
+        self._slot = np.full(store.num_samples, -1, dtype=np.int64)
+        self._slot[complete] = np.arange(len(complete))
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for unit in units:
+            block = store.read(names, unit.start, unit.stop)
+            for name in names:
+                parts[name].append(torch.from_numpy(block[name][unit.samples - unit.start]).to(device))
+        self._tensors = {name: torch.cat(parts[name]) for name in names}
+
+    def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
+        slots = torch.from_numpy(self._slot[indices]).to(self.device)
+        rows = {name: self._tensors[name].index_select(0, slots).float() for name in self.names}
+        return _pick_variants(rows, torch.from_numpy(flipped).to(self.device))
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the training device; `generator` continues the batch's seeded draws (noise, timesteps)."""
+
+    epoch: int
+    index: int
+    samples: np.ndarray
+    clip_simple: torch.Tensor
+    clip_complex: torch.Tensor
+    llm: torch.Tensor
+    latents: torch.Tensor | None
+    generator: torch.Generator
+
+
+def sample_latents(
+    mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float, generator: torch.Generator
+) -> torch.Tensor:
+    """`(mean + exp(logvar / 2) * eps) * scaling_factor`, eps ~ N(0, 1) drawn on the CPU from `generator`."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    # diffusers' DiagonalGaussianDistribution clamps logvar to [-30, 20] before sampling; so do we.
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return (mean + std * eps) * scaling_factor
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    batch_size: int
+    seed: int
+    buffer_units: int = 4
+    random_flip: bool = False
+    latents: bool = True
+    scaling_factor: float = DEFAULT_VAE_SCALING_FACTOR
+    rank: int = 0
+    world_size: int = 1
+
+
+class FeatureLoader:
+    """Batches of one process, epoch after epoch, from any `(epoch, batch)` position on."""
+
+    def __init__(
+        self, source: FeatureSource, units: list[ReadUnit], settings: LoaderSettings, device: torch.device
+    ) -> None:
+        self.source, self.units, self.settings, self.device = source, units, settings, torch.device(device)
+        if self.batches_per_epoch(0) < 1:
+            raise ValueError(
+                f"too few complete samples for one batch: {sum(len(u.samples) for u in units)} samples over "
+                f"{settings.world_size} processes, --batch-size {settings.batch_size}; lower --batch-size"
+            )
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        s = self.settings
+        return batches_per_epoch(
+            self.units,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            epoch=epoch,
+            world_size=s.world_size,
+            buffer_units=s.buffer_units,
+        )
+
+    def order(self, epoch: int) -> np.ndarray:
+        s = self.settings
+        return epoch_order(
+            self.units, seed=s.seed, epoch=epoch, rank=s.rank, world_size=s.world_size, buffer_units=s.buffer_units
+        )
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        """Yield batches from `(epoch, start)` on, forever; the caller decides when to stop."""
+        while True:
+            order, count = self.order(epoch), self.batches_per_epoch(epoch)
+            for index in range(start, count):
+                yield self._batch(epoch, index, order[index * self.settings.batch_size :][: self.settings.batch_size])
+            epoch, start = epoch + 1, 0
+
+    def _batch(self, epoch: int, index: int, samples: np.ndarray) -> Batch:
+        s = self.settings
+        generator = batch_generator(s.seed, epoch, index, s.rank)
+        flipped = torch.rand(len(samples), generator=generator) < 0.5
+        flipped = flipped.numpy() if s.random_flip else np.zeros(len(samples), dtype=bool)
+        features = {k: v.to(self.device, non_blocking=True) for k, v in self.source.fetch(samples, flipped).items()}
+        latents = None
+        if s.latents:
+            latents = sample_latents(features["latent_mean"], features["latent_logvar"], s.scaling_factor, generator)
+        return Batch(
+            epoch,
+            index,
+            samples,
+            features["clip_simple"],
+            features["clip_complex"],
+            features["llm"],
+            latents,
+            generator,
+        )

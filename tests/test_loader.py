@@ -1,0 +1,190 @@
+"""The loader: seeded chunk-aware order, disjoint ranks, resume by position, flips, latent sampling, SD checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sur_cache.loader import (
+    FeatureLoader,
+    LoaderSettings,
+    PreloadedSource,
+    StoreSource,
+    array_names,
+    batch_generator,
+    check_manifest,
+    epoch_order,
+    read_units,
+    sample_latents,
+    sd_shape_facts,
+)
+from sur_cache.store import DONE, SKIPPED, FeatureStore, ManifestMismatchError
+from sur_cache.tiny_models import TINY_CLIP_WIDTH
+
+MANIFEST = {
+    "sur_cache_version": "test",
+    "store_dtype": "float32",
+    "tokenizer_max_length": 77,
+    "clip_width": TINY_CLIP_WIDTH,
+    "llm_width": 6,
+    "latent_channels": 4,
+    "latent_size": 2,
+    "flip_variants": True,
+    "llm_per_token": False,
+    "vae_scaling_factor": 0.18215,
+}
+
+
+def make_store(path, num_samples=22, shard_rows=4, skipped=(5, 13)) -> FeatureStore:
+    """A store whose every feature of sample i is filled with i (flipped latents with -i), so rows name themselves."""
+    store = FeatureStore.create(path, MANIFEST, num_samples=num_samples, shard_rows=shard_rows)
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        ids = np.arange(start, stop)
+        rows = {}
+        for name, spec in store.specs.items():
+            if name == "status":
+                continue
+            value = -ids if name.endswith("_flipped") else ids
+            rows[name] = np.broadcast_to(value.reshape(-1, *[1] * len(spec.row_shape)), (stop - start, *spec.row_shape))
+        status = np.where(np.isin(ids, skipped), SKIPPED, DONE)
+        store.write_shard(shard, rows, status)
+    return FeatureStore.open(path, mode="r")
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "s.zarr")
+
+
+def test_units_follow_shards_and_skip_incomplete_samples():
+    complete = np.array([0, 1, 2, 3, 4, 6, 7, 8, 9])
+    units = read_units([(0, 4), (4, 8), (8, 10)], complete)
+    assert [(u.start, u.stop) for u in units] == [(0, 4), (4, 8), (8, 10)]
+    assert units[1].samples.tolist() == [4, 6, 7]
+    # fewer shards than processes: shards split into contiguous pieces
+    split = read_units([(0, 10)], np.arange(10), world_size=3)
+    assert [(u.start, u.stop) for u in split] == [(0, 3), (3, 7), (7, 10)]
+    with pytest.raises(ValueError, match="fewer than the 3 processes"):
+        read_units([(0, 2)], np.array([0]), world_size=3)
+
+
+def test_order_is_a_seeded_buffered_permutation():
+    units = read_units([(s, s + 10) for s in range(0, 100, 10)], np.arange(100))
+    order = epoch_order(units, seed=1, epoch=0, buffer_units=2)
+    assert sorted(order.tolist()) == list(range(100))
+    assert order.tolist() != list(range(100))
+    # each run of 20 samples comes from exactly two shards: reads stay within a 2-unit buffer
+    for b in range(0, 100, 20):
+        assert len({int(i) // 10 for i in order[b : b + 20]}) == 2
+    assert np.array_equal(order, epoch_order(units, seed=1, epoch=0, buffer_units=2))
+    assert not np.array_equal(order, epoch_order(units, seed=1, epoch=1, buffer_units=2))
+    assert not np.array_equal(order, epoch_order(units, seed=2, epoch=0, buffer_units=2))
+
+
+def test_ranks_get_disjoint_parts_that_cover_the_store():
+    units = read_units([(s, s + 4) for s in range(0, 22, 4)], np.delete(np.arange(22), [5, 13]))
+    parts = [epoch_order(units, seed=0, epoch=3, rank=r, world_size=2) for r in range(2)]
+    assert not set(parts[0].tolist()) & set(parts[1].tolist())
+    assert sorted(parts[0].tolist() + parts[1].tolist()) == sorted(np.delete(np.arange(22), [5, 13]).tolist())
+
+
+def test_batch_generator_depends_only_on_position():
+    draw = lambda *p: torch.randn(3, generator=batch_generator(*p))  # noqa: E731
+    assert torch.equal(draw(0, 1, 2, 0), draw(0, 1, 2, 0))
+    assert not torch.equal(draw(0, 1, 2, 0), draw(0, 1, 3, 0))
+    assert not torch.equal(draw(0, 1, 2, 0), draw(0, 1, 2, 1))
+
+
+def _loader(store, source_kind="store", **settings) -> FeatureLoader:
+    units = read_units(store.shard_ranges(), store.complete_indices(), settings.get("world_size", 1))
+    names = array_names(latents=settings.get("latents", True), flips=settings.get("random_flip", False))
+    if source_kind == "store":
+        source = StoreSource(store, units, names, capacity=4)
+    else:
+        source = PreloadedSource(store, units, names, torch.device("cpu"))
+    return FeatureLoader(
+        source, units, LoaderSettings(**{"batch_size": 3, "seed": 0, "scaling_factor": 0.18215, **settings}), "cpu"
+    )
+
+
+@pytest.mark.parametrize("source_kind", ["store", "preloaded"])
+def test_batches_pair_every_feature_with_its_own_sample(store, source_kind):
+    loader = _loader(store, source_kind, scaling_factor=1.0)
+    seen = []
+    for batch, _ in zip(loader.batches(), range(loader.batches_per_epoch(0)), strict=False):
+        ids = torch.from_numpy(batch.samples).float()
+        assert torch.equal(batch.clip_simple[:, 0, 0], ids) and torch.equal(batch.clip_complex[:, 5, 7], ids)
+        assert torch.equal(batch.llm[:, -1], ids)
+        seen += batch.samples.tolist()
+    assert len(seen) == 18 and not {5, 13} & set(seen) and len(set(seen)) == 18  # 20 complete, batch 3 drops 2
+
+
+def test_resume_from_a_position_replays_the_same_batches(store):
+    loader = _loader(store, random_flip=True)
+    stream = [b for b, _ in zip(loader.batches(), range(9), strict=False)]  # crosses into epoch 1 (6 batches/epoch)
+    assert [(b.epoch, b.index) for b in stream][5:7] == [(0, 5), (1, 0)]
+    resumed = [b for b, _ in zip(_loader(store, random_flip=True).batches(1, 1), range(2), strict=False)]
+    for a, b in zip(stream[7:], resumed, strict=True):
+        assert np.array_equal(a.samples, b.samples) and torch.equal(a.latents, b.latents)
+
+
+def test_flipped_rows_come_from_the_flipped_arrays(store):
+    units = read_units(store.shard_ranges(), store.complete_indices())
+    source = StoreSource(store, units, array_names(latents=True, flips=True), capacity=2)
+    rows = source.fetch(np.array([9, 2, 17]), np.array([True, False, True]))
+    assert rows["latent_mean"][:, 0, 0, 0].tolist() == [-9, 2, -17]
+    assert rows["latent_logvar"][:, 1, 1, 1].tolist() == [-9, 2, -17]
+    assert rows["clip_simple"][:, 0, 0].tolist() == [9, 2, 17]  # text features have no flipped variant
+
+
+def test_random_flip_draws_half_flipped_from_the_batch_generator(store):
+    loader = _loader(store, random_flip=True)
+    flips = []
+    for batch, _ in zip(loader.batches(), range(30), strict=False):
+        generator = batch_generator(0, batch.epoch, batch.index)
+        flipped = (torch.rand(len(batch.samples), generator=generator) < 0.5).numpy()
+        rows = loader.source.fetch(batch.samples, flipped)
+        expected = sample_latents(rows["latent_mean"], rows["latent_logvar"], MANIFEST["vae_scaling_factor"], generator)
+        assert torch.equal(batch.latents, expected)
+        flips += flipped.tolist()
+    assert 0.3 < np.mean(flips) < 0.7
+    assert "latent_mean_flipped" not in array_names(latents=True, flips=False)
+
+
+def test_sample_latents_draws_from_the_distribution_and_scales():
+    mean, logvar = torch.full((4000, 4, 2, 2), 2.0), torch.full((4000, 4, 2, 2), np.log(9.0))
+    latents = sample_latents(mean, logvar, 0.5, torch.Generator().manual_seed(0))
+    assert abs(latents.mean().item() - 1.0) < 0.02 and abs(latents.std().item() - 1.5) < 0.02
+
+
+def test_features_only_reads_no_latents(store):
+    loader = _loader(store, latents=False)
+    batch = next(loader.batches())
+    assert batch.latents is None and loader.source.names == ["clip_simple", "clip_complex", "llm"]
+
+
+def test_too_few_samples_for_a_batch_is_refused(tmp_path):
+    small = make_store(tmp_path / "small.zarr", num_samples=2, shard_rows=2, skipped=())
+    with pytest.raises(ValueError, match="lower --batch-size"):
+        _loader(small, batch_size=3)
+
+
+def test_manifest_is_checked_against_the_sd_configs(tiny_models, tmp_path):
+    facts = sd_shape_facts(str(tiny_models.sd))
+    assert facts["clip_width"] == TINY_CLIP_WIDTH and facts["latent_channels"] == 4
+    check_manifest({**MANIFEST, "vae_scaling_factor": facts["vae_scaling_factor"]}, str(tiny_models.sd))
+    bad = {**MANIFEST, "clip_width": 768, "latent_channels": 16, "vae_scaling_factor": 0.13025}
+    with pytest.raises(ManifestMismatchError) as error:
+        check_manifest(bad, str(tiny_models.sd), "s.zarr")
+    for field in ("clip_width: the SD model", "latent_channels", "vae_scaling_factor"):
+        assert field in str(error.value)
+    # only config.json files are read: the weights may be missing altogether
+    configs_only = tmp_path / "sd"
+    shutil.copytree(tiny_models.sd, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert sd_shape_facts(str(configs_only)) == facts
+    vae_config = json.loads((configs_only / "vae" / "config.json").read_text())
+    assert facts["vae_scaling_factor"] == vae_config["scaling_factor"]
