@@ -4,19 +4,19 @@ One head, q, k, v of shape [B, L, d] with 1 <= L <= 256 and d a multiple of 16 (
 FlashAttention-style kernels stop at head width 256; here the width is the large dimension and the sequence is short,
 so the kernels keep a whole row of scores in one tile and stream over d instead of over keys.
 
-Forward (two launches):
-  1. `_scores_forward_kernel`, one program per (batch, block of BLOCK_M query rows). S = Q K^T * scale is reduced over
-     d in BLOCK_D chunks into an fp32 [BLOCK_M, BLOCK_L] tile; the key axis is padded to BLOCK_L (the next power of two
-     >= L, at least 16) and masked to -inf. Since every key of a row is in the tile, the softmax is exact in one
-     pass: P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))), all in fp32. P is stored fp32 as [B, L, L].
-  2. `_output_forward_kernel`, one program per (batch, block of rows, d chunk): O = P V + V, reduced over the keys.
+Forward (one launch), `_forward_kernel`, one program per (batch, block of BLOCK_M query rows):
+  1. S = Q K^T * scale, reduced over d in BLOCK_D chunks into an fp32 [BLOCK_M, BLOCK_L] tile; the key axis is padded
+     to BLOCK_L (the next power of two >= L, at least 16) and masked to -inf.
+  2. Every key of a row is in the tile, so the softmax is exact in one pass, in fp32:
+     P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored fp32 as [B, L, L] for the backward.
+  3. O = P V + V, tiled over d: one [BLOCK_M, BLOCK_D] output chunk per step, P staying in registers.
 
 Backward (two launches), from the P saved by the forward (4 L^2 bytes a sample, less than the 2 L d of O):
-  3. `_scores_backward_kernel`, per (batch, block of rows): dP = dO V^T (reduced over d), then
+  1. `_scores_backward_kernel`, per (batch, block of rows): dP = dO V^T (reduced over d), then
        dS = scale * P * (dP - delta),  delta = rowsum(dO * (O - V)) = rowsum(P * dP).
      The two forms of delta are equal because O - V = P V, so rowsum(dO * P V)_i = sum_j P_ij (dO_i . V_j); with the
      whole row in the tile the kernel takes the second form and never reads O. dS is stored fp32 as [B, L, L].
-  4. `_grads_backward_kernel`, per (batch, block of positions, d chunk):
+  2. `_grads_backward_kernel`, per (batch, block of positions, d chunk):
        dQ = dS K,   dK = dS^T Q,   dV = P^T dO + dO    (scale is already folded into dS).
      Every output element belongs to exactly one program: no atomics, so the backward is deterministic.
 
@@ -56,11 +56,11 @@ class LaunchSettings:
     """Block sizes and launch parameters of one call; the forward saves them on ctx for the backward."""
 
     block_l: int  # keys per row tile: next power of two >= L, at least 16 (tl.dot needs every dim >= 16)
-    block_m: int  # query rows per program in the two score kernels
+    block_m: int  # query rows per program in the forward and backward score kernels
     block_d: int  # width chunk of the reductions over d (divides d)
-    block_rows: int  # rows per program in the output and gradient kernels
+    block_rows: int  # positions per program in the gradient kernel
     block_keys: int  # key chunk of the reductions over the sequence
-    block_out_d: int  # width of the output tile in the output and gradient kernels (divides d)
+    block_out_d: int  # width of the gradient tiles (divides d)
     dot_precision: str  # "ieee" for fp32 operands, "tf32" otherwise (ignored by Triton for 16-bit operands)
     num_warps: int
     num_stages: int
@@ -158,9 +158,11 @@ def _mix_rows(
 
 
 @triton.jit
-def _scores_forward_kernel(
+def _forward_kernel(
     q_ptr,
     k_ptr,
+    v_ptr,
+    o_ptr,
     p_ptr,
     scale,
     length,
@@ -172,16 +174,25 @@ def _scores_forward_kernel(
     stride_kb,
     stride_kl,
     stride_kd,
+    stride_vb,
+    stride_vl,
+    stride_vd,
+    stride_ob,
+    stride_ol,
+    stride_od,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """P[b, rows] = softmax(Q[b, rows] K[b]^T * scale) in fp32, for one block of query rows of one batch element."""
+    """For one block of query rows of one batch element: P = softmax(Q K^T * scale) (stored fp32), O = P V + V."""
     pid = tl.program_id(0)
     batch = (pid // num_row_blocks).to(tl.int64)
     offs_m = (pid % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = (offs_m < length)[:, None]
+    mask_n = (offs_n < length)[:, None]
     scores = _rows_times_rows_t(
         q_ptr + batch * stride_qb,
         stride_ql,
@@ -201,55 +212,21 @@ def _scores_forward_kernel(
     scores = tl.where((offs_n < length)[None, :], scores * scale, float("-inf"))
     probs = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     probs = probs / tl.sum(probs, axis=1)[:, None]
-    mask = (offs_m < length)[:, None] & (offs_n < length)[None, :]
-    tl.store(p_ptr + batch * length * length + offs_m[:, None] * length + offs_n[None, :], probs, mask=mask)
+    p_ptrs = p_ptr + batch * length * length + offs_m[:, None] * length + offs_n[None, :]
+    tl.store(p_ptrs, probs, mask=mask_m & (offs_n < length)[None, :])
 
-
-@triton.jit
-def _output_forward_kernel(
-    p_ptr,
-    v_ptr,
-    o_ptr,
-    length,
-    num_row_blocks,
-    num_d_blocks,
-    stride_vb,
-    stride_vl,
-    stride_vd,
-    stride_ob,
-    stride_ol,
-    stride_od,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """O[b, rows, chunk] = P[b, rows] V[b, :, chunk] + V[b, rows, chunk]."""
-    pid = tl.program_id(0)
-    batch = (pid // (num_row_blocks * num_d_blocks)).to(tl.int64)
-    block = pid % (num_row_blocks * num_d_blocks)
-    offs_m = (block // num_d_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = (block % num_d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (offs_m < length)[:, None]
+    probs = probs.to(v_ptr.dtype.element_ty)
     v_ptr += batch * stride_vb
-    out = _mix_rows(
-        p_ptr + batch * length * length,
-        length,
-        1,
-        v_ptr,
-        stride_vl,
-        stride_vd,
-        offs_m,
-        offs_d,
-        length,
-        BLOCK_M,
-        BLOCK_K,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
-    out += tl.load(v_ptr + offs_m[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=mask).to(tl.float32)
+    values_ptrs = v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+    residual_ptrs = v_ptr + offs_m[:, None] * stride_vl + offs_d[None, :] * stride_vd
     o_ptrs = o_ptr + batch * stride_ob + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
+    for _ in range(0, width, BLOCK_D):
+        out = tl.dot(probs, tl.load(values_ptrs, mask=mask_n, other=0.0), input_precision=DOT_PRECISION)
+        out += tl.load(residual_ptrs, mask=mask_m, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_m)
+        values_ptrs += BLOCK_D * stride_vd
+        residual_ptrs += BLOCK_D * stride_vd
+        o_ptrs += BLOCK_D * stride_od
 
 
 @triton.jit
@@ -405,9 +382,11 @@ def attention_calibration_forward(
     probs = torch.empty((batch, length, length), device=q.device, dtype=torch.float32)
     out = torch.empty((batch, length, width), device=q.device, dtype=q.dtype)
     score_blocks = triton.cdiv(length, settings.block_m)
-    _scores_forward_kernel[(batch * score_blocks,)](
+    _forward_kernel[(batch * score_blocks,)](
         q,
         k,
+        v,
+        out,
         probs,
         scale,
         length,
@@ -415,27 +394,11 @@ def attention_calibration_forward(
         score_blocks,
         *q.stride(),
         *k.stride(),
+        *v.stride(),
+        *out.stride(),
         BLOCK_M=settings.block_m,
         BLOCK_L=settings.block_l,
         BLOCK_D=settings.block_d,
-        DOT_PRECISION=settings.dot_precision,
-        num_warps=settings.num_warps,
-        num_stages=settings.num_stages,
-    )
-    row_blocks = triton.cdiv(length, settings.block_rows)
-    d_blocks = width // settings.block_out_d
-    _output_forward_kernel[(batch * row_blocks * d_blocks,)](
-        probs,
-        v,
-        out,
-        length,
-        row_blocks,
-        d_blocks,
-        *v.stride(),
-        *out.stride(),
-        BLOCK_M=settings.block_rows,
-        BLOCK_K=settings.block_keys,
-        BLOCK_D=settings.block_out_d,
         DOT_PRECISION=settings.dot_precision,
         num_warps=settings.num_warps,
         num_stages=settings.num_stages,

@@ -202,6 +202,19 @@ def test_gpu_edge_shapes(case):
 
 @pytest.mark.gpu
 @requires_cuda
+def test_gpu_broadcast_output_gradient():
+    """out.sum().backward() hands the kernel a gradient with all strides 0."""
+    q, k, v, _ = (t.float().requires_grad_() for t in make_inputs(Case(2, 77, 64, "float32"), "cuda"))
+    attention_calibration(q, k, v).sum().backward()
+    fused = [t.grad for t in (q, k, v)]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    attention_calibration_reference(q, k, v).sum().backward()
+    for got, expected in zip(fused, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got, expected, rtol=FP32_TOLERANCE, atol=FP32_TOLERANCE)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_backward_is_deterministic():
     inputs = make_inputs(Case(16, 77, 768, "bfloat16"), "cuda")
     first = forward_backward(attention_calibration, inputs, torch.bfloat16, None)
