@@ -96,7 +96,9 @@ def calibrate(q: Tensor, k: Tensor, v: Tensor, backend: str = "eager") -> Tensor
     """Attention calibration `softmax(q k^T / sqrt(d)) v + v` over `[B, L, d]` inputs, one head of width d.
 
     "eager" is the reference's matmul + softmax; "sdpa" is PyTorch's scaled_dot_product_attention plus the residual;
-    "fused" is the Triton kernel of `sur_cache.kernels`, imported only when asked for.
+    "fused" is the Triton kernel of `sur_cache.kernels`, imported only when asked for. The kernel takes one dtype,
+    while under autocast q and k come out of their Linear layers in half precision and v (the adapter input) does
+    not: k and v are cast to q's dtype for it.
     """
     if backend == "eager":
         scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -106,7 +108,7 @@ def calibrate(q: Tensor, k: Tensor, v: Tensor, backend: str = "eager") -> Tensor
     if backend == "fused":
         from sur_cache.kernels import attention_calibration
 
-        return attention_calibration(q, k, v)
+        return attention_calibration(q, k.to(q.dtype), v.to(q.dtype))
     raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
 
 
