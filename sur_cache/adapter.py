@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +294,13 @@ def import_reference(config: ImportReferenceConfig) -> Path:
     """`sur-cache import-reference`: reference `.pt` checkpoint -> sur-cache adapter folder in compat mode."""
     if config.out.exists() and any(config.out.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{config.out} exists and is not empty; choose another --out or pass --overwrite.")
-    state_dict = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ReferenceCheckpointError(
+            f"{config.checkpoint} cannot be read as a weights-only PyTorch checkpoint ({error}); "
+            "pass an adapter_checkpoint<step>.pt written by the reference training script."
+        ) from error
     if not isinstance(state_dict, dict) or not all(isinstance(value, Tensor) for value in state_dict.values()):
         raise ReferenceCheckpointError(
             f"{config.checkpoint} does not hold a state dict of tensors (found {type(state_dict).__name__}); "

@@ -428,6 +428,11 @@ def test_import_reference_refuses_what_is_not_a_reference_checkpoint(tmp_path):
         main, ["import-reference", str(path), "--adapter-weight", "0.1", "--out", str(tmp_path / "out")]
     )
     assert result.exit_code == 1 and "does not hold a state dict of tensors" in result.output
+    path.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(
+        main, ["import-reference", str(path), "--adapter-weight", "0.1", "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1 and "cannot be read as a weights-only PyTorch checkpoint" in result.output
 
 
 def test_import_reference_refuses_a_non_empty_output_unless_overwrite(reference, tmp_path):
