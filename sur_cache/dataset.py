@@ -80,7 +80,7 @@ def read_metadata(
     rows: list[Row] = []
     bad: list[BadRow] = []
     columns = (image_column, text_column, prompt_column)
-    with open(metadata, encoding="utf-8") as f:
+    with open(metadata, "rb") as f:
         for line, raw in enumerate(f):
             if not raw.strip():
                 continue
@@ -89,11 +89,11 @@ def read_metadata(
     return rows, bad
 
 
-def _parse_row(raw: str, line: int, root: Path, columns: tuple[str, str, str]) -> Row | BadRow:
+def _parse_row(raw: bytes, line: int, root: Path, columns: tuple[str, str, str]) -> Row | BadRow:
     image_column, text_column, prompt_column = columns
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as error:
+    try:  # a byte-order mark is tolerated on the first line only, where editors put it
+        record = json.loads(raw.decode("utf-8-sig" if line == 0 else "utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         return BadRow(line, None, "malformed_json", f"line {line}: {error}")
     if not isinstance(record, dict):
         return BadRow(

@@ -99,6 +99,17 @@ def test_image_dataset_returns_decode_failures_as_records(messy_dataset):
     assert batch["image_sha256"].shape == (4, 32) and batch["image_sha256"].dtype == torch.uint8
 
 
+def test_invalid_utf8_is_a_malformed_line_and_a_leading_bom_is_tolerated(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    good = _row("a.png").encode()
+    (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good[:-2] + b'\xff"}\n' + good + b"\n")
+    rows, bad = read_metadata(data)
+    assert [r.line for r in rows] == [0, 2]
+    assert [(b.line, b.reason) for b in bad] == [(1, "malformed_json")]
+
+
 def test_configurable_columns(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
