@@ -46,7 +46,7 @@ from sur_cache.models import (
 from sur_cache.store import DONE, SKIPPED, FeatureStore
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_LLM_ARRAYS = ("llm", "llm_tokens", "llm_mask")
+_IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
 
 
 @dataclass
@@ -375,10 +375,13 @@ def _passes(config, manifest, rows, device, workers, llm_table) -> list[tuple[st
 
 
 def _write(store: FeatureStore, shard_index: int, shard: _ShardState, arrays: dict[str, np.ndarray]) -> None:
-    """Write a pass's arrays for one shard; samples already known to be skipped are stored as zeros."""
+    """Write a pass's arrays for one shard; skipped samples keep their identity, their features are zeros."""
     skipped = shard.status == SKIPPED
     if skipped.any():
-        arrays = {name: np.where(_expand(skipped, a.ndim), np.zeros_like(a), a) for name, a in arrays.items()}
+        arrays = {
+            name: a if name in _IDENTITY_ARRAYS else np.where(_expand(skipped, a.ndim), np.zeros_like(a), a)
+            for name, a in arrays.items()
+        }
     store.write_arrays(shard_index, arrays)
 
 
@@ -413,7 +416,8 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     from accelerate import PartialState
 
     started = time.perf_counter()
-    state = PartialState()
+    # accelerate only forms a CPU process group (gloo) when told the processes are CPU ones
+    state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
     device = _resolve_device(config.device, state)
     llm_table = load_llm_features(config.llm_features) if config.llm_features is not None else None
     rows, bad = _read_rows(config, llm_table)

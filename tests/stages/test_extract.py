@@ -1,0 +1,290 @@
+"""Stage one end to end on the tiny models: stored values, layer/pooling, resume after kill -9, bad rows, manifest
+refusal, two-process equality, the reference LLM-feature file, memory:// stores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sur_cache.stages.extract import run_extract
+
+from sur_cache.config import ExtractConfig
+from sur_cache.dataset import ImageDataset, read_metadata
+from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+from sur_cache.store import DONE, PENDING, SKIPPED, FeatureStore, ManifestMismatchError
+from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_WIDTH, TINY_RESOLUTION
+
+VENV_BIN = Path(sys.executable).parent
+LAYER = 1  # of the tiny Llama's 3: not the last, so `output_hidden_states[LAYER + 1]` is the same tensor
+SETTINGS = {
+    "resolution": TINY_RESOLUTION,
+    "batch_size": 2,
+    "shard_rows": 4,
+    "num_workers": 0,
+    "llm_8bit": False,
+    "llm_dtype": "float32",
+    "store_dtype": "float32",
+    "llm_layer": LAYER,
+    "llm_pooling": "last",
+    "llm_per_token": True,
+    "flip_variants": True,
+    "progress": False,
+}
+
+
+def _config(data, out, models, **overrides) -> ExtractConfig:
+    options = {**SETTINGS, "data": Path(data), "out": str(out), "sd": str(models.sd), "llm": str(models.llm)}
+    return ExtractConfig(**{**options, **overrides})
+
+
+def _cli_args(data, out, models, **overrides) -> list[str]:
+    """The same settings as `_config`, as `sur-cache extract` arguments."""
+    settings = {**SETTINGS, **overrides}
+    args = ["extract", "--data", str(data), "--out", str(out), "--sd", str(models.sd), "--llm", str(models.llm)]
+    for key in ("resolution", "batch_size", "shard_rows", "num_workers", "llm_dtype", "store_dtype", "llm_layer"):
+        args += [f"--{key.replace('_', '-')}", str(settings[key])]
+    args += ["--llm-pooling", settings["llm_pooling"], "--no-8bit", "--llm-per-token", "--flip-variants"]
+    return args + ["--no-progress"]
+
+
+def _contents(url) -> dict[str, np.ndarray]:
+    store = FeatureStore.open(url)
+    return {name: store.array(name)[:] for name in store.array_names}
+
+
+def _assert_same_store(a, b) -> None:
+    left, right = _contents(a), _contents(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        assert left[name].tobytes() == right[name].tobytes(), f"array {name} differs"
+    assert FeatureStore.open(a).skipped_records() == FeatureStore.open(b).skipped_records()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, demo_dataset, tmp_path_factory):
+    """One uninterrupted single-process run (fp32 store) that the other runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "store.zarr"
+    summary = run_extract(_config(demo_dataset, out, tiny_models))
+    return out, summary
+
+
+def test_stored_values_equal_the_models_called_directly(reference, tiny_models, demo_dataset):
+    out, summary = reference
+    assert summary["complete"] == 12 and summary["skipped"] == {}
+    store = FeatureStore.open(out)
+    assert store.manifest["clip_width"] == TINY_CLIP_WIDTH and store.manifest["llm_width"] == TINY_LLM_WIDTH
+    assert store.manifest["llm_layer"] == LAYER and store.manifest["latent_size"] == TINY_RESOLUTION // 4
+    lines = [json.loads(line) for line in (demo_dataset / "metadata.jsonl").read_text().splitlines()]
+    tokenizer, text_encoder = load_clip(str(tiny_models.sd))
+    vae = load_vae(str(tiny_models.sd))
+    llm_tokenizer, llm = load_llm(str(tiny_models.llm), load_in_8bit=False, dtype=torch.float32)
+    rows, _ = read_metadata(demo_dataset)
+    images = ImageDataset(rows, TINY_RESOLUTION, flip=True)
+    for start in range(0, 12, 2):  # the stage's fixed batches
+        batch = [lines[i] for i in range(start, start + 2)]
+        stored = store.read(store.array_names, start, start + 2)
+        texts, prompts = [r["text"] for r in batch], [r["prompt"] for r in batch]
+        np.testing.assert_array_equal(stored["clip_simple"], encode_clip(tokenizer, text_encoder, texts).embeddings)
+        np.testing.assert_array_equal(stored["clip_complex"], encode_clip(tokenizer, text_encoder, prompts).embeddings)
+        pixels = torch.stack([images[i]["pixels"] for i in range(start, start + 2)])
+        latents = encode_vae(vae, pixels)
+        np.testing.assert_array_equal(stored["latent_mean"], latents.mean)
+        np.testing.assert_array_equal(stored["latent_logvar"], latents.logvar)
+        np.testing.assert_array_equal(stored["latent_mean_flipped"], encode_vae(vae, pixels.flip(-1)).mean)
+        features = encode_llm(llm_tokenizer, llm, texts, layer=LAYER, pooling="last", per_token=True)
+        np.testing.assert_array_equal(stored["llm"], features.pooled)
+        np.testing.assert_array_equal(stored["llm_tokens"], features.tokens)
+        assert stored["sample_line"].tolist() == [start, start + 1]
+        assert stored["status"].tolist() == [DONE, DONE]
+
+
+def test_llm_feature_is_the_requested_layer_and_pooling(reference, tiny_models, demo_dataset):
+    """Checked against transformers' own `output_hidden_states`, independently of `encode_llm`."""
+    store = FeatureStore.open(reference[0])
+    tokenizer, llm = load_llm(str(tiny_models.llm), load_in_8bit=False, dtype=torch.float32)
+    text = json.loads((demo_dataset / "metadata.jsonl").read_text().splitlines()[5])["text"]
+    tokens = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        hidden = llm(**tokens, output_hidden_states=True).hidden_states[LAYER + 1][0]
+    stored = store.read(["llm", "llm_tokens", "llm_mask"], 5, 6)
+    count = tokens.input_ids.shape[1]
+    np.testing.assert_allclose(stored["llm"][0], hidden[-1], rtol=1e-5, atol=1e-5)  # last real token
+    np.testing.assert_allclose(stored["llm_tokens"][0, :count], hidden, rtol=1e-5, atol=1e-5)
+    assert stored["llm_mask"][0].sum() == count and not stored["llm_tokens"][0, count:].any()
+
+
+def test_rerun_resumes_nothing_and_other_settings_are_refused(reference, tiny_models, demo_dataset):
+    out, _ = reference
+    again = run_extract(_config(demo_dataset, out, tiny_models))
+    assert again["computed_now"] == 0 and again["complete"] == 12
+    with pytest.raises(ManifestMismatchError) as error:
+        run_extract(_config(demo_dataset, out, tiny_models, llm_layer=0, store_dtype="float16"))
+    assert "llm_layer: expected 0, found 1" in str(error.value)
+    assert 'store_dtype: expected "float16", found "float32"' in str(error.value)
+    assert "--overwrite" in str(error.value)
+
+
+_KILLER = """
+import os, signal, sys, threading
+from sur_cache.store import FeatureStore
+method, count = sys.argv[1], float(sys.argv[2])
+if method == "timer":
+    threading.Timer(count, os.kill, (os.getpid(), signal.SIGKILL)).start()
+else:
+    original, calls = getattr(FeatureStore, method), []
+    def killing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+    setattr(FeatureStore, method, killing)
+from sur_cache.cli import main
+main(sys.argv[3:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "count"),
+    [("_writable", 20), ("commit_shard", 2), ("timer", float(np.random.default_rng().uniform(4, 9)))],
+    ids=["mid-shard-write", "before-second-commit", "random-time"],
+)
+def test_resume_after_kill_is_bit_identical(method, count, reference, tiny_models, demo_dataset, tmp_path):
+    """kill -9 inside the first pass (a shard half written), inside the second pass (one shard committed), and at a
+    random time; the re-run must finish the store with exactly the uninterrupted run's bytes."""
+    out = tmp_path / "store.zarr"
+    args = _cli_args(demo_dataset, out, tiny_models)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLER, method, str(count), *args], cwd=tmp_path, env=env, capture_output=True
+    )
+    if method != "timer":
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+        status = FeatureStore.open(out).status()
+        assert (status == PENDING).any()
+        assert ((status == DONE).sum() == 4) == (method == "commit_shard")
+    summary = run_extract(_config(demo_dataset, out, tiny_models))
+    assert summary["complete"] == 12
+    assert not list(out.rglob("*.partial"))
+    _assert_same_store(out, reference[0])
+
+
+def _bad_dataset(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    (target / "images" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # unreadable
+    lines = (target / "metadata.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"file_name": "../outside.png", "text": "a", "prompt": "b"})
+    lines[3] = "{not json"
+    lines[4] = json.dumps({"file_name": "images/00004.png", "text": "  ", "prompt": "b"})
+    lines[6] = json.dumps({"file_name": "images/missing.png", "text": "a", "prompt": "b"})
+    (target / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def test_bad_rows_are_skipped_reported_and_never_done(tiny_models, demo_dataset, tmp_path):
+    data = _bad_dataset(demo_dataset, tmp_path / "data")
+    out = tmp_path / "store.zarr"
+    summary = run_extract(_config(data, out, tiny_models, shard_rows=3))
+    assert summary["skipped"] == {
+        "empty_prompt": 1,
+        "malformed_json": 1,
+        "missing_file": 1,
+        "unreadable_image": 1,
+        "unsafe_path": 1,
+    }
+    store = FeatureStore.open(out)
+    assert store.num_samples == 8  # rows that passed the metadata checks
+    lines = store.array("sample_line")[:]
+    status = store.status()
+    assert lines.tolist() == [0, 1, 5, 7, 8, 9, 10, 11]
+    assert status.tolist() == [DONE, SKIPPED] + [DONE] * 6
+    assert not store.array("latent_mean")[1].any() and not store.array("clip_simple")[1].any()
+    report = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in report] == [
+        (1, "unreadable_image"),
+        (2, "unsafe_path"),
+        (3, "malformed_json"),
+        (4, "empty_prompt"),
+        (6, "missing_file"),
+    ]
+    with pytest.raises(ValueError, match="--strict: 4 bad rows"):
+        run_extract(_config(data, tmp_path / "strict.zarr", tiny_models, strict=True))
+
+
+def test_unreadable_image_is_fatal_with_strict(tiny_models, demo_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    (data / "images" / "00001.png").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"--strict: line 1 \(images/00001.png\): unreadable_image"):
+        run_extract(_config(data, tmp_path / "s.zarr", tiny_models, strict=True))
+
+
+def test_dataset_without_usable_rows_is_an_error(tiny_models, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text('{"file_name": "nope.png", "text": "a", "prompt": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match="no usable row .*'missing_file': 1, 'malformed_json': 1"):
+        run_extract(_config(data, tmp_path / "s.zarr", tiny_models))
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_store(reference, tiny_models, demo_dataset, tmp_path):
+    out = tmp_path / "store.zarr"
+    command = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python"]
+    command += [str(VENV_BIN / "sur-cache"), *_cli_args(demo_dataset, out, tiny_models)]
+    # CPU kernels reduce in a thread-count-dependent order: give each process the reference run's thread count
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done        12 of 12 samples") == 1  # only the main process prints
+    _assert_same_store(out, reference[0])
+
+
+def _feature_file(path: Path, prompts: list[str], width: int = 40, odd: str | None = None) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    table = {prompt: torch.randn(width, generator=generator).half() for prompt in prompts}
+    if odd is not None:
+        table[odd] = torch.zeros(width + 1, dtype=torch.float16)
+    torch.save(table, path)
+    return path
+
+
+def test_reference_llm_feature_file_replaces_the_llm(tiny_models, demo_dataset, tmp_path):
+    texts = [json.loads(line)["text"] for line in (demo_dataset / "metadata.jsonl").read_text().splitlines()]
+    missing = texts[3]
+    kept = [t for t in texts if t != missing]
+    features = _feature_file(tmp_path / "39.pt", kept)
+    out = tmp_path / "store.zarr"
+    config = _config(demo_dataset, out, tiny_models, llm=None, llm_features=features, llm_per_token=False)
+    summary = run_extract(config)
+    assert summary["skipped"] == {"missing_llm_feature": texts.count(missing)}
+    store = FeatureStore.open(out)
+    table = torch.load(features, weights_only=True)
+    lines = store.array("sample_line")[:]
+    expected = np.stack([table[texts[line]].float().numpy() for line in lines])
+    np.testing.assert_array_equal(store.array("llm")[:], expected)
+    assert store.manifest["llm_width"] == 40 and "llm_model" not in store.manifest
+    assert store.manifest["llm_features_file"]["sha256"] == hashlib.sha256(features.read_bytes()).hexdigest()
+    wrong = _feature_file(tmp_path / "wrong.pt", kept, odd="an odd prompt")
+    with pytest.raises(ValueError, match=r"one width; most have 40, but 'an odd prompt' has 41"):
+        run_extract(_config(demo_dataset, tmp_path / "w.zarr", tiny_models, llm=None, llm_features=wrong))
+
+
+def test_memory_url_store(tiny_models, demo_dataset):
+    url = f"memory://sur-cache-extract-{uuid.uuid4().hex}/store.zarr"
+    summary = run_extract(_config(demo_dataset, url, tiny_models, flip_variants=False, llm_per_token=False))
+    assert summary["complete"] == 12
+    store = FeatureStore.open(url)
+    assert store.array("clip_simple").shape == (12, 77, TINY_CLIP_WIDTH)
+    assert store.array("clip_simple").dtype == np.float32
+    assert store.verify() == []
