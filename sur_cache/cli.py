@@ -366,3 +366,114 @@ def demo_assets_command(out, num_samples, llm) -> None:
     click.echo(f"dataset   {assets.data}  ({num_samples} images, metadata.jsonl)")
     click.echo(f"sd        {assets.sd}  (tiny random Stable Diffusion)")
     click.echo(f"llm       {assets.llm}  ({assets.llm_kind})")
+
+
+@main.command("train")
+@click.option("--store", required=True, help="Feature store written by `sur-cache extract` (opened read-only).")
+@click.option("--sd", required=True, help="The Stable Diffusion folder or hub id the store was extracted with.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: adapter/, checkpoints/, train_log.jsonl, loss.png, run.json.",
+)
+@click.option("--batch-size", type=int, default=1, help="Samples per micro-batch per process (reference: 1).")
+@click.option("--gradient-accumulation", type=int, default=4, help="Micro-batches per optimizer step (reference: 4).")
+@click.option(
+    "--max-steps",
+    type=int,
+    default=None,
+    help="Optimizer steps to run  [default: 5000 (the reference) unless --epochs]",
+)
+@click.option(
+    "--epochs", type=int, default=None, help="Passes over the store (with --max-steps: whichever ends first)."
+)
+@click.option(
+    "--random-flip", is_flag=True, help="Use the flipped latents with probability 0.5 (needs a --flip-variants store)."
+)
+@click.option(
+    "--buffer-shards", type=int, default=4, help="Shards shuffled together; each is read whole, in one range read."
+)
+@click.option(
+    "--preload",
+    type=click.Choice(["none", "cpu", "device"]),
+    default="none",
+    help="Read the whole store into CPU or GPU memory first (fastest for --denoise-weight 0).",
+)
+@click.option("--online", is_flag=True, help="Recompute every feature from --data with stage one's code (no cache).")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="With --online: the dataset folder the store was extracted from.",
+)
+@click.option("--llm", default=None, help="With --online: the LLM teacher  [default: the one in the store's manifest]")
+@click.option("--adapter-weight", type=float, default=0.1, help="w in w * adapter(x) + (1 - w) * x (reference: 0.1).")
+@click.option("--num-layers", type=int, default=2, help="Transformer encoder layers of the adapter.")
+@click.option("--num-heads", type=int, default=8, help="Attention heads of the adapter's encoder.")
+@click.option("--feedforward", type=int, default=2048, help="Feed-forward width of the adapter's encoder.")
+@click.option("--dropout", type=float, default=0.1, help="Dropout of the adapter's encoder.")
+@click.option(
+    "--attention",
+    type=click.Choice(["auto", "eager", "sdpa", "fused"]),
+    default="auto",
+    help="Attention-calibration backend (auto: the fused Triton kernel on CUDA, eager on the CPU).",
+)
+@click.option(
+    "--reference-compat",
+    is_flag=True,
+    help="Reproduce the reference encoder layout (attention across the batch, not the tokens).",
+)
+@click.option(
+    "--freeze-llm-proj", is_flag=True, help="Keep the LLM projection at its seeded initialisation (the reference)."
+)
+@click.option(
+    "--denoise-weight", type=float, default=1.0, help="Weight of the UNet's MSE; 0 skips the UNet (features-only)."
+)
+@click.option("--llm-weight", type=float, default=1e-5, help="Weight of the LLM distillation KL (reference: 1e-5).")
+@click.option("--align-weight", type=float, default=1e-5, help="Weight of the complex-prompt alignment KL (1e-5).")
+@click.option(
+    "--detach-unet-input",
+    is_flag=True,
+    help="Detach the adapter output before the UNet, as the reference script does (only the KL terms then train).",
+)
+@click.option("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (e.g. 5.0); off by default.")
+@click.option("--lr", type=float, default=1e-5, help="AdamW learning rate (reference: 1e-5).")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine", "linear"]),
+    default="constant",
+    help="Learning-rate schedule after the warmup (reference: constant).",
+)
+@click.option("--warmup-steps", type=int, default=0, help="Linear warmup steps of the learning rate.")
+@click.option(
+    "--weight-decay", type=float, default=1e-2, help="AdamW weight decay (torch's default, as the reference)."
+)
+@click.option("--max-grad-norm", type=float, default=1.0, help="Gradient-norm clipping (reference: 1.0).")
+@click.option(
+    "--mixed-precision",
+    type=click.Choice(["no", "fp16", "bf16"]),
+    default="no",
+    help="Autocast precision; the frozen UNet is stored in it too (reference: fp16; bf16 recommended on GPUs).",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the data order, the noise, dropout and the LLM projection.")
+@click.option("--checkpoint-every", type=int, default=500, help="Write a checkpoint folder every N optimizer steps.")
+@click.option(
+    "--resume", default=None, help="Continue from a checkpoint folder, or 'latest' (the newest under OUT/checkpoints)."
+)
+@click.option("--cpu", is_flag=True, help="Train on the CPU even if a GPU is available.")
+def train_command(**options) -> None:
+    """Train a SUR-adapter from a feature store; only the frozen UNet is loaded (no LLM, CLIP or VAE).
+
+    Run it under `torchrun` or `accelerate launch` for several GPUs: each process reads a disjoint part of the
+    store. One optimizer step consumes batch-size x gradient-accumulation x processes samples.
+    """
+    from sur_cache.config import TrainConfig
+    from sur_cache.stages.train import run_train
+    from sur_cache.store import ManifestMismatchError
+
+    try:
+        final = run_train(TrainConfig(**options))
+    except (ManifestMismatchError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"adapter   {final}")

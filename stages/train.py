@@ -1,0 +1,419 @@
+"""Stage two: a feature store -> a trained SUR-adapter, with only the frozen UNet (and the adapter) in memory.
+
+    setup    open the store read-only, check it against --sd, build the loader, the adapter, the frozen UNet and
+             noise scheduler, AdamW and the lr schedule; prepare them with accelerate; restore a checkpoint
+    train    per optimizer step: `gradient_accumulation` micro-batches of
+             denoise_weight * MSE(unet(noisy, t, adapter(x))) + llm_weight * distill + align_weight * align,
+             gradient clipping, a JSON line; a checkpoint folder every `checkpoint_every` steps
+    cleanup  save the final adapter, plot the loss curves
+
+Supports: mixed precision (no/fp16/bf16), gradient accumulation, any number of processes (`torchrun`,
+`accelerate launch`; each reads a disjoint part of the store), exact resume (`--resume PATH|latest`: the losses
+after a resume equal an uninterrupted run's), the reference's detached UNet input (`--detach-unet-input`), a
+features-only objective (`--denoise-weight 0`: no UNet, no latents), and `--online` (features recomputed from the
+images by stage one's code, to prove the cache exact or to measure what it saves).
+
+Never loads the LLM, the CLIP text encoder or the VAE unless `--online`: the SD model is read for its UNet, its noise
+scheduler, and three config.json files.
+
+Raises ValueError for bad options, ManifestMismatchError for a store that does not fit --sd, FileNotFoundError for
+a missing store or checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sur_cache import __version__
+from sur_cache.adapter import AdapterConfig, SURAdapter, resolve_attention
+from sur_cache.config import TrainConfig
+from sur_cache.loader import (
+    FeatureLoader,
+    LoaderSettings,
+    PreloadedSource,
+    StoreSource,
+    array_names,
+    check_manifest,
+    read_units,
+)
+from sur_cache.losses import alignment_loss, compute_snr, denoising_loss, denoising_target, distillation_loss
+from sur_cache.store import FeatureStore
+from sur_cache.train_log import StepLog, plot_losses
+
+CHECKPOINTS = "checkpoints"
+POSITION_FILE = "position.json"  # written last: a checkpoint folder without it is incomplete and ignored
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "loss.png"
+# What must not change across a resume: the data position and the per-batch random draws depend on them.
+RESUME_INVARIANTS = ("batch_size", "gradient_accumulation", "seed", "buffer_shards", "world_size", "store")
+
+
+@dataclass
+class TrainingRun:
+    """Everything `setup` builds and `train` uses."""
+
+    config: TrainConfig
+    accelerator: Any
+    loader: FeatureLoader
+    adapter: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    unet: torch.nn.Module | None
+    noise_scheduler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    log: StepLog
+    total_steps: int
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # position of the next micro-batch
+    batch: int = 0
+
+
+@dataclass
+class LossTerms:
+    denoise: torch.Tensor | None
+    distill: torch.Tensor
+    align: torch.Tensor
+    total: torch.Tensor
+
+
+def run_train(config: TrainConfig) -> Path:
+    """Train an adapter; returns the folder of the final adapter (`<out>/adapter`)."""
+    run = setup(config)
+    train(run)
+    return cleanup(run)
+
+
+# ------------------------------------------------------------------------------------------------------------ setup
+
+
+def setup(config: TrainConfig) -> TrainingRun:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    store = FeatureStore.open(config.store, mode="r")
+    manifest = store.manifest
+    check_manifest(manifest, config.sd, store.url)
+    if config.random_flip and not manifest["flip_variants"]:
+        raise ValueError(
+            f"--random-flip: {store.url} holds no flipped latents; extract with --flip-variants or drop --random-flip"
+        )
+    if config.features_only:
+        accelerator.print("features-only: --denoise-weight 0, so the UNet is not loaded and no latent is read")
+    loader = _build_loader(config, store, accelerator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        adapter = SURAdapter(_adapter_config(config, manifest, accelerator.device)).train()
+    unet, noise_scheduler = (None, None) if config.features_only else _load_unet(config, accelerator)
+    trainable = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = _total_steps(config, loader)
+    lr_scheduler = _lr_scheduler(config, optimizer, total_steps)
+    adapter, optimizer = accelerator.prepare(adapter, optimizer)
+    # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per process.
+    accelerator.register_for_checkpointing(lr_scheduler)
+    out = Path(config.out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    run = TrainingRun(
+        config,
+        accelerator,
+        loader,
+        adapter,
+        unet,
+        noise_scheduler,
+        optimizer,
+        lr_scheduler,
+        StepLog(out / LOG_FILE, enabled=accelerator.is_main_process),
+        total_steps,
+    )
+    # Seeded last, so that nothing setup loads (online models, the UNet) shifts the dropout stream.
+    set_seed(config.seed)
+    if config.resume:
+        _restore(run, find_checkpoint(out, config.resume))
+    elif accelerator.is_main_process:
+        (out / LOG_FILE).unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        (out / "run.json").write_text(json.dumps(_run_record(run), indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return run
+
+
+def _build_loader(config: TrainConfig, store: FeatureStore, accelerator) -> FeatureLoader:
+    world, rank = accelerator.num_processes, accelerator.process_index
+    units = read_units(store.shard_ranges(), store.complete_indices(), world)
+    names = array_names(latents=not config.features_only, flips=config.random_flip)
+    if config.online:
+        from sur_cache.online import OnlineSource
+
+        source = OnlineSource(
+            store.manifest,
+            config.data,
+            config.sd,
+            llm=config.llm,
+            latents=not config.features_only,
+            device=accelerator.device,
+        )
+    elif config.preload != "none":
+        device = accelerator.device if config.preload == "device" else torch.device("cpu")
+        source = PreloadedSource(store, units, names, device)
+    else:
+        source = StoreSource(store, units, names, capacity=2 * config.buffer_shards)
+    settings = LoaderSettings(
+        batch_size=config.batch_size,
+        seed=config.seed,
+        buffer_units=config.buffer_shards,
+        random_flip=config.random_flip,
+        latents=not config.features_only,
+        scaling_factor=float(store.manifest["vae_scaling_factor"]),
+        rank=rank,
+        world_size=world,
+    )
+    return FeatureLoader(source, units, settings, accelerator.device)
+
+
+def _adapter_config(config: TrainConfig, manifest: dict, device: torch.device) -> AdapterConfig:
+    return AdapterConfig(
+        width=int(manifest["clip_width"]),
+        llm_width=int(manifest["llm_width"]),
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        feedforward=config.feedforward,
+        dropout=config.dropout,
+        adapter_weight=config.adapter_weight,
+        attention=resolve_attention(config.attention, device),
+        reference_compat=config.reference_compat,
+        freeze_llm_proj=config.freeze_llm_proj,
+        llm_proj_seed=config.seed,
+    )
+
+
+def _load_unet(config: TrainConfig, accelerator):
+    """The frozen UNet (eval, no grad, in the mixed-precision dtype) and the training noise scheduler."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(config.sd, subfolder="unet", torch_dtype=dtype)
+    unet.requires_grad_(False)
+    unet.eval().to(accelerator.device)
+    return unet, DDPMScheduler.from_pretrained(config.sd, subfolder="scheduler")
+
+
+def _total_steps(config: TrainConfig, loader: FeatureLoader) -> int:
+    """--max-steps; or the optimizer steps in --epochs epochs (both: whichever ends first; neither: 5000)."""
+    caps = []
+    if config.total_steps_cap is not None:
+        caps.append(config.total_steps_cap)
+    if config.epochs is not None:
+        micro = sum(loader.batches_per_epoch(e) for e in range(config.epochs))
+        caps.append(micro // config.gradient_accumulation)
+    steps = min(caps)
+    if steps < 1:
+        raise ValueError(
+            f"--epochs {config.epochs} gives {loader.batches_per_epoch(0)} micro-batches per epoch, fewer than one "
+            f"optimizer step of --gradient-accumulation {config.gradient_accumulation}; raise --epochs or lower it"
+        )
+    return steps
+
+
+def _lr_scheduler(config: TrainConfig, optimizer, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    name = config.lr_schedule
+    if name == "constant" and config.warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=max(total_steps, 1))
+
+
+def _run_record(run: TrainingRun) -> dict[str, Any]:
+    config = run.config
+    return {
+        "sur_cache_version": __version__,
+        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "world_size": run.accelerator.num_processes,
+        "device": str(run.accelerator.device),
+        "total_steps": run.total_steps,
+        "features_only": config.features_only,
+        "attention": _unwrap(run).config.attention,
+        "gradient_to_adapter_through_unet": not (config.features_only or config.detach_unet_input),
+        "samples_per_step": config.batch_size * config.gradient_accumulation * run.accelerator.num_processes,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+
+
+def train(run: TrainingRun) -> None:
+    """Optimizer steps from `run.step` to `run.total_steps`, logging each and checkpointing every N."""
+    config, accelerator = run.config, run.accelerator
+    batches = run.loader.batches(run.epoch, run.batch)
+    samples_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        unit="step",
+        desc="train",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    while run.step < run.total_steps:
+        started = time.perf_counter()
+        terms, grad_norm = _optimizer_step(run, batches)
+        run.step += 1
+        record = {
+            "step": run.step,
+            "epoch": run.epoch,
+            **terms,
+            "lr": run.lr_scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "samples_per_s": samples_per_step / (time.perf_counter() - started),
+        }
+        run.log.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{terms['total']:.4g}", lr=f"{record['lr']:.2e}")
+        if run.step % config.checkpoint_every == 0 or run.step == run.total_steps:
+            save_checkpoint(run)
+    bar.close()
+
+
+def _optimizer_step(run: TrainingRun, batches) -> tuple[dict[str, float | None], float]:
+    """`gradient_accumulation` micro-batches, one clipped AdamW step; returns the mean loss terms over processes."""
+    config, accelerator = run.config, run.accelerator
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(config.gradient_accumulation):
+        batch = next(batches)
+        last = micro == config.gradient_accumulation - 1
+        with nullcontext() if last else accelerator.no_sync(run.adapter):
+            with accelerator.autocast():
+                terms = compute_losses(run, batch)
+            accelerator.backward(terms.total / config.gradient_accumulation)
+        for name, value in vars(terms).items():
+            if value is not None:
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / config.gradient_accumulation
+        run.epoch, run.batch = batch.epoch, batch.index + 1
+    trainable = [p for p in run.adapter.parameters() if p.requires_grad]
+    grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+    run.optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    means = {name: accelerator.reduce(value, reduction="mean").item() for name, value in sums.items()}
+    return {name: means.get(name) for name in ("denoise", "distill", "align", "total")}, float(grad_norm)
+
+
+def compute_losses(run: TrainingRun, batch) -> LossTerms:
+    """The three terms of one micro-batch; the noise and timesteps continue the batch's seeded generator."""
+    config = run.config
+    out = run.adapter(batch.clip_simple)
+    distill = distillation_loss(_unwrap(run).project_llm(batch.llm), out.h)
+    align = alignment_loss(batch.clip_complex, out.embedding)
+    total = config.llm_weight * distill + config.align_weight * align
+    denoise = None
+    if run.unet is not None:
+        denoise = denoising_term(run, batch, out.embedding.detach() if config.detach_unet_input else out.embedding)
+        total = total + config.denoise_weight * denoise
+    return LossTerms(denoise, distill, align, total)
+
+
+def denoising_term(run: TrainingRun, batch, embedding: torch.Tensor) -> torch.Tensor:
+    """MSE of the frozen UNet's prediction given the adapted embedding (epsilon or v, per the scheduler)."""
+    scheduler, latents = run.noise_scheduler, batch.latents
+    noise = torch.randn(latents.shape, generator=batch.generator).to(latents.device)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=batch.generator
+    ).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = denoising_target(scheduler, latents, noise, timesteps)
+    pred = run.unet(noisy.to(run.unet.dtype), timesteps, encoder_hidden_states=embedding.to(run.unet.dtype)).sample
+    snr = compute_snr(scheduler, timesteps) if run.config.snr_gamma is not None else None
+    return denoising_loss(pred, target, snr, run.config.snr_gamma, scheduler.config.prediction_type)
+
+
+def _unwrap(run: TrainingRun) -> SURAdapter:
+    return run.accelerator.unwrap_model(run.adapter)
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(run: TrainingRun) -> Path:
+    """`<out>/checkpoints/step_NNNNNNN/`: adapter/ (safetensors + config.json), state/ (accelerate: optimizer,
+    lr schedule, RNG), position.json (written last, by the main process, once everything else is on disk)."""
+    accelerator = run.accelerator
+    folder = Path(run.config.out) / CHECKPOINTS / f"step_{run.step:07d}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _unwrap(run).save_pretrained(folder / "adapter")
+    accelerator.save_state(str(folder / "state"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        position = {"step": run.step, "epoch": run.epoch, "batch": run.batch, **_invariants(run)}
+        (folder / POSITION_FILE).write_text(json.dumps(position, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _invariants(run: TrainingRun) -> dict[str, Any]:
+    config = run.config
+    values = {name: getattr(config, name) for name in RESUME_INVARIANTS if hasattr(config, name)}
+    values["world_size"] = run.accelerator.num_processes
+    values["store"] = str(config.store)
+    return values
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    """`latest` -> the newest complete checkpoint under `<out>/checkpoints`; anything else is a checkpoint folder."""
+    if resume != "latest":
+        folder = Path(resume)
+        if not (folder / POSITION_FILE).is_file():
+            raise FileNotFoundError(
+                f"--resume {resume}: not a complete checkpoint folder ({POSITION_FILE} missing); pass "
+                f"{out / CHECKPOINTS}/step_NNNNNNN or --resume latest"
+            )
+        return folder
+    complete = sorted(p.parent for p in (Path(out) / CHECKPOINTS).glob(f"step_*/{POSITION_FILE}"))
+    if not complete:
+        raise FileNotFoundError(f"--resume latest: no complete checkpoint under {out / CHECKPOINTS}")
+    return complete[-1]
+
+
+def _restore(run: TrainingRun, folder: Path) -> None:
+    position = json.loads((folder / POSITION_FILE).read_text())
+    now = _invariants(run)
+    changed = [
+        f"{key}: checkpoint {position.get(key)!r}, now {now[key]!r}" for key in now if position.get(key) != now[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume {folder}: these settings differ from the checkpoint's, so the data position would not "
+            "carry over:\n  " + "\n  ".join(changed) + "\nRun with the checkpoint's settings, or start a new --out."
+        )
+    run.accelerator.load_state(str(folder / "state"))
+    run.step, run.epoch, run.batch = position["step"], position["epoch"], position["batch"]
+    run.log.truncate_after(run.step)
+    run.accelerator.print(f"resumed from {folder} at step {run.step} (epoch {run.epoch}, batch {run.batch})")
+
+
+# ---------------------------------------------------------------------------------------------------------- cleanup
+
+
+def cleanup(run: TrainingRun) -> Path:
+    """Save the final adapter and plot the loss curves; returns the adapter folder."""
+    accelerator = run.accelerator
+    final = Path(run.config.out) / "adapter"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _unwrap(run).save_pretrained(final)
+        log_path = Path(run.config.out) / LOG_FILE
+        if log_path.exists() and log_path.stat().st_size:
+            plot_losses(log_path, Path(run.config.out) / PLOT_FILE)
+    accelerator.end_training()
+    return final

@@ -1,0 +1,100 @@
+"""Features computed on the fly from the images, with stage one's own code: `sur-cache train --online`.
+
+The store still names the samples and the settings (its manifest: resolution, crop, LLM layer and pooling, columns,
+dtypes); none of its feature arrays is read. Sample i is row i of the dataset's usable rows, as in stage one, so an
+online run trains on exactly the batches a cached run would, and comparing the two proves the cache exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sur_cache.dataset import ImageDataset, metadata_sha256, read_metadata
+from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class OnlineSource:
+    """A `FeatureSource` running the frozen CLIP text encoder, VAE and LLM on every batch."""
+
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        data: Path,
+        sd: str,
+        *,
+        llm: str | None,
+        latents: bool,
+        device: torch.device,
+    ) -> None:
+        self.manifest, self.device = manifest, torch.device(device)
+        self.rows = _matching_rows(manifest, Path(data))
+        sd_dtype = _DTYPES[manifest.get("sd_dtype", "float32")]
+        self.tokenizer, self.text_encoder = load_clip(sd, device=self.device, dtype=sd_dtype)
+        self.vae = load_vae(sd, device=self.device, dtype=sd_dtype) if latents else None
+        self.dataset = ImageDataset(self.rows, manifest["resolution"], manifest["crop"], manifest["crop_seed"])
+        self.llm_tokenizer, self.llm = load_llm(
+            llm or _teacher_id(manifest),
+            load_in_8bit=bool(manifest["llm_8bit"]),
+            dtype=_DTYPES[manifest.get("llm_dtype") or "float16"],
+            device=self.device,
+        )
+
+    def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
+        rows = [self.rows[i] for i in indices]
+        texts = [row.text for row in rows]
+        features = {
+            "clip_simple": encode_clip(self.tokenizer, self.text_encoder, texts).embeddings,
+            "clip_complex": encode_clip(self.tokenizer, self.text_encoder, [row.prompt for row in rows]).embeddings,
+            "llm": encode_llm(
+                self.llm_tokenizer,
+                self.llm,
+                texts,
+                layer=self.manifest["llm_layer"],
+                pooling=self.manifest["llm_pooling"],
+                max_length=self.manifest["tokenizer_max_length"],
+            ).pooled,
+        }
+        if self.vae is not None:
+            items = [self.dataset[int(i)] for i in indices]
+            bad = [item["error"] for item in items if item["error"]]
+            if bad:
+                raise ValueError(f"--online: an image the store has as done no longer decodes: {bad[0]}")
+            pixels = torch.stack([item["pixels"] for item in items])
+            pixels = torch.where(torch.from_numpy(flipped)[:, None, None, None], pixels.flip(-1), pixels)
+            distribution = encode_vae(self.vae, pixels)
+            features["latent_mean"], features["latent_logvar"] = distribution.mean, distribution.logvar
+        return {name: tensor.float() for name, tensor in features.items()}
+
+
+def _teacher_id(manifest: dict[str, Any]) -> str:
+    if "llm_model" not in manifest:
+        raise ValueError(
+            "--online needs the LLM that computed the store's features, but this store was made from an LLM "
+            "feature file (llm_features_file in its manifest); train from the cache instead"
+        )
+    return manifest["llm_model"]["id"]
+
+
+def _matching_rows(manifest: dict[str, Any], data: Path) -> list:
+    """The dataset's usable rows, refusing a dataset other than the one the store was extracted from."""
+    if metadata_sha256(data) != manifest["metadata_sha256"]:
+        raise ValueError(
+            f"--data {data}: metadata.jsonl differs from the one the store was extracted from "
+            f"({manifest['dataset_path']}); pass that dataset folder"
+        )
+    columns = manifest["columns"]
+    rows, _ = read_metadata(
+        data, text_column=columns["text"], prompt_column=columns["prompt"], image_column=columns["image"]
+    )
+    if [row.file_name for row in rows] != list(manifest["file_names"]):
+        raise ValueError(
+            f"--data {data}: its usable rows differ from the store's samples (an image was added or removed since "
+            "extraction); re-extract the store or restore the dataset"
+        )
+    return rows

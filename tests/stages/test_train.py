@@ -1,0 +1,246 @@
+"""Stage two end to end on the tiny models: the CLI run folder, exact resume, no encoder ever loaded, online equals
+cached, the fidelity options, manifest refusal, and two processes under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sur_cache.stages.extract import run_extract
+from sur_cache.stages.train import compute_losses, run_train, setup
+
+from sur_cache.adapter import SURAdapter
+from sur_cache.cli import main
+from sur_cache.config import ExtractConfig, TrainConfig
+from sur_cache.loader import FeatureLoader
+from sur_cache.tiny_models import TINY_RESOLUTION
+from sur_cache.train_log import read_log
+
+VENV_BIN = Path(sys.executable).parent
+SMALL_ADAPTER = {"feedforward": 64, "num_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def store(tiny_models, demo_dataset, tmp_path_factory):
+    """A float32 store of the 12 demo samples with flipped latents, in shards of 4."""
+    out = tmp_path_factory.mktemp("train_store") / "store.zarr"
+    config = ExtractConfig(
+        data=demo_dataset,
+        out=str(out),
+        sd=str(tiny_models.sd),
+        llm=str(tiny_models.llm),
+        resolution=TINY_RESOLUTION,
+        batch_size=4,
+        shard_rows=4,
+        num_workers=0,
+        llm_8bit=False,
+        llm_dtype="float32",
+        store_dtype="float32",
+        llm_layer=1,
+        flip_variants=True,
+        progress=False,
+    )
+    run_extract(config)
+    return out
+
+
+def _config(store, tiny_models, out, **overrides) -> TrainConfig:
+    options = {
+        "store": str(store),
+        "sd": str(tiny_models.sd),
+        "out": Path(out),
+        "batch_size": 2,
+        "gradient_accumulation": 2,
+        "max_steps": 4,
+        "checkpoint_every": 2,
+        "cpu": True,
+        **SMALL_ADAPTER,
+    }
+    return TrainConfig(**{**options, **overrides})
+
+
+def _cli(store, tiny_models, out, *extra) -> list[str]:
+    args = ["train", "--store", str(store), "--sd", str(tiny_models.sd), "--out", str(out), "--cpu"]
+    args += ["--batch-size", "2", "--gradient-accumulation", "2", "--feedforward", "64", "--num-heads", "4"]
+    return args + list(extra)
+
+
+def _losses(folder) -> list[tuple]:
+    return [
+        (r["step"], r["denoise"], r["distill"], r["align"], r["total"]) for r in read_log(folder / "train_log.jsonl")
+    ]
+
+
+def test_cli_run_writes_adapter_checkpoints_log_and_plot(store, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, _cli(store, tiny_models, out, "--max-steps", "3", "--checkpoint-every", "2"))
+    assert result.exit_code == 0, result.output
+    adapter = SURAdapter.from_pretrained(out / "adapter")
+    assert adapter.config.width == 32 and adapter.config.adapter_weight == 0.1 and adapter.config.feedforward == 64
+    records = read_log(out / "train_log.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert set(record) >= {"denoise", "distill", "align", "total", "lr", "samples_per_s", "grad_norm"}
+        expected = record["denoise"] + 1e-5 * (record["distill"] + record["align"])
+        assert record["total"] == pytest.approx(expected, rel=1e-5)
+        assert record["lr"] == 1e-5
+    # checkpoints at step 2 and at the end; each complete with adapter, accelerate state and position
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step_0000002", "step_0000003"]
+    position = json.loads((out / "checkpoints" / "step_0000002" / "position.json").read_text())
+    assert position["step"] == 2 and position["batch"] == 4  # 2 steps x 2 micro-batches
+    assert (out / "checkpoints" / "step_0000002" / "adapter" / "model.safetensors").is_file()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((out / "run.json").read_text())
+    assert run["gradient_to_adapter_through_unet"] and run["attention"] == "eager" and run["samples_per_step"] == 4
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(store, tiny_models, tmp_path):
+    # 6 micro-batches per epoch (12 samples / batch 2): 4 steps x 2 cross into epoch 1, with random flips.
+    whole = tmp_path / "whole"
+    run_train(_config(store, tiny_models, whole, random_flip=True))
+    assert read_log(whole / "train_log.jsonl")[-1]["epoch"] == 1
+    broken = tmp_path / "broken"
+    run_train(_config(store, tiny_models, broken, random_flip=True, max_steps=2))
+    with open(broken / "train_log.jsonl", "a") as log:  # a step the crash left behind, after the checkpoint
+        log.write(json.dumps({"step": 3, "denoise": 0, "distill": 0, "align": 0, "total": 0}) + "\n")
+    run_train(_config(store, tiny_models, broken, random_flip=True, resume="latest"))
+    assert _losses(broken) == _losses(whole)  # exactly: same batches, draws, dropout, optimizer state
+    a, b = (SURAdapter.from_pretrained(folder / "adapter").state_dict() for folder in (whole, broken))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    with pytest.raises(ValueError, match="batch_size: checkpoint 2, now 1"):
+        run_train(_config(store, tiny_models, broken, random_flip=True, resume="latest", batch_size=1))
+
+
+def _forbid(monkeypatch, *targets) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("stage two must not load this model")
+
+    for owner, name in targets:
+        monkeypatch.setattr(owner, name, refuse)
+
+
+def test_a_cached_run_never_loads_the_llm_clip_or_vae(store, tiny_models, tmp_path, monkeypatch):
+    import diffusers
+    import transformers
+
+    # The SD folder without text encoder and VAE weights (their config.json stays): nothing can read them.
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny_models.sd, sd)
+    for sub in ("text_encoder", "vae"):
+        for weights in (sd / sub).glob("*.safetensors"):
+            weights.unlink()
+    _forbid(
+        monkeypatch,
+        (transformers.CLIPTextModel, "__init__"),
+        (transformers.CLIPTextModel, "from_pretrained"),
+        (transformers.AutoModel, "from_pretrained"),
+        (transformers.LlamaModel, "__init__"),
+        (diffusers.AutoencoderKL, "__init__"),
+        (diffusers.AutoencoderKL, "from_pretrained"),
+    )
+    config = _config(store, tiny_models, tmp_path / "run", max_steps=1)
+    run_train(dataclasses.replace(config, sd=str(sd)))
+    assert len(read_log(tmp_path / "run" / "train_log.jsonl")) == 1
+    # features-only skips the UNet as well, and says so in the log
+    import diffusers
+
+    _forbid(monkeypatch, (diffusers.UNet2DConditionModel, "from_pretrained"))
+    run_train(dataclasses.replace(config, sd=str(sd), out=tmp_path / "features", denoise_weight=0.0))
+    record = read_log(tmp_path / "features" / "train_log.jsonl")[0]
+    assert record["denoise"] is None and record["total"] == pytest.approx(1e-5 * (record["distill"] + record["align"]))
+    assert json.loads((tmp_path / "features" / "run.json").read_text())["features_only"]
+
+
+def _first_grads(config: TrainConfig, fc_weight: torch.Tensor) -> tuple[dict, dict]:
+    """Loss terms and adapter gradients of the first micro-batch, with fc.weight set (so every layer gets gradient)."""
+    run = setup(config)
+    adapter = run.accelerator.unwrap_model(run.adapter)
+    with torch.no_grad():
+        adapter.fc.weight.copy_(fc_weight)
+    terms = compute_losses(run, next(run.loader.batches()))
+    terms.total.backward()
+    values = {name: value.item() for name, value in vars(terms).items() if value is not None}
+    return values, {name: p.grad.clone() for name, p in adapter.named_parameters() if p.grad is not None}
+
+
+def test_online_features_equal_cached_ones(store, tiny_models, demo_dataset, tmp_path):
+    fc_weight = torch.randn(32, 32, generator=torch.Generator().manual_seed(0)) * 0.1
+    cached = _config(store, tiny_models, tmp_path / "cached", random_flip=True, dropout=0.0)
+    online = dataclasses.replace(cached, out=tmp_path / "online", online=True, data=demo_dataset)
+    cached_terms, cached_grads = _first_grads(cached, fc_weight)
+    online_terms, online_grads = _first_grads(online, fc_weight)
+    assert online_terms == pytest.approx(cached_terms, rel=1e-5, abs=1e-6)
+    assert set(online_grads) == set(cached_grads) and "attention.query_layer.weight" in cached_grads
+    for name, grad in cached_grads.items():
+        torch.testing.assert_close(online_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_detach_unet_input_leaves_only_the_kl_terms_training(store, tiny_models, tmp_path):
+    fc_weight = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) * 0.1
+    base = _config(store, tiny_models, tmp_path / "a", dropout=0.0, llm_weight=1.0, align_weight=1.0)
+    _, through = _first_grads(base, fc_weight)
+    _, detached = _first_grads(dataclasses.replace(base, detach_unet_input=True), fc_weight)
+    _, kl_only = _first_grads(dataclasses.replace(base, denoise_weight=0.0), fc_weight)
+    for name in kl_only:
+        torch.testing.assert_close(detached[name], kl_only[name], msg=name)
+    assert not torch.allclose(through["fc.weight"], kl_only["fc.weight"])  # the UNet's gradient reached the adapter
+
+
+def test_freeze_llm_proj_keeps_and_saves_the_seeded_projection(store, tiny_models, tmp_path):
+    run_train(_config(store, tiny_models, tmp_path / "run", freeze_llm_proj=True, max_steps=2, lr=1e-2))
+    trained = SURAdapter.from_pretrained(tmp_path / "run" / "adapter")
+    initial = SURAdapter(dataclasses.replace(trained.config))
+    assert torch.equal(trained.llm_proj.weight, initial.llm_proj.weight)
+    assert not torch.equal(trained.fc.weight, initial.fc.weight)
+
+
+def test_a_store_for_another_sd_model_is_refused(store, tiny_models, tmp_path):
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny_models.sd, sd, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((sd / "text_encoder" / "config.json").read_text())
+    (sd / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_size": 768}))
+    result = CliRunner().invoke(main, ["train", "--store", str(store), "--sd", str(sd), "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert "clip_width: the SD model" in result.output and "768" in result.output and "has 32" in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(store, tiny_models, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # torchrun runs the console script itself (a Python file), as a user would: `torchrun ... $(which sur-cache) train`
+    command = [
+        str(VENV_BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29613",
+        str(VENV_BIN / "sur-cache"),
+    ]
+    out = tmp_path / "two"
+    args = _cli(store, tiny_models, out, "--max-steps", "2", "--checkpoint-every", "2", "--dropout", "0")
+    result = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_record = json.loads((out / "run.json").read_text())
+    assert run_record["world_size"] == 2 and run_record["samples_per_step"] == 8
+    assert (out / "checkpoints" / "step_0000002" / "state" / "random_states_1.pkl").is_file()
+    # Step 1 is fully determined by the data split: the mean over both ranks' two micro-batches, computed here with
+    # one process playing each rank in turn (rank r reads its own disjoint shards).
+    run = setup(_config(store, tiny_models, tmp_path / "one", dropout=0.0))
+    totals = []
+    for rank in range(2):
+        settings = dataclasses.replace(run.loader.settings, rank=rank, world_size=2)
+        loader = FeatureLoader(run.loader.source, run.loader.units, settings, "cpu")
+        batches = loader.batches()
+        with torch.no_grad():
+            totals += [compute_losses(run, next(batches)).total.item() for _ in range(2)]
+    first = read_log(out / "train_log.jsonl")[0]
+    assert first["total"] == pytest.approx(sum(totals) / 4, rel=1e-5)
