@@ -1,0 +1,35 @@
+"""The step log: JSON lines, truncation on resume, and the loss plot."""
+
+from __future__ import annotations
+
+from sur_cache.train_log import StepLog, plot_losses, read_log
+
+
+def _record(step: int, denoise: float | None) -> dict:
+    return {"step": step, "denoise": denoise, "distill": 30.0 - step, "align": 12.0, "total": 1.0 / step, "lr": 1e-5}
+
+
+def test_resume_truncation_keeps_the_checkpointed_steps(tmp_path):
+    log = StepLog(tmp_path / "train_log.jsonl")
+    for step in range(1, 6):
+        log.write(_record(step, 0.5))
+    log.truncate_after(3)
+    assert [r["step"] for r in read_log(log.path)] == [1, 2, 3]
+    silent = StepLog(tmp_path / "other.jsonl", enabled=False)  # a non-main process writes nothing
+    silent.write(_record(1, 0.5))
+    assert not silent.path.exists()
+
+
+def test_plot_draws_only_the_terms_that_were_computed(tmp_path, monkeypatch):
+    log = StepLog(tmp_path / "train_log.jsonl")
+    for step in range(1, 4):
+        log.write(_record(step, None))  # features-only: no denoising term
+    drawn = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_ylabel", lambda self, label, **kw: drawn.append(label) or original(self, label, **kw)
+    )
+    png = plot_losses(log.path, tmp_path / "loss.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and drawn == ["distill", "align", "total"]
