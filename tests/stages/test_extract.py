@@ -288,3 +288,10 @@ def test_memory_url_store(tiny_models, demo_dataset):
     assert store.array("clip_simple").shape == (12, 77, TINY_CLIP_WIDTH)
     assert store.array("clip_simple").dtype == np.float32
     assert store.verify() == []
+
+
+def test_llm_alongside_gives_the_same_store(reference, tiny_models, demo_dataset, tmp_path):
+    """One pass with all models loaded writes the same bytes as the default CLIP/VAE-then-LLM passes."""
+    out = tmp_path / "store.zarr"
+    run_extract(_config(demo_dataset, out, tiny_models, llm_alongside=True))
+    _assert_same_store(out, reference[0])
