@@ -132,14 +132,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_sd(folder: Path, dtype: torch.dtype) -> None:
-    """Save random-weight SD 1.5 text encoder + VAE (+ a tokenizer) as a diffusers-style folder."""
+def build_sd(folder: Path) -> None:
+    """Save a random-weight SD 1.5 text encoder + VAE (+ a tokenizer) as a diffusers-style folder, in fp32 like
+    the published checkpoint; `load_clip`/`load_vae` cast on load, as they do for a user's model."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     save_clip_tokenizer(folder / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(dtype).save_pretrained(folder / "text_encoder")
-    AutoencoderKL(**SD15_VAE).to(dtype).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(**CLIP_L)).save_pretrained(folder / "text_encoder")
+    AutoencoderKL(**SD15_VAE).save_pretrained(folder / "vae")
 
 
 def build_llm(folder: Path, layers: int, prompts: list[str], device: str) -> None:
@@ -200,7 +201,7 @@ def run(config: BenchConfig) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        build_sd(scratch / "sd", dtype)
+        build_sd(scratch / "sd")
         tokenizer, text_encoder = load_clip(str(scratch / "sd"), device=config.device, dtype=dtype)
         vae = load_vae(str(scratch / "sd"), device=config.device, dtype=dtype)
         pixels = torch.rand(config.batch_size, 3, config.resolution, config.resolution, device=config.device) * 2 - 1

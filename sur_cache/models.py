@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,8 +79,11 @@ def load_clip(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype
     """CLIP tokenizer and text encoder from a diffusers SD folder or hub id (subfolders tokenizer/, text_encoder/)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(sd), subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder", dtype=dtype)
+    with _naming_the_source(
+        "--sd", sd, "a diffusers Stable Diffusion folder or hub id with tokenizer/ and text_encoder/"
+    ):
+        tokenizer = CLIPTokenizer.from_pretrained(str(sd), subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder", dtype=dtype)
     return tokenizer, _frozen(text_encoder.to(device))
 
 
@@ -87,7 +91,8 @@ def load_vae(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype 
     """The `AutoencoderKL` from a diffusers SD folder or hub id (subfolder vae/)."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae", torch_dtype=dtype)
+    with _naming_the_source("--sd", sd, "a diffusers Stable Diffusion folder or hub id with vae/"):
+        vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae", torch_dtype=dtype)
     return _frozen(vae.to(device))
 
 
@@ -109,7 +114,9 @@ def load_llm(
     from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
 
     path = resolve_llm(name)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    expected = f"a hub id, a local model folder, or one of the aliases {', '.join(LLM_ALIASES)}"
+    with _naming_the_source("--llm", name, expected):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -117,10 +124,20 @@ def load_llm(
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": torch.device(device)}
-    model = AutoModel.from_pretrained(path, **kwargs)
+    with _naming_the_source("--llm", name, expected):
+        model = AutoModel.from_pretrained(path, **kwargs)
     if not load_in_8bit:
         model = model.to(device)
     return tokenizer, _frozen(model)
+
+
+@contextmanager
+def _naming_the_source(option: str, source: str, expected: str):
+    """Re-raise a loading failure (missing folder or file, unknown hub id, offline) naming the option and input."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(f"{option} {source}: cannot load it as {expected}. {error}") from error
 
 
 def _frozen(model: nn.Module) -> nn.Module:

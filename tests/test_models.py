@@ -224,3 +224,12 @@ def test_features_can_enter_an_autograd_graph(clip):
     weight = torch.ones(TINY_CLIP_WIDTH, requires_grad=True)
     (embeddings * weight).sum().backward()
     assert weight.grad is not None and not embeddings.requires_grad
+
+
+def test_loading_failures_name_the_option_and_the_input(tmp_path):
+    with pytest.raises(OSError, match=r"--sd .*empty_sd.*tokenizer/ and text_encoder/"):
+        load_clip(str(tmp_path / "empty_sd"))
+    with pytest.raises(OSError, match=r"--sd .*vae/"):
+        load_vae(str(tmp_path))
+    with pytest.raises(OSError, match=r"--llm .*missing_llm.*aliases llama-7b"):
+        load_llm(str(tmp_path / "missing_llm"))
