@@ -20,6 +20,11 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/pytest -q
 
+# The demo (README's first command): the whole pipeline on bundled data and tiny models, on the CPU, in minutes.
+# scripts/demo.sh echoes each real `sur-cache` command before running it; DEMO_* variables shrink it (tests/test_demo.py).
+demo: install
+	SUR_CACHE=$(BIN)/sur-cache bash scripts/demo.sh
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
