@@ -307,7 +307,7 @@ def _layer_output(model: nn.Module, layer_module: nn.Module, batch: dict) -> tor
 
     handle = layer_module.register_forward_hook(hook)
     try:
-        model(**batch, **({"use_cache": False} if _accepts_use_cache(model) else {}))
+        model(**_forward_inputs(model, batch))
     except _LayerReached:
         pass
     finally:
@@ -317,5 +317,10 @@ def _layer_output(model: nn.Module, layer_module: nn.Module, batch: dict) -> tor
     return captured[0]
 
 
-def _accepts_use_cache(model: nn.Module) -> bool:
-    return "use_cache" in inspect.signature(model.forward).parameters
+def _forward_inputs(model: nn.Module, batch: dict) -> dict:
+    """The tokenizer outputs the model's forward declares (a Llama has no token_type_ids), and no KV cache."""
+    accepted = inspect.signature(model.forward).parameters
+    inputs = {name: value for name, value in batch.items() if name in accepted}
+    if "use_cache" in accepted:
+        inputs["use_cache"] = False
+    return inputs
