@@ -4,7 +4,8 @@ Components, each timed per batch through the same `sur_cache.models` functions `
   vae       SD 1.5 VAE encoder (`encode_vae`) on [B, 3, R, R] pixels
   clip      SD 1.5 CLIP ViT-L/14 text encoder (`encode_clip`), once per prompt kind (simple + complex = x2)
   llm       LLaMA-13B (width 5120, 40 heads, MLP 13824), LLM.int8 via `load_llm` (bitsandbytes), `encode_llm` on the
-            simple prompts padded to the batch's longest, mean pooling, last layer; also at 77 tokens (`llm_77`)
+            simple prompts padded to the batch's longest, mean pooling, last layer; with the variants (default on a
+            GPU) also padded to 77 tokens (`llm_77`), at 4x the batch (`llm_b64`), and in fp16 (`llm_fp16`)
   end_to_end  DataLoader workers decoding JPEGs (`ImageDataset`) -> VAE -> CLIP x2 -> LLM -> features on the host
 
 The LLM is built with only `--llm-layers` decoder layers (saved, then loaded in 8-bit through `load_llm`, the
@@ -18,7 +19,7 @@ Tokenizers: a character-level CLIP tokenizer (CLIP's compute does not depend on 
 LLaMA's (about 1.3 tokens per word); the table reports the padded lengths.
 
 Images are smooth random JPEGs of 1-1.5x the resolution (noise upscaled, so file sizes are photo-like).
-On a CPU the defaults are reduced (64 px instead of 512, 2 LLM layers, no 77-token LLM row, one timed call) and
+On a CPU the defaults are reduced (64 px instead of 512, 2 LLM layers, no LLM variant rows, one timed call) and
 every row says "REDUCED". The CSV records the 1-minute load average: on a shared machine, read CPU numbers with it.
 Usage: .venv/bin/python bench/bench_extract.py [--device cuda] [--skip-llm] [--resolution 512]
 """
@@ -90,7 +91,7 @@ class BenchConfig:
     resolution: int
     llm_layers: int
     skip_llm: bool
-    llm_77: bool
+    llm_variants: bool
     repeats: int
     batches: int
     workers: int
@@ -181,8 +182,8 @@ def write_images(folder: Path, count: int, resolution: int, simple: list[str], c
 
 def run(config: BenchConfig) -> list[dict]:
     dtype = torch.float16 if config.device.startswith("cuda") else torch.float32
-    count = config.batch_size * (config.batches + 1)
-    simple, complex_ = simple_prompts(count), complex_prompts(count)
+    count = config.batch_size * (config.batches + 1)  # one untimed batch, then the timed ones
+    simple, complex_ = simple_prompts(max(count, 4 * config.batch_size)), complex_prompts(count)
     batch = slice(0, config.batch_size)
     rows = []
 
@@ -214,7 +215,7 @@ def run(config: BenchConfig) -> list[dict]:
         if not config.skip_llm:
             build_llm(scratch / "llm", config.llm_layers, simple, config.device)
             llm = load_llm(str(scratch / "llm"), device=config.device)
-            t_llm, t_built = _llm_rows(llm, simple[batch], config, record)
+            t_llm, t_built = _llm_rows(llm, scratch / "llm", simple, config, record)
         record("sum", t_vae + 2 * t_clip + t_llm, "vae + 2 x clip + llm, one after the other, no decoding")
 
         write_images(scratch / "data", count, config.resolution, simple, complex_)
@@ -229,23 +230,32 @@ def _llm_time(llm, prompts: list[str], layer: int, config: BenchConfig, repeats:
     return timed(lambda: encode_llm(*llm, prompts, layer=layer, pooling="mean"), config, repeats)
 
 
-def _llm_rows(llm, prompts: list[str], config: BenchConfig, record) -> tuple[float, float]:
+def _llm_rows(llm, folder: Path, prompts: list[str], config: BenchConfig, record) -> tuple[float, float]:
     """Time the k built layers and scale to LLaMA-13B's 40: `40 / k` times the k-layer time.
 
     That is an upper bound (the embedding lookup, tokenizer and transfers are counted 40 / k times) and, unlike
-    a difference of two timings, it stays stable on a noisy, shared machine. Returns the 40-layer estimate and
-    the measured k-layer time, for the simple prompts.
+    a difference of two timings, it stays stable on a noisy, shared machine. With `llm_variants`, also: prompts
+    padded to 77 tokens, a 4x larger batch (int8 matmuls amortise better), and fp16 weights instead of int8.
+    Returns the 40-layer estimate and the measured k-layer time of the main row (int8, batch, simple prompts).
     """
-    k = config.llm_layers
-    batches = [("llm", prompts)] + ([("llm_77", [" ".join(_WORDS * 2)] * len(prompts))] if config.llm_77 else [])
-    timings = {}
-    for label, batch in batches:
-        tokens = max(len(ids) for ids in llm[0](batch, truncation=True, max_length=77)["input_ids"])
-        built = _llm_time(llm, batch, k - 1, config)
+    k, size = config.llm_layers, config.batch_size
+
+    def measure(label: str, model, batch: list[str], precision: str) -> tuple[float, float]:
+        tokens = max(len(ids) for ids in model[0](batch, truncation=True, max_length=77)["input_ids"])
+        built = _llm_time(model, batch, k - 1, config)
         total = built * LLAMA_13B_LAYERS / k
-        record(label, total, f"int8, batch padded to {tokens} tokens, 40 layers = 40/{k} x {1000 * built:.1f} ms")
-        timings[label] = (total, built)
-    return timings["llm"]
+        note = f"{precision}, batch {len(batch)} padded to {tokens} tokens, 40 layers = 40/{k} x {1000 * built:.1f} ms"
+        record(label, total * size / len(batch), note + (f"; per {size} samples" if len(batch) != size else ""))
+        return total, built
+
+    main = measure("llm", llm, prompts[:size], "int8")
+    if config.llm_variants:
+        measure("llm_77", llm, [" ".join(_WORDS * 2)] * size, "int8")
+        measure(f"llm_b{4 * size}", llm, prompts[: 4 * size], "int8")
+        fp16 = load_llm(str(folder), load_in_8bit=False, dtype=torch.float16, device=config.device)
+        measure("llm_fp16", fp16, prompts[:size], "fp16 (--no-8bit)")
+        del fp16
+    return main
 
 
 def _end_to_end(data: Path, clip, vae, llm, config: BenchConfig) -> float:
@@ -290,9 +300,7 @@ def device_name(device: str) -> str:
     help="Device to run the models on.",
 )
 @click.option("--batch-size", default=16, show_default=True, help="Samples per batch.")
-@click.option(
-    "--resolution", type=int, default=None, help="Image side in pixels [default: 512 on a GPU, 128 on a CPU]."
-)
+@click.option("--resolution", type=int, default=None, help="Image side in pixels [default: 512 on a GPU, 64 on a CPU].")
 @click.option(
     "--llm-layers",
     type=int,
@@ -301,12 +309,12 @@ def device_name(device: str) -> str:
 )
 @click.option("--skip-llm", is_flag=True, help="Leave the LLM out (VAE, CLIP and the end-to-end loop without it).")
 @click.option(
-    "--llm-77/--no-llm-77",
+    "--llm-variants/--no-llm-variants",
     default=None,
-    help="Also time the LLM on prompts padded to 77 tokens [default: on a GPU only].",
+    help="Also time the LLM at 77 tokens, at 4x the batch, and in fp16 [default: on a GPU only].",
 )
-@click.option("--repeats", type=int, default=None, help="Timed calls per component [default: 10 GPU, 2 CPU].")
-@click.option("--batches", type=int, default=None, help="Batches in the end-to-end loop [default: 8 GPU, 2 CPU].")
+@click.option("--repeats", type=int, default=None, help="Timed calls per component [default: 10 GPU, 1 CPU].")
+@click.option("--batches", type=int, default=None, help="Timed batches in the end-to-end loop [default: 8 GPU, 1 CPU].")
 @click.option(
     "--workers", default=min(4, os.cpu_count() or 1), show_default=True, help="DataLoader workers decoding images."
 )
@@ -316,7 +324,7 @@ def device_name(device: str) -> str:
     default=None,
     help="CSV to write [default: bench/results/extract_<device>.csv].",
 )
-def main(device, batch_size, resolution, llm_layers, skip_llm, llm_77, repeats, batches, workers, out):
+def main(device, batch_size, resolution, llm_layers, skip_llm, llm_variants, repeats, batches, workers, out):
     """Benchmark stage one (extract) per component and end to end; print a table and write a CSV."""
     gpu = device.startswith("cuda")
     name = device_name(device)
@@ -326,7 +334,7 @@ def main(device, batch_size, resolution, llm_layers, skip_llm, llm_77, repeats, 
         resolution=resolution or (512 if gpu else 64),
         llm_layers=llm_layers or (4 if gpu else 2),
         skip_llm=skip_llm,
-        llm_77=gpu if llm_77 is None else llm_77,
+        llm_variants=gpu if llm_variants is None else llm_variants,
         repeats=repeats or (10 if gpu else 1),
         batches=batches or (8 if gpu else 1),
         workers=workers,
