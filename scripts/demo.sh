@@ -13,7 +13,12 @@ GEN_STEPS=${DEMO_GEN_STEPS:-20}
 SIZE=${DEMO_SIZE:-64}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 
-step() { printf '\n== %s\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+step() {
+    printf '\n== %s\n$ %s\n' "$1" "${*:2}"
+    local start=$SECONDS
+    "${@:2}"
+    printf '(%ss)\n' $((SECONDS - start))
+}
 
 step "build the demo dataset, a tiny random Stable Diffusion and the LLM teacher" \
     "$SUR_CACHE" demo-assets --out "$OUT" --num-samples "$SAMPLES"
@@ -33,7 +38,7 @@ step "generate: the same seed without and with the adapter, side by side" \
 
 cat <<EOF
 
-== demo outputs
+== demo outputs (${SECONDS}s in all)
 dataset        $OUT/data
 feature store  $OUT/features.zarr
 adapter        $OUT/run/adapter  (training log: $OUT/run/train_log.jsonl, loss curve: $OUT/run/loss.png)
