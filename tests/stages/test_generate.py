@@ -172,3 +172,18 @@ def test_prompts_file_adds_one_prompt_per_line(tiny_models, adapter_dir, tmp_pat
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in rows] == [PROMPT, "a blue square", "a green triangle"]
     assert all((out / row["file_name"]).is_file() for row in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_defaults_float16_pipeline_with_the_fused_adapter(tiny_models, adapter_dir, tmp_path):
+    """What `--device auto --dtype auto --attention auto` picks on a GPU: a float16 pipeline, the fused kernel."""
+    pipe = load_pipeline(str(tiny_models.sd), device="cuda", dtype=torch.float16)
+    fused = load_adapter(adapter_dir, pipe)
+    assert fused.config.attention == "fused"
+    positive, negative = prompt_embeddings(pipe, fused, PROMPT)
+    assert positive.dtype == negative.dtype == torch.float16 and positive.is_cuda
+    eager = load_adapter(adapter_dir, pipe, attention="eager")
+    torch.testing.assert_close(positive, prompt_embeddings(pipe, eager, PROMPT)[0], atol=2e-3, rtol=2e-3)
+    image = generate(pipe, fused, PROMPT, seeds=[0], **FAST)[0]
+    assert image.size == (TINY_RESOLUTION, TINY_RESOLUTION)
