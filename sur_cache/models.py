@@ -279,7 +279,9 @@ def encode_llm(
     if pooling not in ("mean", "last"):
         raise ValueError(f"--llm-pooling must be 'mean' or 'last', found {pooling!r}")
     index = resolve_layer(model, layer)
-    batch = tokenizer(prompts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    batch = tokenizer(
+        prompts, padding="longest", padding_side="right", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     batch = {key: value.to(model.device) for key, value in batch.items()}
     states = _layer_output(model, decoder_layers(model)[index], batch).float()
     mask = batch["attention_mask"].bool()

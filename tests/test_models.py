@@ -115,6 +115,18 @@ def test_pooling_does_not_depend_on_batch_padding(llm_fp32):
         assert torch.allclose(alone[0], batched[0], atol=1e-5), pooling
 
 
+def test_a_left_padding_tokenizer_gives_the_same_features(llm_fp32):
+    import copy
+
+    tokenizer, model = llm_fp32
+    left = copy.deepcopy(tokenizer)
+    left.padding_side = "left"
+    for pooling in ("mean", "last"):
+        expected = encode_llm(tokenizer, model, PROMPTS, layer=1, pooling=pooling, per_token=True)
+        got = encode_llm(left, model, PROMPTS, layer=1, pooling=pooling, per_token=True)
+        assert torch.equal(got.pooled, expected.pooled) and torch.equal(got.tokens, expected.tokens)
+
+
 def test_per_token_states_are_padded_to_max_length_with_zeros(llm_fp32):
     tokenizer, model = llm_fp32
     features = encode_llm(tokenizer, model, PROMPTS, layer=1, per_token=True)
