@@ -8,14 +8,15 @@ Forward (one launch), `_forward_kernel`, one program per (batch, block of BLOCK_
   1. S = Q K^T * scale, reduced over d in BLOCK_D chunks into an fp32 [BLOCK_M, BLOCK_L] tile; the key axis is padded
      to BLOCK_L (the next power of two >= L, at least 16) and masked to -inf.
   2. Every key of a row is in the tile, so the softmax is exact in one pass, in fp32:
-     P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored fp32 as [B, L, L] for the backward.
+     P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored fp32 for the backward, as [B, L, L] with rows
+     padded to a multiple of 16 values (aligned rows let Triton vectorize the loads).
   3. O = P V + V, tiled over d: one [BLOCK_M, BLOCK_D] output chunk per step, P staying in registers.
 
 Backward (two launches), from the P saved by the forward (4 L^2 bytes a sample, less than the 2 L d of O):
   1. `_scores_backward_kernel`, per (batch, block of rows): dP = dO V^T (reduced over d), then
        dS = scale * P * (dP - delta),  delta = rowsum(dO * (O - V)) = rowsum(P * dP).
      The two forms of delta are equal because O - V = P V, so rowsum(dO * P V)_i = sum_j P_ij (dO_i . V_j); with the
-     whole row in the tile the kernel takes the second form and never reads O. dS is stored fp32 as [B, L, L].
+     whole row in the tile the kernel takes the second form and never reads O. dS is stored fp32 like P.
   2. `_grads_backward_kernel`, per (batch, block of positions, d chunk):
        dQ = dS K,   dK = dS^T Q,   dV = P^T dO + dO    (scale is already folded into dS).
      Every output element belongs to exactly one program: no atomics, so the backward is deterministic.
@@ -34,12 +35,15 @@ reference under the interpreter, whose bf16 `tl.dot` is wrong.
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .reference import attention_calibration_reference
 
@@ -69,9 +73,11 @@ class LaunchSettings:
 def launch_settings(length: int, width: int, dtype: torch.dtype) -> LaunchSettings:
     """The one configuration used for inputs of this shape class.
 
-    The score tile [block_m, block_l] holds at most 32 x 256 fp32 values (32 KiB of registers for 4 warps). Width
-    chunks are 64 wide for 16-bit inputs and 32 for fp32, so a [256, chunk] key tile is 32 KiB and two pipeline stages
-    of the key and query tiles stay far below the 228 KiB of shared memory of an H100/H200.
+    The score tile [block_m, block_l] holds at most 32 x 256 fp32 values (32 KiB of registers). Width chunks are 64
+    wide for 16-bit inputs and 32 for fp32, so a [256, chunk] key tile is 32 KiB. Compiled ahead of time for sm_90
+    (Triton 3.9, ptxas 12.9), 8 warps and 3 pipeline stages use at most 172 registers a thread with no spills and at
+    most 96 KiB of shared memory (of 228 KiB on an H100/H200) over the shape classes of the tests; 4 warps needed up to
+    255 registers at L=256.
     """
     block_l = max(16, triton.next_power_of_2(length))
     chunk = 64 if dtype in (torch.float16, torch.bfloat16) else 32
@@ -84,8 +90,8 @@ def launch_settings(length: int, width: int, dtype: torch.dtype) -> LaunchSettin
         block_keys=min(64, block_l),
         block_out_d=block_d,
         dot_precision="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        num_warps=8,
+        num_stages=3,
     )
 
 
@@ -152,7 +158,8 @@ def _mix_rows(
             mask=mask_m & mask_k[None, :],
             other=0.0,
         )
-        x = tl.load(x_ptr + offs_k[:, None] * stride_x_row + offs_d[None, :] * stride_x_col, mask=mask_k[:, None])
+        x_ptrs = x_ptr + offs_k[:, None] * stride_x_row + offs_d[None, :] * stride_x_col
+        x = tl.load(x_ptrs, mask=mask_k[:, None], other=0.0)  # zeros, not garbage: 0 * NaN would poison the sum
         acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -180,6 +187,8 @@ def _forward_kernel(
     stride_ob,
     stride_ol,
     stride_od,
+    stride_pb,
+    stride_pl,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -212,7 +221,7 @@ def _forward_kernel(
     scores = tl.where((offs_n < length)[None, :], scores * scale, float("-inf"))
     probs = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     probs = probs / tl.sum(probs, axis=1)[:, None]
-    p_ptrs = p_ptr + batch * length * length + offs_m[:, None] * length + offs_n[None, :]
+    p_ptrs = p_ptr + batch * stride_pb + offs_m[:, None] * stride_pl + offs_n[None, :]
     tl.store(p_ptrs, probs, mask=mask_m & (offs_n < length)[None, :])
 
     probs = probs.to(v_ptr.dtype.element_ty)
@@ -245,6 +254,8 @@ def _scores_backward_kernel(
     stride_vb,
     stride_vl,
     stride_vd,
+    stride_pb,
+    stride_pl,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -272,7 +283,7 @@ def _scores_backward_kernel(
         DOT_PRECISION,
     )
     mask = (offs_m < length)[:, None] & (offs_n < length)[None, :]
-    offsets = batch * length * length + offs_m[:, None] * length + offs_n[None, :]
+    offsets = batch * stride_pb + offs_m[:, None] * stride_pl + offs_n[None, :]
     probs = tl.load(p_ptr + offsets, mask=mask, other=0.0)
     delta = tl.sum(probs * grad_probs, axis=1)
     tl.store(ds_ptr + offsets, scale * probs * (grad_probs - delta[:, None]), mask=mask)
@@ -303,6 +314,8 @@ def _grads_backward_kernel(
     stride_gb,
     stride_gl,
     stride_gd,
+    stride_pb,
+    stride_pl,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -310,7 +323,7 @@ def _grads_backward_kernel(
 ):
     """dQ = dS K, dK = dS^T Q, dV = P^T dO + dO for one block of positions and one width chunk of one batch element.
 
-    dQ, dK and dV share one contiguous layout (strides stride_g*).
+    dQ, dK and dV share one contiguous layout (strides stride_g*), and so do P and dS (strides stride_p*).
     """
     pid = tl.program_id(0)
     batch = (pid // (num_row_blocks * num_d_blocks)).to(tl.int64)
@@ -318,13 +331,13 @@ def _grads_backward_kernel(
     offs_m = (block // num_d_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = (block % num_d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (offs_m < length)[:, None]
-    square = batch * length * length
+    square = batch * stride_pb
     grad_offsets = batch * stride_gb + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd
     do_ptr += batch * stride_dob
 
     grad_q = _mix_rows(
         ds_ptr + square,
-        length,
+        stride_pl,
         1,
         k_ptr + batch * stride_kb,
         stride_kl,
@@ -341,7 +354,7 @@ def _grads_backward_kernel(
     grad_k = _mix_rows(
         ds_ptr + square,
         1,
-        length,
+        stride_pl,
         q_ptr + batch * stride_qb,
         stride_ql,
         stride_qd,
@@ -357,7 +370,7 @@ def _grads_backward_kernel(
     grad_v = _mix_rows(
         p_ptr + square,
         1,
-        length,
+        stride_pl,
         do_ptr,
         stride_dol,
         stride_dod,
@@ -373,36 +386,66 @@ def _grads_backward_kernel(
     tl.store(dv_ptr + grad_offsets, grad_v.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
+class Launch(NamedTuple):
+    """One kernel launch: the grid, the positional arguments and the compile-time ones (constexprs, warps, stages)."""
+
+    kernel: Callable
+    grid: tuple[int]
+    args: tuple
+    meta: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def _meta(settings: LaunchSettings, **blocks: int) -> dict:
+    return dict(
+        blocks, DOT_PRECISION=settings.dot_precision, num_warps=settings.num_warps, num_stages=settings.num_stages
+    )
+
+
+def forward_launch(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, probs: Tensor, scale: float, s: LaunchSettings
+) -> Launch:
+    batch, length, width = q.shape
+    blocks = triton.cdiv(length, s.block_m)
+    args = (q, k, v, out, probs, scale, length, width, blocks, *q.stride(), *k.stride(), *v.stride(), *out.stride())
+    meta = _meta(s, BLOCK_M=s.block_m, BLOCK_L=s.block_l, BLOCK_D=s.block_d)
+    return Launch(_forward_kernel, (batch * blocks,), (*args, *probs.stride()[:2]), meta)
+
+
+def scores_backward_launch(
+    grad_out: Tensor, v: Tensor, probs: Tensor, grad_scores: Tensor, scale: float, s: LaunchSettings
+) -> Launch:
+    batch, length, width = v.shape
+    blocks = triton.cdiv(length, s.block_m)
+    args = (grad_out, v, probs, grad_scores, scale, length, width, blocks, *grad_out.stride(), *v.stride())
+    meta = _meta(s, BLOCK_M=s.block_m, BLOCK_L=s.block_l, BLOCK_D=s.block_d)
+    return Launch(_scores_backward_kernel, (batch * blocks,), (*args, *probs.stride()[:2]), meta)
+
+
+def grads_backward_launch(
+    q: Tensor, k: Tensor, grad_out: Tensor, probs: Tensor, grad_scores: Tensor, grads: Tensor, s: LaunchSettings
+) -> Launch:
+    """grads is [3, B, L, d]: dQ, dK, dV."""
+    batch, length, width = q.shape
+    row_blocks, d_blocks = triton.cdiv(length, s.block_rows), width // s.block_out_d
+    pointers = (q, k, grad_out, probs, grad_scores, grads[0], grads[1], grads[2])
+    strides = (*q.stride(), *k.stride(), *grad_out.stride(), *grads[0].stride(), *probs.stride()[:2])
+    meta = _meta(s, BLOCK_M=s.block_rows, BLOCK_K=s.block_keys, BLOCK_D=s.block_out_d)
+    grid = (batch * row_blocks * d_blocks,)
+    return Launch(_grads_backward_kernel, grid, (*pointers, length, row_blocks, d_blocks, *strides), meta)
+
+
 def attention_calibration_forward(
     q: Tensor, k: Tensor, v: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, LaunchSettings]:
-    """Launch the forward kernels; returns (out [B, L, d], P [B, L, L] fp32, the settings used)."""
+    """Launch the forward kernel; returns (out [B, L, d], P [B, L, >= L] fp32, the settings used)."""
     batch, length, width = q.shape
     settings = launch_settings(length, width, q.dtype)
-    probs = torch.empty((batch, length, length), device=q.device, dtype=torch.float32)
+    probs = torch.empty((batch, length, triton.cdiv(length, 16) * 16), device=q.device, dtype=torch.float32)
     out = torch.empty((batch, length, width), device=q.device, dtype=q.dtype)
-    score_blocks = triton.cdiv(length, settings.block_m)
-    _forward_kernel[(batch * score_blocks,)](
-        q,
-        k,
-        v,
-        out,
-        probs,
-        scale,
-        length,
-        width,
-        score_blocks,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        BLOCK_M=settings.block_m,
-        BLOCK_L=settings.block_l,
-        BLOCK_D=settings.block_d,
-        DOT_PRECISION=settings.dot_precision,
-        num_warps=settings.num_warps,
-        num_stages=settings.num_stages,
-    )
+    forward_launch(q, k, v, out, probs, scale, settings)()
     return out, probs, settings
 
 
@@ -413,50 +456,8 @@ def attention_calibration_backward(
     batch, length, width = q.shape
     grad_scores = torch.empty_like(probs)
     grads = torch.empty((3, batch, length, width), device=q.device, dtype=q.dtype)
-    score_blocks = triton.cdiv(length, settings.block_m)
-    _scores_backward_kernel[(batch * score_blocks,)](
-        grad_out,
-        v,
-        probs,
-        grad_scores,
-        scale,
-        length,
-        width,
-        score_blocks,
-        *grad_out.stride(),
-        *v.stride(),
-        BLOCK_M=settings.block_m,
-        BLOCK_L=settings.block_l,
-        BLOCK_D=settings.block_d,
-        DOT_PRECISION=settings.dot_precision,
-        num_warps=settings.num_warps,
-        num_stages=settings.num_stages,
-    )
-    row_blocks = triton.cdiv(length, settings.block_rows)
-    d_blocks = width // settings.block_out_d
-    _grads_backward_kernel[(batch * row_blocks * d_blocks,)](
-        q,
-        k,
-        grad_out,
-        probs,
-        grad_scores,
-        grads[0],
-        grads[1],
-        grads[2],
-        length,
-        row_blocks,
-        d_blocks,
-        *q.stride(),
-        *k.stride(),
-        *grad_out.stride(),
-        *grads[0].stride(),
-        BLOCK_M=settings.block_rows,
-        BLOCK_K=settings.block_keys,
-        BLOCK_D=settings.block_out_d,
-        DOT_PRECISION=settings.dot_precision,
-        num_warps=settings.num_warps,
-        num_stages=settings.num_stages,
-    )
+    scores_backward_launch(grad_out, v, probs, grad_scores, scale, settings)()
+    grads_backward_launch(q, k, grad_out, probs, grad_scores, grads, settings)()
     return grads[0], grads[1], grads[2]
 
 
@@ -472,6 +473,7 @@ class AttentionCalibrationFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         q, k, v, probs = ctx.saved_tensors
         grad_q, grad_k, grad_v = attention_calibration_backward(grad_out, q, k, v, probs, ctx.scale, ctx.settings)

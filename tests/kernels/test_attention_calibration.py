@@ -12,14 +12,19 @@ output and each gradient.
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import triton
 from sur_cache.kernels import attention_calibration, attention_calibration_reference
+
+kernels = sys.modules["sur_cache.kernels.attention_calibration"]  # the module (the package exports the function)
 
 OUTPUTS = ("out", "grad_q", "grad_k", "grad_v")
 FP32_TOLERANCE = 1e-4
@@ -166,6 +171,71 @@ def test_non_tensor_input_raises_type_error():
     q = torch.zeros(1, 4, 16)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
         attention_calibration(q, q.numpy(), q)
+
+
+def hopper_launches(case: Case) -> list:
+    """The three launches of one forward+backward, built by the launchers from CPU tensors of the case's shape."""
+    dtype = DTYPES[case.dtype]
+    q, k, v, grad_out = (t.to(dtype) for t in make_inputs(case, "cpu"))
+    settings = kernels.launch_settings(case.length, case.width, dtype)
+    probs = torch.empty(case.batch, case.length, -(-case.length // 16) * 16)
+    grads = torch.empty(3, *q.shape, dtype=dtype)
+    return [
+        kernels.forward_launch(q, k, v, torch.empty_like(q), probs, 0.1, settings),
+        kernels.scores_backward_launch(grad_out, v, probs, torch.empty_like(probs), 0.1, settings),
+        kernels.grads_backward_launch(q, k, grad_out, probs, torch.empty_like(probs), grads, settings),
+    ]
+
+
+def hopper_resources(launch) -> tuple[int, int]:
+    """Compile a launch for sm_90 ahead of time, specialized as Triton's launcher would; (shared bytes, stack bytes).
+
+    The interpreter never compiles, so this is what catches block shapes that do not lower, shared memory overflow
+    and register spills (a non-zero stack) on a machine without a GPU.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    names = launch.kernel.arg_names
+    constexprs = {name: value for name, value in launch.meta.items() if name in names}
+    signature, attrs = dict.fromkeys(constexprs, "constexpr"), {}
+    for name, value in zip([n for n in names if n not in constexprs], launch.args, strict=True):
+        kind, spec = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = spec
+        elif spec:
+            attrs[(names.index(name),)] = CUDABackend.parse_attr(spec)
+    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {key: launch.meta[key] for key in ("num_warps", "num_stages")}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
+    stack = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
+    return compiled.metadata.shared, stack
+
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+HOPPER_SHARED_MEMORY = 227 * 1024  # the most one H100/H200 block may use
+
+
+@pytest.mark.skipif(kernels.TRITON_INTERPRETER, reason="kernels are interpreted in this process")
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="Triton's NVIDIA tools (ptxas, cuobjdump) are not installed")
+@pytest.mark.parametrize(
+    "case",
+    [Case(2, 77, 768, "bfloat16"), Case(2, 256, 2048, "bfloat16"), Case(2, 200, 64, "float32", contiguous=False)],
+    ids=lambda case: case.name,
+)
+def test_kernels_compile_for_hopper_without_spills(case):
+    for launch in hopper_launches(case):
+        shared, stack = hopper_resources(launch)
+        name = launch.kernel.__name__
+        assert shared <= HOPPER_SHARED_MEMORY, f"{name}: {shared} bytes of shared memory"
+        assert stack == 0, f"{name}: {stack} bytes of stack (register spills)"
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
