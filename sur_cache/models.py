@@ -210,12 +210,16 @@ def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> ClipFeatures:
 
     No attention mask is passed, exactly as StableDiffusionPipeline and the diffusers training scripts call the
     text encoder. `truncated` marks prompts whose tokens (with BOS/EOS) did not fit.
+
+    The prompts are tokenized once, untruncated, and fitted here: `[BOS] + first tokens + [EOS]`, then padding,
+    which is what the tokenizer's own truncation produces (tested) without paying for a second tokenization.
     """
     max_length = tokenizer.model_max_length
-    full_lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    embeddings = text_encoder(tokens.input_ids.to(text_encoder.device)).last_hidden_state
-    truncated = torch.tensor([n > max_length for n in full_lengths], dtype=torch.bool, device=embeddings.device)
+    full = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+    fitted = [ids[: max_length - 1] + ids[-1:] if len(ids) > max_length else ids for ids in full]
+    input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (max_length - len(ids)) for ids in fitted])
+    embeddings = text_encoder(input_ids.to(text_encoder.device)).last_hidden_state
+    truncated = torch.tensor([len(ids) > max_length for ids in full], dtype=torch.bool, device=embeddings.device)
     return ClipFeatures(embeddings.float(), truncated)
 
 

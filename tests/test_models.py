@@ -41,24 +41,24 @@ def _reference_states(tokenizer, model, prompts):
     return out.hidden_states, batch["attention_mask"].bool()
 
 
-def test_encode_clip_equals_the_text_encoder_called_directly(clip):
+@pytest.mark.parametrize("prompts", [PROMPTS, ["a" * 75, "a" * 76, "word " * 60, ""]], ids=["short", "long"])
+def test_encode_clip_equals_the_text_encoder_called_directly(clip, prompts):
     tokenizer, text_encoder = clip
-    features = encode_clip(tokenizer, text_encoder, PROMPTS)
-    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    features = encode_clip(tokenizer, text_encoder, prompts)
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         expected = text_encoder(ids).last_hidden_state
-    assert features.embeddings.shape == (3, 77, TINY_CLIP_WIDTH) and features.embeddings.dtype == torch.float32
+    assert features.embeddings.shape == (len(prompts), 77, TINY_CLIP_WIDTH)
+    assert features.embeddings.dtype == torch.float32
     assert torch.equal(features.embeddings, expected)
-    assert not features.truncated.any()
 
 
 def test_encode_clip_flags_exactly_the_prompts_that_do_not_fit(clip):
     tokenizer, text_encoder = clip
     # the tiny CLIP tokenizer has one token per character: 75 characters + BOS + EOS fill the 77 slots exactly
-    prompts = ["a" * 75, "a" * 76, "word " * 60]
+    prompts = ["a" * 75, "a" * 76, "word " * 60, *PROMPTS]
     features = encode_clip(tokenizer, text_encoder, prompts)
-    assert features.truncated.tolist() == [False, True, True]
-    assert features.embeddings.shape == (3, 77, TINY_CLIP_WIDTH)
+    assert features.truncated.tolist() == [False, True, True, False, False, False]
 
 
 def test_encode_vae_returns_the_latent_distribution(tiny_models):
