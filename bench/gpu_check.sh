@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device check of the fused attention-calibration kernel, for one run on a lent H100/H200 (about 4-6 minutes):
+# Device check of the fused attention-calibration kernel, for one run on a lent H100/H200 (about 4 minutes expected,
+# 8 at most: the three steps are capped at 150 + 210 + 120 s):
 #   1. the GPU-marked kernel tests (fp16/bf16 within 2x PyTorch's error, edge shapes, determinism),
 #   2. the benchmark without torch.compile (core, whole adapter, profiler traces), then torch.compile alone,
 #   3. a summary; bench/results/ (CSV, traces, the PNG where matplotlib exists) and the log are copied to $OUT.
@@ -46,17 +47,17 @@ tests_status="not run (pytest missing: install the wheels pytest, pluggy, inicon
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
   # -P keeps the repo root off sys.path (its sur_cache/ folder has no kernels/); --noconftest skips the tiny-model
   # fixtures of tests/conftest.py, which these tests do not use.
-  timeout 180 "$PYTHON" -P -m pytest -m gpu tests/kernels -q --noconftest -p no:cacheprovider -rfE
+  timeout 150 "$PYTHON" -P -m pytest -m gpu tests/kernels -q --noconftest -p no:cacheprovider -rfE
   code=$?
   tests_status=$([ "$code" = 0 ] && echo "passed" || echo "FAILED (exit $code)")
 fi
 
 step "benchmark: eager, SDPA, fused, CUDA graphs; whole adapter; traces"
-timeout 240 "$PYTHON" bench/bench_attention.py --providers eager,sdpa,fused,fused+graph
+timeout 210 "$PYTHON" bench/bench_attention.py --providers eager,sdpa,fused,fused+graph
 bench_status=$?
 
 step "benchmark: torch.compile (compile time printed per shape)"
-timeout 150 "$PYTHON" bench/bench_attention.py --providers compile --adapter-providers "" --no-traces
+timeout 120 "$PYTHON" bench/bench_attention.py --providers compile --adapter-providers "" --no-traces
 compile_status=$?
 
 step "summary"
