@@ -42,8 +42,9 @@ import click
 import torch
 import torch.nn.functional as F
 import triton
-from sur_cache.kernels import attention_calibration, attention_calibration_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sur_cache.kernels import attention_calibration, attention_calibration_reference
 
 CORE_PROVIDERS = ("eager", "sdpa", "fused", "fused+graph", "compile")
 ADAPTER_PROVIDERS = ("eager", "sdpa", "fused", "eager+graph", "fused+graph")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+
 from sur_cache.kernels import attention_calibration, attention_calibration_reference
 
 kernels = sys.modules["sur_cache.kernels.attention_calibration"]  # the module (the package exports the function)
