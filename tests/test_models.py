@@ -245,3 +245,22 @@ def test_loading_failures_name_the_option_and_the_input(tmp_path):
         load_vae(str(tmp_path))
     with pytest.raises(OSError, match=r"--llm .*missing_llm.*aliases llama-7b"):
         load_llm(str(tmp_path / "missing_llm"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_features_stay_on_the_device_and_match_the_cpu(tiny_models, clip, llm_fp32):
+    tokenizer, text_encoder = load_clip(str(tiny_models.sd), device="cuda")
+    features = encode_clip(tokenizer, text_encoder, PROMPTS)
+    assert features.embeddings.is_cuda and features.truncated.is_cuda
+    assert torch.allclose(features.embeddings.cpu(), encode_clip(*clip, PROMPTS).embeddings, atol=1e-4)
+    vae = load_vae(str(tiny_models.sd), device="cuda")
+    pixels = torch.rand(2, 3, TINY_RESOLUTION, TINY_RESOLUTION) * 2 - 1
+    assert torch.allclose(
+        encode_vae(vae, pixels).mean.cpu(), encode_vae(load_vae(str(tiny_models.sd)), pixels).mean, atol=1e-4
+    )
+    llm = load_llm(str(tiny_models.llm), device="cuda")  # 8-bit on the GPU
+    pooled = encode_llm(*llm, PROMPTS, layer=-1, per_token=True)
+    assert pooled.pooled.is_cuda and pooled.tokens.is_cuda and pooled.mask.is_cuda
+    expected = encode_llm(*llm_fp32, PROMPTS, layer=-1).pooled
+    assert torch.nn.functional.cosine_similarity(pooled.pooled.cpu(), expected).min() > 0.99  # int8 vs fp32
