@@ -166,8 +166,9 @@ def _close(a: Any, b: float) -> bool:
 class FeatureSource(Protocol):
     """Where a batch's features come from: the store (cached), memory (preloaded), or the frozen models (online).
 
-    `fetch` returns float32 tensors `clip_simple`, `clip_complex` [B, L, d], `llm` [B, D] and, when latents are
-    wanted, `latent_mean`, `latent_logvar` [B, c, s, s] (of the flipped image where `flipped` is True).
+    `fetch` returns tensors (any float dtype; the loader converts them to float32 on the training device)
+    `clip_simple`, `clip_complex` [B, L, d], `llm` [B, D] and, when latents are wanted, `latent_mean`,
+    `latent_logvar` [B, c, s, s] (of the flipped image where `flipped` is True).
     """
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]: ...
@@ -183,45 +184,44 @@ def array_names(*, latents: bool, flips: bool) -> list[str]:
     return names
 
 
-def _pick_variants(rows: dict[str, Any], flipped) -> dict[str, Any]:
-    """Replace the latent arrays by their flipped variants in the rows where `flipped` is True."""
-    picked = {name: rows[name] for name in rows if name not in FLIPPED_ARRAYS}
-    for plain, mirrored in zip(LATENT_ARRAYS, FLIPPED_ARRAYS, strict=True):
-        if mirrored in rows:
-            mask = flipped.reshape(-1, *([1] * (rows[plain].ndim - 1)))
-            picked[plain] = torch.where(mask, rows[mirrored], rows[plain])
-    return picked
+_MIRROR = dict(zip(LATENT_ARRAYS, FLIPPED_ARRAYS, strict=True))
 
 
 class StoreSource:
     """Reads whole read units with contiguous range reads and serves samples from the few units in memory.
 
     `capacity` units stay cached (least recently used dropped first); with the buffered order, two buffers' worth
-    means each unit is read once per epoch.
+    means each unit is read once per epoch. Reads are synchronous: zarr's read path is Python-heavy, and a
+    reader thread would hold the GIL against the training loop's kernel launches.
     """
 
     def __init__(self, store: FeatureStore, units: list[ReadUnit], names: list[str], capacity: int) -> None:
         self.store, self.units, self.names, self.capacity = store, units, names, capacity
+        self.outputs = [name for name in names if name not in FLIPPED_ARRAYS]
         self._unit_starts = np.array([u.start for u in units], dtype=np.int64)
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
-        which = np.searchsorted(self._unit_starts, indices, side="right") - 1
-        rows = {name: [] for name in self.names}
-        for index, unit in zip(indices, which, strict=True):
-            block = self._unit(int(unit))
-            for name in self.names:
-                rows[name].append(block[name][index - self.units[unit].start])
-        tensors = {name: torch.from_numpy(np.stack(rows[name])).float() for name in self.names}
-        return _pick_variants(tensors, torch.from_numpy(flipped))
+        rows: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
+        for index, unit, flip in zip(indices, self._units_of(indices), flipped, strict=True):
+            block, row = self._unit(int(unit)), index - self.units[unit].start
+            for name in self.outputs:
+                rows[name].append(block[_MIRROR[name] if flip and name in _MIRROR else name][row])
+        return {name: torch.from_numpy(np.stack(rows[name])) for name in self.outputs}
+
+    def _units_of(self, indices: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._unit_starts, indices, side="right") - 1
+
+    def _read(self, unit: int) -> dict[str, np.ndarray]:
+        return self.store.read(self.names, self.units[unit].start, self.units[unit].stop)
 
     def _unit(self, unit: int) -> dict[str, np.ndarray]:
         if unit in self._cache:
             self._cache.move_to_end(unit)
-        else:
-            self._cache[unit] = self.store.read(self.names, self.units[unit].start, self.units[unit].stop)
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
+            return self._cache[unit]
+        self._cache[unit] = self._read(unit)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
         return self._cache[unit]
 
 
@@ -247,8 +247,13 @@ class PreloadedSource:
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         slots = torch.from_numpy(self._slot[indices]).to(self.device)
-        rows = {name: self._tensors[name].index_select(0, slots).float() for name in self.names}
-        return _pick_variants(rows, torch.from_numpy(flipped).to(self.device))
+        rows = {name: self._tensors[name].index_select(0, slots) for name in self.names}
+        mask = torch.from_numpy(flipped).to(self.device)
+        for plain, mirrored in _MIRROR.items():
+            if mirrored in rows:
+                shape = (-1, *[1] * (rows[plain].ndim - 1))
+                rows[plain] = torch.where(mask.reshape(shape), rows.pop(mirrored), rows[plain])
+        return rows
 
 
 # ------------------------------------------------------------------------------------------------------ batches
@@ -324,8 +329,9 @@ class FeatureLoader:
         """Yield batches from `(epoch, start)` on, forever; the caller decides when to stop."""
         while True:
             order, count = self.order(epoch), self.batches_per_epoch(epoch)
+            size = self.settings.batch_size
             for index in range(start, count):
-                yield self._batch(epoch, index, order[index * self.settings.batch_size :][: self.settings.batch_size])
+                yield self._batch(epoch, index, order[index * size : (index + 1) * size])
             epoch, start = epoch + 1, 0
 
     def _batch(self, epoch: int, index: int, samples: np.ndarray) -> Batch:
@@ -333,7 +339,8 @@ class FeatureLoader:
         generator = batch_generator(s.seed, epoch, index, s.rank)
         flipped = torch.rand(len(samples), generator=generator) < 0.5
         flipped = flipped.numpy() if s.random_flip else np.zeros(len(samples), dtype=bool)
-        features = {k: v.to(self.device, non_blocking=True) for k, v in self.source.fetch(samples, flipped).items()}
+        rows = self.source.fetch(samples, flipped)
+        features = {name: rows[name].to(self.device, non_blocking=True).float() for name in rows}
         latents = None
         if s.latents:
             latents = sample_latents(features["latent_mean"], features["latent_logvar"], s.scaling_factor, generator)

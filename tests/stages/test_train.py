@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from sur_cache.stages.extract import run_extract
-from sur_cache.stages.train import compute_losses, run_train, setup
 
 from sur_cache.adapter import SURAdapter
 from sur_cache.cli import main
 from sur_cache.config import ExtractConfig, TrainConfig
 from sur_cache.loader import FeatureLoader
+from sur_cache.stages.extract import run_extract
+from sur_cache.stages.train import compute_losses, run_train, setup
 from sur_cache.tiny_models import TINY_RESOLUTION
 from sur_cache.train_log import read_log
 
