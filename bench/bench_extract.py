@@ -115,11 +115,11 @@ def complex_prompts(count: int, seed: int = 1) -> list[str]:
     return [", ".join(rng.choice(_WORDS) for _ in range(60)) for _ in range(count)]
 
 
-def timed(fn, config: BenchConfig, repeats: int | None = None) -> float:
+def timed(fn, config: BenchConfig) -> float:
     """Median seconds of `fn()` after one warm-up call, synchronising the GPU around each call."""
     fn()
     times = []
-    for _ in range(repeats or config.repeats):
+    for _ in range(config.repeats):
         _sync(config.device)
         start = time.perf_counter()
         fn()
@@ -226,8 +226,8 @@ def run(config: BenchConfig) -> list[dict]:
     return rows
 
 
-def _llm_time(llm, prompts: list[str], layer: int, config: BenchConfig, repeats: int | None = None) -> float:
-    return timed(lambda: encode_llm(*llm, prompts, layer=layer, pooling="mean"), config, repeats)
+def _llm_time(llm, prompts: list[str], layer: int, config: BenchConfig) -> float:
+    return timed(lambda: encode_llm(*llm, prompts, layer=layer, pooling="mean"), config)
 
 
 def _llm_rows(llm, folder: Path, prompts: list[str], config: BenchConfig, record) -> tuple[float, float]:
