@@ -204,6 +204,8 @@ def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, devi
         "latent_size": shapes.latent_size,
         "vae_scaling_factor": shapes.vae_scaling_factor,
         "shard_rows": config.shard_rows,
+        "chunk_rows": min(config.chunk_rows, config.shard_rows),
+        "compression": config.compression,
     }
 
 
@@ -211,7 +213,15 @@ def _open_store(config: ExtractConfig, manifest: dict[str, Any], num_samples: in
     if FeatureStore.exists(config.out) and not config.overwrite:
         store = FeatureStore.open(config.out, mode="r+", expected=manifest)
     else:
-        store = FeatureStore.create(config.out, manifest, num_samples, config.shard_rows, overwrite=config.overwrite)
+        store = FeatureStore.create(
+            config.out,
+            manifest,
+            num_samples,
+            config.shard_rows,
+            overwrite=config.overwrite,
+            chunk_rows=config.chunk_rows,
+            compression=config.compression,
+        )
     store.remove_partial_files()
     return store
 

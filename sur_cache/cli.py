@@ -254,6 +254,18 @@ def _seeds(seeds: tuple[int, ...], num_seeds: int | None) -> tuple[int, ...]:
 )
 @click.option("--shard-rows", type=int, default=256, help="Samples per shard file (the unit of writing and resuming).")
 @click.option(
+    "--chunk-rows",
+    type=int,
+    default=16,
+    help="Samples per checksummed chunk inside a shard (1 for the fastest single random-sample reads).",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["none", "zstd", "blosc"]),
+    default="none",
+    help="Chunk compression; fp16 features barely compress (zstd saves about 8%, at half the read speed).",
+)
+@click.option(
     "--num-workers",
     type=int,
     default=None,

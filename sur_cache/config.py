@@ -34,6 +34,8 @@ class ExtractConfig:
     flip_variants: bool = False
     store_dtype: str = "float16"
     shard_rows: int = 256
+    chunk_rows: int = 16
+    compression: str = "none"
     num_workers: int | None = None
     text_column: str = "text"
     prompt_column: str = "prompt"
@@ -46,7 +48,7 @@ class ExtractConfig:
         problems = []
         if (self.llm is None) == (self.llm_features is None):
             problems.append("pass exactly one LLM source: --llm MODEL or --llm-features FILE.pt")
-        for name in ("resolution", "batch_size", "shard_rows"):
+        for name in ("resolution", "batch_size", "shard_rows", "chunk_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -57,6 +59,7 @@ class ExtractConfig:
             "store_dtype": ("float16", "float32"),
             "llm_dtype": ("float16", "bfloat16", "float32"),
             "sd_dtype": ("auto", "float16", "bfloat16", "float32"),
+            "compression": ("none", "zstd", "blosc"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

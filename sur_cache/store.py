@@ -12,11 +12,16 @@ Layout (sample axis first in every array; N = number of dataset rows that passed
     status                      [N] uint8                       0 pending, 1 done, 2 skipped
 
 Every array is sharded along the sample axis at `shard_rows` samples: a shard is one file, written whole by one
-writer, so concurrent processes never share a file. Inside a shard, feature arrays are chunked one sample per chunk
-(random single-sample reads touch one small chunk; see docs/store.md for the measurement) and every chunk and every
-shard index carries a crc32c checksum. The writer of a shard writes all its arrays first and its `status` slice last;
-a shard whose status is not final is recomputed from scratch, so a crash at any point loses at most the shards in
-flight and the result stays bit-identical to an uninterrupted run.
+writer, so concurrent processes never share a file. Inside a shard, feature arrays are chunked at `chunk_rows`
+samples (16 by default: whole-shard reads, what the loader does, run near the speed of one chunk per shard, while a
+single random sample still decodes only 16; docs/store.md has the measurements), uncompressed by default (fp16
+features barely compress), and every chunk and every shard index carries a crc32c checksum.
+
+The writer of a shard writes all its arrays first and its `status` slice last (the commit); a shard whose status is
+not final is recomputed from scratch, so a crash at any point loses at most the shards in flight and the result
+stays bit-identical to an uninterrupted run. Local writes go to a `*.partial` file renamed into place (zarr's
+LocalStore), so a killed write never leaves a torn shard; `remove_partial_files` sweeps the leftovers. There is
+no fsync: a process crash is covered, a power loss may lose the page cache's last writes.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ SKIPPED_DIR = "skipped"  # per-writer skip reports, one JSON-lines file per shar
 SKIPPED_REPORT = "skipped.jsonl"  # the merged report, rewritten at the end of each extract run
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEFAULT_COMPRESSION = "none"  # fp16 features barely compress; measured in docs/store.md
-DEFAULT_CHUNK_ROWS = 1
+DEFAULT_CHUNK_ROWS = 16  # contiguous shard reads near the best, one random row still cheap: docs/store.md
 DEFAULT_SHARD_ROWS = 256
 _SMALL_ROW_BYTES = 64  # arrays with rows this small get one chunk per shard: per-chunk overhead would dominate
 _HASH_BYTES = 32
@@ -192,14 +197,23 @@ class FeatureStore:
             )
         if not overwrite and _exists(url):
             raise FileExistsError(f"{url} already holds a store; resume it with the same settings, or pass --overwrite")
-        manifest = {**manifest, "num_samples": num_samples, "shard_rows": shard_rows, "schema_version": SCHEMA_VERSION}
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        chunk_rows = min(chunk_rows, shard_rows)
+        manifest = {
+            **manifest,
+            "num_samples": num_samples,
+            "shard_rows": shard_rows,
+            "chunk_rows": chunk_rows,
+            "compression": compression,
+            "schema_version": SCHEMA_VERSION,
+        }
         missing = [key for key in REQUIRED_FIELDS if key not in manifest]
         if missing:
             raise ValueError(f"manifest lacks required fields {missing}")
         if overwrite:
             _remove_sidecar_reports(url)
         group = zarr.open_group(url, mode="w", attributes=_as_json(manifest))
-        chunk_rows = min(chunk_rows, shard_rows)
         for name, spec in array_specs(manifest).items():
             itemsize = np.dtype(spec.dtype).itemsize
             row_bytes = itemsize * int(np.prod(spec.row_shape, dtype=np.int64))

@@ -44,7 +44,7 @@ def test_inspect_json_has_the_contracted_keys(store):
     assert described["arrays"]["clip_simple"] | {"bytes_stored": 0} == {
         "shape": [12, 77, 32],
         "dtype": "float16",
-        "chunks": [1, 77, 32],
+        "chunks": [4, 77, 32],
         "shards": [4, 77, 32],
         "bytes_stored": 0,
     }
@@ -56,12 +56,12 @@ def test_inspect_text_lists_manifest_and_arrays(store):
     assert result.exit_code == 0, result.output
     assert "samples   12: 12 complete, 0 pending" in result.output
     assert "llm_pooling" in result.output and "[12 names]" in result.output
-    assert "latent_logvar" in result.output and "chunks (1, 4, 8, 8) shards (4, 4, 8, 8)" in result.output
+    assert "latent_logvar" in result.output and "chunks (4, 4, 8, 8) shards (4, 4, 8, 8)" in result.output
 
 
 def test_verify_passes_then_names_a_corrupt_range(tiny_models, demo_dataset, tmp_path):
     out = tmp_path / "store.zarr"
-    assert _extract(demo_dataset, out, tiny_models, "--no-8bit").exit_code == 0
+    assert _extract(demo_dataset, out, tiny_models, "--no-8bit", "--chunk-rows", "2").exit_code == 0
     result = CliRunner().invoke(main, ["verify", str(out)])
     assert result.exit_code == 0 and result.output.startswith("ok:")
     shard = out / "latent_mean" / "c" / "2" / "0" / "0" / "0"  # samples 8..11
@@ -70,7 +70,7 @@ def test_verify_passes_then_names_a_corrupt_range(tiny_models, demo_dataset, tmp
     shard.write_bytes(bytes(data))
     result = CliRunner().invoke(main, ["verify", str(out)])
     assert result.exit_code == 1
-    assert "corrupt   latent_mean samples 8..8: Stored and computed checksum do not match" in result.output
+    assert "corrupt   latent_mean samples 8..9: Stored and computed checksum do not match" in result.output
 
 
 def test_extract_refuses_other_settings_with_a_fix(store, tiny_models, demo_dataset):

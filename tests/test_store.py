@@ -43,7 +43,7 @@ def _random_rows(store: FeatureStore, start: int, stop: int, seed: int) -> dict[
 
 @pytest.fixture
 def store(tmp_path):
-    return FeatureStore.create(tmp_path / "s.zarr", MANIFEST, num_samples=10, shard_rows=4)
+    return FeatureStore.create(tmp_path / "s.zarr", MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1)
 
 
 def test_layout_follows_the_manifest(store):
@@ -54,6 +54,7 @@ def test_layout_follows_the_manifest(store):
     assert store.array("llm_tokens").shape == (10, 77, 40)
     assert store.array("status").chunks == (4,)  # tiny rows: one chunk per shard
     assert "latent_mean_flipped" in store.specs
+    assert store.manifest["chunk_rows"] == 1 and store.manifest["compression"] == "none"
     without = array_specs({**MANIFEST, "flip_variants": False, "llm_per_token": False})
     assert "latent_mean_flipped" not in without and "llm_tokens" not in without and "llm_mask" not in without
     codecs = store.array("clip_simple").metadata.to_dict()["codecs"][0]["configuration"]
@@ -155,4 +156,15 @@ def test_memory_url_store_round_trips():
     opened = FeatureStore.open(url, expected=MANIFEST)
     np.testing.assert_array_equal(opened.read(["llm"], 4, 5)["llm"], rows["llm"])
     assert opened.summary() == {"num_samples": 5, "complete": 1, "pending": 4, "skipped": {"empty_prompt": 1}}
-    assert opened.describe()["arrays"]["llm"]["chunks"] == [1, 40]
+    assert opened.describe()["arrays"]["llm"]["chunks"] == [4, 40]  # default chunk_rows, capped at the shard
+
+
+def test_compressed_store_round_trips_with_checksums(tmp_path):
+    store = FeatureStore.create(tmp_path / "z.zarr", MANIFEST, num_samples=4, shard_rows=4, compression="zstd")
+    rows = _random_rows(store, 0, 4, seed=5)
+    store.write_shard(0, rows, np.full(4, DONE, np.uint8))
+    np.testing.assert_array_equal(FeatureStore.open(store.url).read(["llm"], 0, 4)["llm"], rows["llm"])
+    inner = [c["name"] for c in store.array("llm").metadata.to_dict()["codecs"][0]["configuration"]["codecs"]]
+    assert inner == ["bytes", "zstd", "crc32c"]
+    with pytest.raises(ValueError, match="compression must be one of"):
+        FeatureStore.create(tmp_path / "b.zarr", MANIFEST, num_samples=4, compression="lzma")
