@@ -106,7 +106,7 @@ def compression_rows(root: Path, features: dict[str, np.ndarray]) -> list[dict]:
     for feature, data in features.items():
         for compression in ("none", "zstd", "blosc"):
             array = _array(root, f"{feature}_{compression}", data, 1, compression)
-            write = _seconds(lambda a=array: a.__setitem__(slice(None), data), repeat=1)
+            write = _seconds(lambda a=array, d=data: a.__setitem__(slice(None), d), repeat=1)
             read = _seconds(lambda a=array: a[:])
             mb = data.nbytes / 1e6
             rows.append(
@@ -131,8 +131,8 @@ def chunking_rows(root: Path, rng: np.random.Generator) -> list[dict]:
         array[:] = data
         single = rng.integers(0, len(data), 200)
         batches = [np.sort(rng.choice(len(data), 64, replace=False)) for _ in range(10)]
-        one = _seconds(lambda a=array: [a[int(i)] for i in single]) / len(single)
-        shuffled = _seconds(lambda a=array: [a.oindex[b] for b in batches]) / len(batches)
+        one = _seconds(lambda a=array, rows=single: [a[int(i)] for i in rows]) / len(single)
+        shuffled = _seconds(lambda a=array, bs=batches: [a.oindex[b] for b in bs]) / len(batches)
         contiguous = _seconds(lambda a=array: a[0:SHARD_ROWS])
         rows.append(
             {
