@@ -216,11 +216,12 @@ def run(config: BenchConfig) -> list[dict]:
             build_llm(scratch / "llm", config.llm_layers, simple, config.device)
             llm = load_llm(str(scratch / "llm"), device=config.device)
             t_llm, t_built = _llm_rows(llm, scratch / "llm", simple, config, record)
-        record("sum", t_vae + 2 * t_clip + t_llm, "vae + 2 x clip + llm, one after the other, no decoding")
+        parts = "vae + 2 x clip" + (" + llm" if llm else "")
+        record("sum", t_vae + 2 * t_clip + t_llm, f"{parts}, one after the other, no decoding")
 
         write_images(scratch / "data", count, config.resolution, simple, complex_)
         t_e2e = _end_to_end(scratch / "data", (tokenizer, text_encoder), vae, llm, config)
-        note = "measured loop: decode + vae + 2 x clip + llm + copy to host"
+        note = f"measured loop: decode + {parts} + copy to host"
         note += f" + {1000 * (t_llm - t_built):.0f} ms/batch for the LLM layers not built" if llm else " (no LLM)"
         record("end_to_end", t_e2e + t_llm - t_built, note)
     return rows
