@@ -35,8 +35,6 @@ LLM_ALIASES: dict[str, tuple[str, int]] = {
 
 LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
-
 Pooling = Literal["mean", "last"]
 
 
