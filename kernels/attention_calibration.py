@@ -33,6 +33,7 @@ before this module is imported (Triton decides at definition time whether a kern
 reference under the interpreter, whose bf16 `tl.dot` is wrong.
 """
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -70,8 +71,9 @@ class LaunchSettings:
     num_stages: int
 
 
+@functools.lru_cache(maxsize=256)
 def launch_settings(length: int, width: int, dtype: torch.dtype) -> LaunchSettings:
-    """The one configuration used for inputs of this shape class.
+    """The one configuration used for inputs of this shape class (cached: it sits on every call's launch path).
 
     The score tile [block_m, block_l] holds at most 32 x 256 fp32 values (32 KiB of registers). Width chunks are 64
     wide for 16-bit inputs and 32 for fp32, so a [256, chunk] key tile is 32 KiB. Compiled ahead of time for sm_90
