@@ -7,6 +7,7 @@ variants 4 x 4 x 64 x 64, a pooled LLaMA-13B feature of 5120: about 378 KB. The 
   store_read    `FeatureStore.read` of every shard, all arrays (the raw range-read rate)
   loader_host   `StoreSource.fetch` in the loader's shuffled order, with flips: what a GPU run costs the host
                 (the float32 conversion and the latent sampling then run on the GPU)
+  loader_host_reader  the same with one reader process streaming shards ahead (the trainer's default)
   loader_cpu    whole `FeatureLoader` batches on the CPU: the above plus float32 conversion and latent sampling
   text_host     `loader_host` without latents (what the features-only mode reads)
   preload_text  `PreloadedSource` build time for the text features (the features-only fast path), as samples/s
@@ -73,10 +74,10 @@ def time_store_read(store: FeatureStore) -> float:
     return store.num_samples / (time.perf_counter() - started)
 
 
-def _loader(store: FeatureStore, batch_size: int, latents: bool, buffer_units: int) -> FeatureLoader:
+def _loader(store: FeatureStore, batch_size: int, latents: bool, buffer_units: int, readers: int = 0) -> FeatureLoader:
     units = read_units(store.shard_ranges(), store.complete_indices())
     names = array_names(latents=latents, flips=latents)
-    source = StoreSource(store, units, names, capacity=2 * buffer_units)
+    source = StoreSource(store, units, names, capacity=2 * buffer_units, readers=readers)
     settings = LoaderSettings(batch_size, seed=0, buffer_units=buffer_units, random_flip=latents, latents=latents)
     return FeatureLoader(source, units, settings, torch.device("cpu"))
 
@@ -90,11 +91,15 @@ def time_loader(store: FeatureStore, batch_size: int, buffer_units: int) -> floa
     return count * batch_size / (time.perf_counter() - started)
 
 
-def time_fetch(store: FeatureStore, batch_size: int, latents: bool, buffer_units: int) -> float:
-    loader = _loader(store, batch_size, latents, buffer_units)
+def time_fetch(store: FeatureStore, batch_size: int, latents: bool, buffer_units: int, readers: int = 0) -> float:
+    loader = _loader(store, batch_size, latents, buffer_units, readers)
     order, count = loader.order(0), loader.batches_per_epoch(0)
     flips = np.random.default_rng(0).random(len(order)) < 0.5
+    if readers:  # start the reader process outside the timed region, as a training run does during setup
+        loader.source.plan(order[:batch_size])
+        loader.source.fetch(order[:batch_size], flips[:batch_size])
     started = time.perf_counter()
+    loader.source.plan(order[: count * batch_size])
     for k in range(count):
         part = slice(k * batch_size, (k + 1) * batch_size)
         loader.source.fetch(order[part], flips[part])
@@ -133,6 +138,7 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
         rows = [
             ("store_read", time_store_read(store)),
             ("loader_host", time_fetch(store, batch_size, latents=True, buffer_units=buffer_shards)),
+            ("loader_host_reader", time_fetch(store, batch_size, True, buffer_shards, readers=1)),
             ("loader_cpu", time_loader(store, batch_size, buffer_units=buffer_shards)),
             ("text_host", time_fetch(store, batch_size, latents=False, buffer_units=buffer_shards)),
             ("preload_text", time_preload(store)),

@@ -302,7 +302,7 @@ def main(repeats, features_batch, store_samples) -> None:
         record("unet_only", median_ms(unet_only(unet, scheduler, shapes, device), repeats, device), "ms")
         for attention in backends(device):
             names = array_names(latents=True, flips=True)
-            source = StoreSource(store, units, names, capacity=8)
+            source = StoreSource(store, units, names, capacity=8, readers=1)  # as the trainer by default
             run = make_run(source, units, shapes, unet, scheduler, attention, device, shapes.batch_size, scratch)
             record("cached", median_ms(stepper(run), repeats, device), "ms", attention)
         online_source = OnlineFeatures(shapes, device, dtype, scratch)

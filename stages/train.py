@@ -167,7 +167,7 @@ def _build_loader(config: TrainConfig, store: FeatureStore, accelerator) -> Feat
         device = accelerator.device if config.preload == "device" else torch.device("cpu")
         source = PreloadedSource(store, units, names, device)
     else:
-        source = StoreSource(store, units, names, capacity=2 * config.buffer_shards)
+        source = StoreSource(store, units, names, capacity=2 * config.buffer_shards, readers=config.read_workers)
     settings = LoaderSettings(
         batch_size=config.batch_size,
         seed=config.seed,

@@ -407,6 +407,12 @@ def demo_assets_command(out, num_samples, llm) -> None:
     "--buffer-shards", type=int, default=4, help="Shards shuffled together; each is read whole, in one range read."
 )
 @click.option(
+    "--read-workers",
+    type=int,
+    default=1,
+    help="Reader processes streaming shards ahead of the training loop (0: read in the loop itself).",
+)
+@click.option(
     "--preload",
     type=click.Choice(["none", "cpu", "device"]),
     default="none",

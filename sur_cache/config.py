@@ -48,6 +48,8 @@ class ExtractConfig:
         problems = []
         if (self.llm is None) == (self.llm_features is None):
             problems.append("pass exactly one LLM source: --llm MODEL or --llm-features FILE.pt")
+        if self.llm_features is not None and self.llm_per_token:
+            problems.append("--llm-per-token needs --llm: a --llm-features file holds one pooled vector per prompt")
         for name in ("resolution", "batch_size", "shard_rows", "chunk_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -141,6 +143,7 @@ class TrainConfig:
     epochs: int | None = None
     random_flip: bool = False
     buffer_shards: int = 4
+    read_workers: int = 1
     preload: str = "none"
     online: bool = False
     data: Path | None = None
@@ -178,6 +181,8 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation", "buffer_shards", "checkpoint_every"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.read_workers < 0:
+            problems.append(f"--read-workers must be >= 0, got {self.read_workers}")
         for name in ("max_steps", "epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

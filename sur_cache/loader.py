@@ -187,19 +187,74 @@ def array_names(*, latents: bool, flips: bool) -> list[str]:
 _MIRROR = dict(zip(LATENT_ARRAYS, FLIPPED_ARRAYS, strict=True))
 
 
+class _UnitReads(torch.utils.data.Dataset):
+    """Read unit i -> `(i, its rows of the named arrays)`; the store is opened read-only in the reader process."""
+
+    def __init__(self, url: str, units: list[ReadUnit], names: list[str]) -> None:
+        self.url, self.units, self.names = url, units, names
+        self._store: FeatureStore | None = None
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, unit: int) -> tuple[int, dict[str, np.ndarray]]:
+        if self._store is None:
+            self._store = FeatureStore.open(self.url, mode="r")
+        return unit, self._store.read(self.names, self.units[unit].start, self.units[unit].stop)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}  # each process opens its own handle
+
+
+class _UnitSequence(torch.utils.data.Sampler):
+    """The units an epoch needs, in the order it first needs them; replaced at the start of every epoch."""
+
+    def __init__(self) -> None:
+        self.units: list[int] = []
+
+    def __iter__(self):
+        return iter(self.units)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
 class StoreSource:
     """Reads whole read units with contiguous range reads and serves samples from the few units in memory.
 
     `capacity` units stay cached (least recently used dropped first); with the buffered order, two buffers' worth
-    means each unit is read once per epoch. Reads are synchronous: zarr's read path is Python-heavy, and a
-    reader thread would hold the GIL against the training loop's kernel launches.
+    means each unit is read once per epoch. With `readers` > 0, reader processes stream the units of the epoch's
+    order ahead of the training loop (`plan`); processes, not threads, because zarr's read path is Python-heavy and
+    a reader thread would hold the GIL against the loop's kernel launches. With `readers=0` reads are synchronous.
     """
 
-    def __init__(self, store: FeatureStore, units: list[ReadUnit], names: list[str], capacity: int) -> None:
+    def __init__(
+        self, store: FeatureStore, units: list[ReadUnit], names: list[str], capacity: int, readers: int = 0
+    ) -> None:
         self.store, self.units, self.names, self.capacity = store, units, names, capacity
         self.outputs = [name for name in names if name not in FLIPPED_ARRAYS]
         self._unit_starts = np.array([u.start for u in units], dtype=np.int64)
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._sequence = _UnitSequence()
+        self._stream = None
+        self._reader = None
+        if readers:
+            self._reader = torch.utils.data.DataLoader(
+                _UnitReads(store.url, units, names),
+                batch_size=None,
+                sampler=self._sequence,
+                num_workers=readers,
+                multiprocessing_context="spawn",  # a forked child would inherit zarr's event loop without its thread
+                persistent_workers=True,
+                prefetch_factor=2,
+            )
+
+    def plan(self, indices: np.ndarray) -> None:
+        """The samples the next fetches ask for, in order (called at the start of each epoch, or a resume)."""
+        if self._reader is not None:
+            self._cache.clear()
+            self._sequence.units = list(dict.fromkeys(self._units_of(indices).tolist()))
+            self._stream = iter(self._reader)
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         rows: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
@@ -212,17 +267,24 @@ class StoreSource:
     def _units_of(self, indices: np.ndarray) -> np.ndarray:
         return np.searchsorted(self._unit_starts, indices, side="right") - 1
 
-    def _read(self, unit: int) -> dict[str, np.ndarray]:
-        return self.store.read(self.names, self.units[unit].start, self.units[unit].stop)
-
     def _unit(self, unit: int) -> dict[str, np.ndarray]:
         if unit in self._cache:
             self._cache.move_to_end(unit)
             return self._cache[unit]
-        self._cache[unit] = self._read(unit)
+        self._cache[unit] = self._next_streamed(unit) if self._stream is not None else self._read(unit)
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return self._cache[unit]
+
+    def _read(self, unit: int) -> dict[str, np.ndarray]:
+        return self.store.read(self.names, self.units[unit].start, self.units[unit].stop)
+
+    def _next_streamed(self, unit: int) -> dict[str, np.ndarray]:
+        # The reader hands tensors over in shared memory; .numpy() views them without a copy.
+        streamed, block = next(self._stream)
+        if streamed != unit:
+            raise RuntimeError(f"reader out of order: expected unit {unit}, got {streamed}; call plan() first")
+        return {name: tensor.numpy() for name, tensor in block.items()}
 
 
 class PreloadedSource:
@@ -330,6 +392,8 @@ class FeatureLoader:
         while True:
             order, count = self.order(epoch), self.batches_per_epoch(epoch)
             size = self.settings.batch_size
+            if hasattr(self.source, "plan"):
+                self.source.plan(order[start * size : count * size])
             for index in range(start, count):
                 yield self._batch(epoch, index, order[index * size : (index + 1) * size])
             epoch, start = epoch + 1, 0

@@ -99,11 +99,11 @@ def test_batch_generator_depends_only_on_position():
     assert not torch.equal(draw(0, 1, 2, 0), draw(0, 1, 2, 1))
 
 
-def _loader(store, source_kind="store", **settings) -> FeatureLoader:
+def _loader(store, source_kind="store", readers=0, **settings) -> FeatureLoader:
     units = read_units(store.shard_ranges(), store.complete_indices(), settings.get("world_size", 1))
     names = array_names(latents=settings.get("latents", True), flips=settings.get("random_flip", False))
     if source_kind == "store":
-        source = StoreSource(store, units, names, capacity=4)
+        source = StoreSource(store, units, names, capacity=4, readers=readers)
     else:
         source = PreloadedSource(store, units, names, torch.device("cpu"))
     return FeatureLoader(
@@ -130,6 +130,14 @@ def test_resume_from_a_position_replays_the_same_batches(store):
     resumed = [b for b, _ in zip(_loader(store, random_flip=True).batches(1, 1), range(2), strict=False)]
     for a, b in zip(stream[7:], resumed, strict=True):
         assert np.array_equal(a.samples, b.samples) and torch.equal(a.latents, b.latents)
+
+
+def test_a_reader_process_streams_the_same_batches(store):
+    plain = _loader(store, random_flip=True, buffer_units=2)
+    streamed = _loader(store, readers=1, random_flip=True, buffer_units=2)
+    for a, b, _ in zip(plain.batches(0, 4), streamed.batches(0, 4), range(5), strict=False):  # into epoch 1
+        assert np.array_equal(a.samples, b.samples) and torch.equal(a.latents, b.latents)
+        assert torch.equal(a.clip_simple, b.clip_simple) and torch.equal(a.llm, b.llm)
 
 
 def test_flipped_rows_come_from_the_flipped_arrays(store):

@@ -62,6 +62,7 @@ def _config(store, tiny_models, out, **overrides) -> TrainConfig:
         "max_steps": 4,
         "checkpoint_every": 2,
         "cpu": True,
+        "read_workers": 0,  # the CLI test runs the default reader process
         **SMALL_ADAPTER,
     }
     return TrainConfig(**{**options, **overrides})
@@ -70,6 +71,7 @@ def _config(store, tiny_models, out, **overrides) -> TrainConfig:
 def _cli(store, tiny_models, out, *extra) -> list[str]:
     args = ["train", "--store", str(store), "--sd", str(tiny_models.sd), "--out", str(out), "--cpu"]
     args += ["--batch-size", "2", "--gradient-accumulation", "2", "--feedforward", "64", "--num-heads", "4"]
+    args += ["--read-workers", "0"]
     return args + list(extra)
 
 
@@ -81,7 +83,8 @@ def _losses(folder) -> list[tuple]:
 
 def test_cli_run_writes_adapter_checkpoints_log_and_plot(store, tiny_models, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, _cli(store, tiny_models, out, "--max-steps", "3", "--checkpoint-every", "2"))
+    args = _cli(store, tiny_models, out, "--max-steps", "3", "--checkpoint-every", "2", "--read-workers", "1")
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     adapter = SURAdapter.from_pretrained(out / "adapter")
     assert adapter.config.width == 32 and adapter.config.adapter_weight == 0.1 and adapter.config.feedforward == 64
