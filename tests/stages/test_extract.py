@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sur_cache.stages.extract import run_extract
 
 from sur_cache.config import ExtractConfig
 from sur_cache.dataset import ImageDataset, read_metadata
 from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+from sur_cache.stages.extract import run_extract
 from sur_cache.store import DONE, PENDING, SKIPPED, FeatureStore, ManifestMismatchError
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_WIDTH, TINY_RESOLUTION
 
@@ -295,3 +295,11 @@ def test_llm_alongside_gives_the_same_store(reference, tiny_models, demo_dataset
     out = tmp_path / "store.zarr"
     run_extract(_config(demo_dataset, out, tiny_models, llm_alongside=True))
     _assert_same_store(out, reference[0])
+
+
+def test_config_reports_every_bad_option_at_once(tiny_models, demo_dataset, tmp_path):
+    with pytest.raises(ValueError) as error:
+        _config(demo_dataset, tmp_path / "s.zarr", tiny_models, llm_features=tmp_path / "f.pt", batch_size=0)
+    message = str(error.value)
+    assert "exactly one LLM source" in message and "--llm-per-token needs --llm" in message
+    assert "--batch-size must be >= 1, got 0" in message
