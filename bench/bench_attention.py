@@ -295,7 +295,8 @@ def run_gpu_bench(config: BenchConfig) -> None:
             row.gpu = gpu
         upsert_rows(csv_path, rows)  # after every width, so that a run cut short keeps what it measured
     print_table(rows, copy_gbps)
-    print_targets(rows, copy_gbps)
+    if "fused" in config.providers:
+        print_targets(rows, copy_gbps)
     print(f"\nrows upserted into {csv_path}")
     if config.traces:
         for provider in ("eager", "fused"):
