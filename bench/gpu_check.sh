@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 PYTHON=$(command -v "${PYTHON:-python3}")
 [[ $PYTHON == /* ]] || PYTHON="$PWD/$PYTHON"  # absolute (some checks run from /), symlinks kept (a venv's python)
 OUT=${OUT:-}
-LOG=$(mktemp)
-exec > >(tee "$LOG") 2>&1
+[ -n "$OUT" ] && mkdir -p "$OUT"
+LOG=${OUT:+$OUT/gpu_check.log}
+exec > >(tee "${LOG:-/dev/null}") 2>&1
 started=$SECONDS
 
 step() { echo; echo "=== $1 ($((SECONDS - started)) s elapsed)"; }
@@ -21,7 +22,6 @@ copy_out() {  # on every exit, so that a failed or cut-short run still returns w
   if [ -n "$OUT" ]; then
     mkdir -p "$OUT/results"
     cp -r bench/results/. "$OUT/results/" 2>/dev/null
-    cp "$LOG" "$OUT/gpu_check.log"
   fi
 }
 trap copy_out EXIT
