@@ -409,7 +409,7 @@ def _extract_shards(store, mine: list[int], passes, show_progress: bool) -> None
             for index, state, arrays in zip(mine, states, encoder.encode(states, bar), strict=True):
                 _write(store, index, state, arrays)
                 if number == len(passes) - 1:  # the commit: skip report first, status last
-                    store.write_skipped(f"shard-{index:06d}", state.skipped)
+                    store.write_skipped(index, state.skipped)
                     store.commit_shard(index, state.status)
         del encoder
         _free_memory()
@@ -434,7 +434,7 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     if state.is_main_process:  # the main process alone writes the manifest; the others open what it wrote
         manifest = build_manifest(config, rows, _model_shapes(config, llm_table), device)
         store = _open_store(config, manifest, len(rows))
-        store.write_skipped("metadata", [asdict(b) for b in bad])
+        store.write_skipped(None, [asdict(b) for b in bad])
     state.wait_for_everyone()
     if not state.is_main_process:
         store = FeatureStore.open(config.out, mode="r+")

@@ -27,6 +27,7 @@ no fsync: a process crash is covered, a power loss may lose the page cache's las
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ SCHEMA_VERSION = 1
 PENDING, DONE, SKIPPED = 0, 1, 2
 SKIPPED_DIR = "skipped"  # per-writer skip reports, one JSON-lines file per shard (plus one for the metadata pass)
 SKIPPED_REPORT = "skipped.jsonl"  # the merged report, rewritten at the end of each extract run
+METADATA_PART, SHARD_PART_PREFIX = "metadata", "shard-"
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEFAULT_COMPRESSION = "none"  # fp16 features barely compress; measured in docs/store.md
 DEFAULT_CHUNK_ROWS = 16  # contiguous shard reads near the best, one random row still cheap: docs/store.md
@@ -305,14 +307,27 @@ class FeatureStore:
         return [i for i, (a, b) in enumerate(self.shard_ranges()) if (status[a:b] == PENDING).any()]
 
     def skipped_records(self) -> list[dict[str, Any]]:
-        """Every skipped row reported so far (metadata pass and decode failures), sorted by metadata line."""
+        """Every skipped row reported so far, sorted by metadata line.
+
+        The metadata pass's part always counts; a shard's part counts once the shard is committed (a part written
+        just before a crash belongs to a shard that will be recomputed).
+        """
         fs, root = fsspec.core.url_to_fs(self.url)
         folder = f"{root.rstrip('/')}/{SKIPPED_DIR}"
+        if not fs.exists(folder):
+            return []
+        status, ranges = self.status(), self.shard_ranges()
         records = []
-        if fs.exists(folder):
-            for path in sorted(fs.ls(folder, detail=False)):
-                with fs.open(path, "r") as f:
-                    records += [json.loads(line) for line in f if line.strip()]
+        for path in sorted(fs.ls(folder, detail=False)):
+            name = path.rsplit("/", 1)[-1]
+            if not name.endswith(".jsonl"):
+                continue  # a `.partial` leftover
+            if name.startswith(SHARD_PART_PREFIX):
+                start, stop = ranges[int(name[len(SHARD_PART_PREFIX) : -len(".jsonl")])]
+                if (status[start:stop] == PENDING).any():
+                    continue
+            with fs.open(path, "r") as f:
+                records += [json.loads(line) for line in f if line.strip()]
         return sorted(records, key=lambda r: (r["line"], r["reason"]))
 
     def summary(self) -> dict[str, Any]:
@@ -364,24 +379,23 @@ class FeatureStore:
         # Write every chunk, even all-zero ones, so that `verify` can tell a missing shard from a zero one.
         return self.array(name).with_config({"write_empty_chunks": True})
 
-    def write_skipped(self, part: str, records: list[dict[str, Any]]) -> None:
-        """Replace the skip report `part` (one per shard, `metadata` for the metadata pass); one writer per part."""
+    def write_skipped(self, shard: int | None, records: list[dict[str, Any]]) -> None:
+        """Replace the skip report of shard `shard` (None: the metadata pass's); one writer per part, atomic."""
         fs, root = fsspec.core.url_to_fs(self.url)
+        part = METADATA_PART if shard is None else f"{SHARD_PART_PREFIX}{shard:06d}"
         path = f"{root.rstrip('/')}/{SKIPPED_DIR}/{part}.jsonl"
         if not records:
             if fs.exists(path):
                 fs.rm(path)
             return
         fs.makedirs(f"{root.rstrip('/')}/{SKIPPED_DIR}", exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        _write_atomically(fs, path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def write_skipped_report(self) -> str:
         """Merge every part into `skipped.jsonl` beside the arrays; returns its path."""
         fs, root = fsspec.core.url_to_fs(self.url)
         path = f"{root.rstrip('/')}/{SKIPPED_REPORT}"
-        with fs.open(path, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.skipped_records())
+        _write_atomically(fs, path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.skipped_records()))
         return path
 
     def remove_partial_files(self) -> int:
@@ -452,6 +466,14 @@ class FeatureStore:
             "manifest": self.manifest,
             "arrays": arrays,
         }
+
+
+def _write_atomically(fs, path: str, text: str) -> None:
+    """Write through a `*.partial` sibling and rename it into place, so a killed write leaves no torn file."""
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    with fs.open(partial, "w") as f:
+        f.write(text)
+    fs.mv(partial, path)
 
 
 def _remove_sidecar_reports(url: str) -> None:

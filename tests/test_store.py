@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,13 +118,18 @@ def test_open_rejects_non_stores_and_broken_arrays(tmp_path, store):
         FeatureStore.open(store.url)
 
 
-def test_skip_reports_merge_per_part(store):
-    store.write_skipped("metadata", [{"line": 7, "file_name": None, "reason": "malformed_json", "detail": "x"}])
-    store.write_skipped("shard-000001", [{"line": 2, "file_name": "a.png", "reason": "unreadable_image", "detail": ""}])
+def test_skip_reports_merge_per_part_and_count_once_committed(store):
+    store.write_skipped(None, [{"line": 7, "file_name": None, "reason": "malformed_json", "detail": "x"}])
+    store.write_skipped(1, [{"line": 2, "file_name": "a.png", "reason": "unreadable_image", "detail": ""}])
+    assert store.summary()["skipped"] == {"malformed_json": 1}  # shard 1 is not committed yet
+    store.write_shard(1, _random_rows(store, 4, 8, 0), np.array([DONE, SKIPPED, DONE, DONE], np.uint8))
     assert [r["line"] for r in store.skipped_records()] == [2, 7]
     assert store.summary()["skipped"] == {"malformed_json": 1, "unreadable_image": 1}
-    store.write_skipped("shard-000001", [])  # a recomputed shard replaces its part
+    store.write_skipped(1, [])  # a recomputed shard replaces its part
     assert store.summary()["skipped"] == {"malformed_json": 1}
+    report = Path(store.write_skipped_report())
+    assert [json.loads(line)["line"] for line in report.read_text().splitlines()] == [7]
+    assert not list(report.parent.rglob("*.partial"))
 
 
 def test_verify_finds_a_flipped_byte_by_sample_range(store, tmp_path):
@@ -152,7 +159,7 @@ def test_memory_url_store_round_trips():
     created = FeatureStore.create(url, MANIFEST, num_samples=5, shard_rows=4)
     rows = _random_rows(created, 4, 5, seed=3)
     created.write_shard(1, rows, np.array([DONE], np.uint8))
-    created.write_skipped("metadata", [{"line": 0, "file_name": None, "reason": "empty_prompt", "detail": ""}])
+    created.write_skipped(None, [{"line": 0, "file_name": None, "reason": "empty_prompt", "detail": ""}])
     opened = FeatureStore.open(url, expected=MANIFEST)
     np.testing.assert_array_equal(opened.read(["llm"], 4, 5)["llm"], rows["llm"])
     assert opened.summary() == {"num_samples": 5, "complete": 1, "pending": 4, "skipped": {"empty_prompt": 1}}

@@ -194,7 +194,7 @@ def _bad_dataset(source: Path, target: Path) -> Path:
 def test_bad_rows_are_skipped_reported_and_never_done(tiny_models, demo_dataset, tmp_path):
     data = _bad_dataset(demo_dataset, tmp_path / "data")
     out = tmp_path / "store.zarr"
-    summary = run_extract(_config(data, out, tiny_models, shard_rows=3))
+    summary = run_extract(_config(data, out, tiny_models, shard_rows=3, num_workers=1))  # decode errors in a worker
     assert summary["skipped"] == {
         "empty_prompt": 1,
         "malformed_json": 1,
@@ -227,6 +227,19 @@ def test_unreadable_image_is_fatal_with_strict(tiny_models, demo_dataset, tmp_pa
     (data / "images" / "00001.png").write_bytes(b"truncated")
     with pytest.raises(ValueError, match=r"--strict: line 1 \(images/00001.png\): unreadable_image"):
         run_extract(_config(data, tmp_path / "s.zarr", tiny_models, strict=True))
+
+
+def test_one_sample_dataset_with_default_shards(tiny_models, demo_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    first = (data / "metadata.jsonl").read_text().splitlines()[0]
+    (data / "metadata.jsonl").write_text(first + "\n")
+    out = tmp_path / "s.zarr"
+    summary = run_extract(_config(data, out, tiny_models, shard_rows=256, batch_size=16))
+    assert summary["complete"] == 1
+    store = FeatureStore.open(out)
+    assert store.shard_ranges() == [(0, 1)] and store.array("llm").shape == (1, TINY_LLM_WIDTH)
+    assert store.verify() == []
 
 
 def test_dataset_without_usable_rows_is_an_error(tiny_models, tmp_path):
