@@ -25,6 +25,18 @@ test: install
 demo: install
 	SUR_CACHE=$(BIN)/sur-cache bash scripts/demo.sh
 
+# Benchmarks, not tests: each prints a table and upserts CSV rows under bench/results/ (named after the device).
+# Without a GPU, `bench` runs the Triton interpreter's correctness check at a small size instead.
+bench: install
+	$(BIN)/python bench/bench_attention.py
+
+bench-extract: install
+	$(BIN)/python bench/bench_extract.py
+
+bench-train: install
+	$(BIN)/python bench/bench_loader.py
+	$(BIN)/python bench/bench_train.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
