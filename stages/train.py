@@ -331,10 +331,9 @@ def compute_losses(run: TrainingRun, batch) -> LossTerms:
 def denoising_term(run: TrainingRun, batch, embedding: torch.Tensor) -> torch.Tensor:
     """MSE of the frozen UNet's prediction given the adapted embedding (epsilon or v, per the scheduler)."""
     scheduler, latents = run.noise_scheduler, batch.latents
-    noise = torch.randn(latents.shape, generator=batch.generator).to(latents.device)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=batch.generator
-    ).to(latents.device)
+    noise = torch.randn(latents.shape, generator=batch.generator, device=latents.device)
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=batch.generator, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = denoising_target(scheduler, latents, noise, timesteps)
     pred = run.unet(noisy.to(run.unet.dtype), timesteps, encoder_hidden_states=embedding.to(run.unet.dtype)).sample

@@ -8,7 +8,7 @@ per array, holds at most a few units in memory, and no two processes read the sa
 
 Position: a batch is named by `(epoch, batch)`, `batch` counting this process's micro-batches within the epoch.
 Everything random about a batch (which flip variant, the latent's noise `eps`, and whatever the trainer draws after
-it: diffusion noise and timesteps) comes from a generator seeded by `(seed, epoch, batch, rank)`, so a resumed run
+it: diffusion noise and timesteps) comes from generators seeded by `(seed, epoch, batch, rank)`, so a resumed run
 sees exactly the batches and draws an uninterrupted run would have seen.
 
 Latents are sampled from the cached distribution at every step, `(mean + exp(logvar / 2) * eps) * scaling_factor`,
@@ -97,10 +97,19 @@ def batches_per_epoch(
     return min(sizes) // batch_size
 
 
-def batch_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
-    """The CPU generator of one batch: a pure function of its position, so resume replays the same draws."""
-    state = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+FLIP_STREAM, DRAW_STREAM = 0, 1
+
+
+def batch_generator(
+    seed: int, epoch: int, batch: int, rank: int = 0, stream: int = DRAW_STREAM, device: str | torch.device = "cpu"
+) -> torch.Generator:
+    """A generator of one batch, a pure function of its position, so resume replays the same draws.
+
+    Stream FLIP_STREAM (on the CPU) picks the flip variants; DRAW_STREAM, on the training device so that no draw is
+    copied from the host, gives the latent noise, then the trainer's diffusion noise and timesteps.
+    """
+    state = np.random.SeedSequence([seed, epoch, batch, rank, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -323,7 +332,7 @@ class PreloadedSource:
 
 @dataclass
 class Batch:
-    """One micro-batch on the training device; `generator` continues the batch's seeded draws (noise, timesteps)."""
+    """One micro-batch on the training device; `generator` (on that device) continues the batch's seeded draws."""
 
     epoch: int
     index: int
@@ -338,8 +347,8 @@ class Batch:
 def sample_latents(
     mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """`(mean + exp(logvar / 2) * eps) * scaling_factor`, eps ~ N(0, 1) drawn on the CPU from `generator`."""
-    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    """`(mean + exp(logvar / 2) * eps) * scaling_factor`, eps ~ N(0, 1) drawn from `generator` (on mean's device)."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=mean.device)
     # diffusers' DiagonalGaussianDistribution clamps logvar to [-30, 20] before sampling; so do we.
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     return (mean + std * eps) * scaling_factor
@@ -400,11 +409,11 @@ class FeatureLoader:
 
     def _batch(self, epoch: int, index: int, samples: np.ndarray) -> Batch:
         s = self.settings
-        generator = batch_generator(s.seed, epoch, index, s.rank)
-        flipped = torch.rand(len(samples), generator=generator) < 0.5
+        flips = batch_generator(s.seed, epoch, index, s.rank, FLIP_STREAM)
+        flipped = torch.rand(len(samples), generator=flips) < 0.5
         flipped = flipped.numpy() if s.random_flip else np.zeros(len(samples), dtype=bool)
-        rows = self.source.fetch(samples, flipped)
-        features = {name: rows[name].to(self.device, non_blocking=True).float() for name in rows}
+        features = {name: self._to_device(rows) for name, rows in self.source.fetch(samples, flipped).items()}
+        generator = batch_generator(s.seed, epoch, index, s.rank, DRAW_STREAM, self.device)
         latents = None
         if s.latents:
             latents = sample_latents(features["latent_mean"], features["latent_logvar"], s.scaling_factor, generator)
@@ -418,3 +427,9 @@ class FeatureLoader:
             latents,
             generator,
         )
+
+    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        """Host rows -> float32 on the device; pinned first on CUDA, so the copy does not wait for the GPU."""
+        if self.device.type == "cuda" and rows.device.type == "cpu":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True).float()

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from sur_cache.loader import (
+    DRAW_STREAM,
+    FLIP_STREAM,
     FeatureLoader,
     LoaderSettings,
     PreloadedSource,
@@ -97,6 +99,7 @@ def test_batch_generator_depends_only_on_position():
     assert torch.equal(draw(0, 1, 2, 0), draw(0, 1, 2, 0))
     assert not torch.equal(draw(0, 1, 2, 0), draw(0, 1, 3, 0))
     assert not torch.equal(draw(0, 1, 2, 0), draw(0, 1, 2, 1))
+    assert not torch.equal(draw(0, 1, 2, 0, FLIP_STREAM), draw(0, 1, 2, 0, DRAW_STREAM))
 
 
 def _loader(store, source_kind="store", readers=0, **settings) -> FeatureLoader:
@@ -153,8 +156,9 @@ def test_random_flip_draws_half_flipped_from_the_batch_generator(store):
     loader = _loader(store, random_flip=True)
     flips = []
     for batch, _ in zip(loader.batches(), range(30), strict=False):
-        generator = batch_generator(0, batch.epoch, batch.index)
-        flipped = (torch.rand(len(batch.samples), generator=generator) < 0.5).numpy()
+        flip_stream = batch_generator(0, batch.epoch, batch.index, stream=FLIP_STREAM)
+        flipped = (torch.rand(len(batch.samples), generator=flip_stream) < 0.5).numpy()
+        generator = batch_generator(0, batch.epoch, batch.index, stream=DRAW_STREAM)
         rows = loader.source.fetch(batch.samples, flipped)
         expected = sample_latents(rows["latent_mean"], rows["latent_logvar"], MANIFEST["vae_scaling_factor"], generator)
         assert torch.equal(batch.latents, expected)
