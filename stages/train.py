@@ -99,6 +99,12 @@ def setup(config: TrainConfig) -> TrainingRun:
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    out = Path(config.out)
+    if not config.resume and any((out / CHECKPOINTS).glob("step_*")):
+        raise ValueError(
+            f"--out {out} holds the checkpoints of an earlier run; continue it with --resume latest, "
+            "or pass a new --out"
+        )
     store = FeatureStore.open(config.store, mode="r")
     manifest = store.manifest
     check_manifest(manifest, config.sd, store.url)
@@ -121,7 +127,6 @@ def setup(config: TrainConfig) -> TrainingRun:
     adapter, optimizer = accelerator.prepare(adapter, optimizer)
     # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per process.
     accelerator.register_for_checkpointing(lr_scheduler)
-    out = Path(config.out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     run = TrainingRun(

@@ -104,6 +104,8 @@ def test_cli_run_writes_adapter_checkpoints_log_and_plot(store, tiny_models, tmp
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((out / "run.json").read_text())
     assert run["gradient_to_adapter_through_unet"] and run["attention"] == "eager" and run["samples_per_step"] == 4
+    again = CliRunner().invoke(main, _cli(store, tiny_models, out, "--max-steps", "3"))
+    assert again.exit_code != 0 and "--resume latest" in again.output  # a second run never mixes into the first
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(store, tiny_models, tmp_path):
