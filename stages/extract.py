@@ -21,6 +21,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,19 +401,29 @@ def _expand(mask: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _extract_shards(store, mine: list[int], passes, show_progress: bool) -> None:
+    """Run each pass over this process's shards; a background thread writes shard k while shard k + 1 computes."""
     ranges = store.shard_ranges()
     states = [_ShardState(*ranges[i], np.full(ranges[i][1] - ranges[i][0], DONE, np.uint8)) for i in mine]
     total = sum(s.stop - s.start for s in states)
-    for number, (label, make_encoder) in enumerate(passes):
-        encoder = make_encoder()
-        with tqdm(total=total, unit="sample", desc=label, disable=not show_progress, dynamic_ncols=True) as bar:
-            for index, state, arrays in zip(mine, states, encoder.encode(states, bar), strict=True):
-                _write(store, index, state, arrays)
-                if number == len(passes) - 1:  # the commit: skip report first, status last
-                    store.write_skipped(index, state.skipped)
-                    store.commit_shard(index, state.status)
-        del encoder
-        _free_memory()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        for number, (label, make_encoder) in enumerate(passes):
+            encoder, commit, pending = make_encoder(), number == len(passes) - 1, None
+            with tqdm(total=total, unit="sample", desc=label, disable=not show_progress, dynamic_ncols=True) as bar:
+                for index, state, arrays in zip(mine, states, encoder.encode(states, bar), strict=True):
+                    if pending is not None:
+                        pending.result()  # at most one shard waits for the disk: memory stays at two shards
+                    pending = writer.submit(_write_shard, store, index, state, arrays, commit)
+                if pending is not None:
+                    pending.result()
+            del encoder
+            _free_memory()
+
+
+def _write_shard(store, index: int, state: _ShardState, arrays: dict[str, np.ndarray], commit: bool) -> None:
+    _write(store, index, state, arrays)
+    if commit:  # the commit: skip report first, status last
+        store.write_skipped(index, state.skipped)
+        store.commit_shard(index, state.status)
 
 
 def _free_memory() -> None:

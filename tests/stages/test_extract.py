@@ -290,7 +290,9 @@ def test_reference_llm_feature_file_replaces_the_llm(tiny_models, demo_dataset, 
     assert store.manifest["llm_features_file"]["sha256"] == hashlib.sha256(features.read_bytes()).hexdigest()
     wrong = _feature_file(tmp_path / "wrong.pt", kept, odd="an odd prompt")
     with pytest.raises(ValueError, match=r"one width; most have 40, but 'an odd prompt' has 41"):
-        run_extract(_config(demo_dataset, tmp_path / "w.zarr", tiny_models, llm=None, llm_features=wrong))
+        run_extract(
+            _config(demo_dataset, tmp_path / "w.zarr", tiny_models, llm=None, llm_features=wrong, llm_per_token=False)
+        )
 
 
 def test_memory_url_store(tiny_models, demo_dataset):
