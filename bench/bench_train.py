@@ -295,25 +295,38 @@ def main(repeats, features_batch, store_samples) -> None:
         print(f"store of {store_samples} samples written ({time.perf_counter() - started:.0f} s)")
         unet, scheduler = build_unet(shapes, device, dtype)
 
-        def record(what: str, value: float, unit: str, attention: str = "", batch: int = shapes.batch_size) -> None:
+        def record(what: str, measure, unit: str, attention: str = "", batch: int = shapes.batch_size) -> None:
+            """Append one row; a failing row (say, a kernel that does not build) is recorded, not fatal."""
+            try:
+                value = measure()
+            except Exception as error:  # noqa: BLE001
+                print(f"  {what:<14} {attention:<6} FAILED: {type(error).__name__}: {error}")
+                rows.append((what, attention, batch, math.nan, f"FAILED {type(error).__name__}"))
+                return
             rows.append((what, attention, batch, round(value, 2), unit))
             print(f"  {what:<14} {attention:<6} B={batch:<4} {value:>10.2f} {unit}")
 
-        record("unet_only", median_ms(unet_only(unet, scheduler, shapes, device), repeats, device), "ms")
-        for attention in backends(device):
-            names = array_names(latents=True, flips=True)
-            source = StoreSource(store, units, names, capacity=8, readers=1)  # as the trainer by default
+        def cached(attention: str) -> float:
+            source = StoreSource(store, units, array_names(latents=True, flips=True), capacity=8, readers=1)
             run = make_run(source, units, shapes, unet, scheduler, attention, device, shapes.batch_size, scratch)
-            record("cached", median_ms(stepper(run), repeats, device), "ms", attention)
-        online_source = OnlineFeatures(shapes, device, dtype, scratch)
-        run = make_run(online_source, units, shapes, unet, scheduler, "eager", device, shapes.batch_size, scratch)
-        record("online", median_ms(stepper(run), repeats, device), "ms", "eager")
-        del online_source, run, unet
-        for attention in backends(device):
+            return median_ms(stepper(run), repeats, device)
+
+        def online() -> float:
+            source = OnlineFeatures(shapes, device, dtype, scratch)
+            run = make_run(source, units, shapes, unet, scheduler, "eager", device, shapes.batch_size, scratch)
+            return median_ms(stepper(run), repeats, device)
+
+        def features_only(attention: str) -> float:
             source = PreloadedSource(store, units, array_names(latents=False, flips=False), device)
             run = make_run(source, units, shapes, None, None, attention, device, features_batch, scratch)
-            ms = median_ms(stepper(run), repeats * 5, device)
-            record("features_only", features_batch / ms * 1e3, "samples/s", attention, features_batch)
+            return features_batch / median_ms(stepper(run), repeats * 5, device) * 1e3
+
+        record("unet_only", lambda: median_ms(unet_only(unet, scheduler, shapes, device), repeats, device), "ms")
+        for attention in backends(device):
+            record("cached", lambda a=attention: cached(a), "ms", attention)
+        record("online", online, "ms", "eager")
+        for attention in backends(device):
+            record("features_only", lambda a=attention: features_only(a), "samples/s", attention, features_batch)
     ratios = _ratios(rows)
     for line in ratios:
         print(line)
