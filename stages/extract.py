@@ -204,6 +204,7 @@ def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, devi
         "latent_channels": shapes.latent_channels,
         "latent_size": shapes.latent_size,
         "vae_scaling_factor": shapes.vae_scaling_factor,
+        "batch_size": config.batch_size,  # batched math differs in the last bits across batch compositions
         "shard_rows": config.shard_rows,
         "chunk_rows": min(config.chunk_rows, config.shard_rows),
         "compression": config.compression,

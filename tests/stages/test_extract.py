@@ -128,9 +128,10 @@ def test_rerun_resumes_nothing_and_other_settings_are_refused(reference, tiny_mo
     again = run_extract(_config(demo_dataset, out, tiny_models))
     assert again["computed_now"] == 0 and again["complete"] == 12
     with pytest.raises(ManifestMismatchError) as error:
-        run_extract(_config(demo_dataset, out, tiny_models, llm_layer=0, store_dtype="float16"))
+        run_extract(_config(demo_dataset, out, tiny_models, llm_layer=0, store_dtype="float16", batch_size=3))
     assert "llm_layer: expected 0, found 1" in str(error.value)
     assert 'store_dtype: expected "float16", found "float32"' in str(error.value)
+    assert "batch_size: expected 3, found 2" in str(error.value)
     assert "--overwrite" in str(error.value)
 
 
