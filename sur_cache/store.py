@@ -37,7 +37,6 @@ import numpy as np
 import zarr
 import zarr.errors
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
-from zarr.core.sync import sync
 
 SCHEMA_VERSION = 1
 PENDING, DONE, SKIPPED = 0, 1, 2
@@ -414,13 +413,15 @@ class FeatureStore:
         it was written but whose file is gone is reported as missing.
         """
         status = self.status()
+        fs, root = fsspec.core.url_to_fs(self.url)
+        root = root.rstrip("/")
         corrupt = []
         for name in self.specs:
             array = self.array(name)
-            keys = list(array._iter_shard_keys())
-            for (start, stop), key in zip(self.shard_ranges(), keys, strict=True):
+            for shard, (start, stop) in enumerate(self.shard_ranges()):
+                key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))  # shards are the stored keys
                 written = bool((status[start:stop] != PENDING).any())
-                if written and not sync(array.store_path.store.exists(f"{array.path}/{key}")):
+                if written and not fs.exists(f"{root}/{array.path}/{key}"):
                     corrupt.append(CorruptRange(name, start, stop, "shard file missing"))
                     continue
                 try:
