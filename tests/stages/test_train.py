@@ -28,6 +28,17 @@ VENV_BIN = Path(sys.executable).parent
 SMALL_ADAPTER = {"feedforward": 64, "num_heads": 4}
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator (cpu or cuda, its own precision), as a fresh `sur-cache train` process
+    would; accelerate keeps one process-wide state, so reset it around each test (its own test suite does too)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def store(tiny_models, demo_dataset, tmp_path_factory):
     """A float32 store of the 12 demo samples with flipped latents, in shards of 4."""
@@ -47,6 +58,7 @@ def store(tiny_models, demo_dataset, tmp_path_factory):
         llm_layer=1,
         flip_variants=True,
         progress=False,
+        device="cpu",  # float32 CLIP and VAE on any machine, so online (on the CPU) recomputes the same numbers
     )
     run_extract(config)
     return out
@@ -249,3 +261,19 @@ def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(s
             totals += [compute_losses(run, next(batches)).total.item() for _ in range(2)]
     first = read_log(out / "train_log.jsonl")[0]
     assert first["total"] == pytest.approx(sum(totals) / 4, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_fused_run_resumes_to_the_same_losses(store, tiny_models, tmp_path):
+    """The CUDA-only paths: bf16 autocast and UNet, the fused kernel (attention auto), fused AdamW, pinned copies,
+    device-side draws, the reader process; resume matches to rounding (cuDNN backward may not be bitwise stable)."""
+    options = {"cpu": False, "mixed_precision": "bf16", "attention": "auto", "read_workers": 1, "random_flip": True}
+    whole = tmp_path / "whole"
+    run_train(_config(store, tiny_models, whole, **options))
+    assert json.loads((whole / "run.json").read_text())["attention"] == "fused"
+    broken = tmp_path / "broken"
+    run_train(_config(store, tiny_models, broken, max_steps=2, **options))
+    run_train(_config(store, tiny_models, broken, resume="latest", **options))
+    for a, b in zip(_losses(whole), _losses(broken), strict=True):
+        assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-3)
