@@ -196,8 +196,11 @@ class FeatureStore:
             raise ValueError(
                 f"num_samples, shard_rows, chunk_rows must be >= 1, got {num_samples, shard_rows, chunk_rows}"
             )
-        if not overwrite and _exists(url):
-            raise FileExistsError(f"{url} already holds a store; resume it with the same settings, or pass --overwrite")
+        if _exists(url):
+            if not overwrite:
+                raise FileExistsError(f"{url} already holds a store; resume it with the same settings, or --overwrite")
+        elif _non_empty_folder(url):  # creating a group would delete whatever is there
+            raise FileExistsError(f"{url} is a non-empty folder but not a Zarr store; choose a new --out path")
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         chunk_rows = min(chunk_rows, shard_rows)
@@ -267,7 +270,10 @@ class FeatureStore:
             try:
                 array = self._group[name]
             except KeyError:
-                raise StoreFormatError(f"{self.url}: array {name!r} is missing (the manifest says it exists)") from None
+                raise StoreFormatError(
+                    f"{self.url}: array {name!r} is missing (the manifest says it exists); if its creation was "
+                    "interrupted, re-run extract with --overwrite"
+                ) from None
             want = (self.num_samples, *spec.row_shape)
             if tuple(array.shape) != want or array.dtype != np.dtype(spec.dtype):
                 raise StoreFormatError(
@@ -467,6 +473,11 @@ class FeatureStore:
             "manifest": self.manifest,
             "arrays": arrays,
         }
+
+
+def _non_empty_folder(url: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs.isdir(root) and bool(fs.ls(root, detail=False))
 
 
 def _write_atomically(fs, path: str, text: str) -> None:

@@ -104,6 +104,14 @@ def test_create_refuses_existing_store_unless_overwrite(store):
     assert fresh.num_samples == 3 and fresh.manifest["llm_layer"] == 0
 
 
+def test_create_never_wipes_a_folder_that_is_not_a_store(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not a Zarr store"):
+            FeatureStore.create(tmp_path, MANIFEST, num_samples=2, shard_rows=2, overwrite=overwrite)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_open_rejects_non_stores_and_broken_arrays(tmp_path, store):
     with pytest.raises(FileNotFoundError, match="sur-cache extract"):
         FeatureStore.open(tmp_path / "nothing")
