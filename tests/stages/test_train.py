@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -277,3 +278,37 @@ def test_gpu_bf16_fused_run_resumes_to_the_same_losses(store, tiny_models, tmp_p
     run_train(_config(store, tiny_models, broken, resume="latest", **options))
     for a, b in zip(_losses(whole), _losses(broken), strict=True):
         assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-3)
+
+
+def test_v_prediction_and_min_snr_follow_the_scheduler_config(store, tiny_models, tmp_path):
+    """The denoising term of one batch, recomputed by hand from the batch's position-seeded draws."""
+    from sur_cache.loader import DRAW_STREAM, batch_generator, sample_latents
+    from sur_cache.losses import compute_snr
+
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny_models.sd, sd, ignore=shutil.ignore_patterns("text_encoder", "vae"))
+    shutil.copytree(
+        tiny_models.sd / "text_encoder", sd / "text_encoder", ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    shutil.copytree(tiny_models.sd / "vae", sd / "vae", ignore=shutil.ignore_patterns("*.safetensors"))
+    scheduler_config = json.loads((sd / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config["prediction_type"] = "v_prediction"
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
+    config = _config(store, tiny_models, tmp_path / "run", snr_gamma=5.0, dropout=0.0)
+    run = setup(dataclasses.replace(config, sd=str(sd)))
+    batch = next(run.loader.batches())
+    with torch.no_grad():
+        denoise = compute_losses(run, batch).denoise
+        generator = batch_generator(0, 0, 0, stream=DRAW_STREAM)
+        rows = run.loader.source.fetch(batch.samples, np.zeros(len(batch.samples), dtype=bool))
+        latents = sample_latents(rows["latent_mean"].float(), rows["latent_logvar"].float(), 0.18215, generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
+        scheduler = run.noise_scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        pred = run.unet(noisy, timesteps, encoder_hidden_states=run.adapter(batch.clip_simple).embedding).sample
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=5.0) / (snr + 1)
+        per_sample = ((pred - scheduler.get_velocity(latents, noise, timesteps)) ** 2).flatten(1).mean(1)
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert denoise.item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-5)
