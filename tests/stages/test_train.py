@@ -168,11 +168,11 @@ def test_a_cached_run_never_loads_the_llm_clip_or_vae(store, tiny_models, tmp_pa
     config = _config(store, tiny_models, tmp_path / "run", max_steps=1)
     run_train(dataclasses.replace(config, sd=str(sd)))
     assert len(read_log(tmp_path / "run" / "train_log.jsonl")) == 1
-    # features-only skips the UNet as well, and says so in the log
+    # features-only (from preloaded text features) skips the UNet as well, and says so in the log
     import diffusers
 
     _forbid(monkeypatch, (diffusers.UNet2DConditionModel, "from_pretrained"))
-    run_train(dataclasses.replace(config, sd=str(sd), out=tmp_path / "features", denoise_weight=0.0))
+    run_train(dataclasses.replace(config, sd=str(sd), out=tmp_path / "features", denoise_weight=0.0, preload="cpu"))
     record = read_log(tmp_path / "features" / "train_log.jsonl")[0]
     assert record["denoise"] is None and record["total"] == pytest.approx(1e-5 * (record["distill"] + record["align"]))
     assert json.loads((tmp_path / "features" / "run.json").read_text())["features_only"]
