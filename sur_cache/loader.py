@@ -309,12 +309,21 @@ class PreloadedSource:
         complete = np.concatenate([u.samples for u in units])
         self._slot = np.full(store.num_samples, -1, dtype=np.int64)
         self._slot[complete] = np.arange(len(complete))
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self._tensors = {  # allocated once and filled unit by unit: no second copy at the end
+            name: torch.empty(
+                (len(complete), *store.specs[name].row_shape),
+                dtype=torch.from_numpy(np.empty(0, store.specs[name].dtype)).dtype,
+                device=device,
+            )
+            for name in names
+        }
+        offset = 0
         for unit in units:
             block = store.read(names, unit.start, unit.stop)
             for name in names:
-                parts[name].append(torch.from_numpy(block[name][unit.samples - unit.start]).to(device))
-        self._tensors = {name: torch.cat(parts[name]) for name in names}
+                rows = torch.from_numpy(block[name][unit.samples - unit.start])
+                self._tensors[name][offset : offset + len(rows)].copy_(rows)
+            offset += len(unit.samples)
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         slots = torch.from_numpy(self._slot[indices]).to(self.device)
