@@ -286,7 +286,7 @@ class _ImageTextEncoder:
             "latent_mean": latents.mean.cpu().numpy(),
             "latent_logvar": latents.logvar.cpu().numpy(),
             "sample_line": np.array([r.line for r in rows], dtype=np.int64),
-            "truncated": torch.stack([simple.truncated, complex_.truncated], 1).numpy(),
+            "truncated": torch.stack([simple.truncated, complex_.truncated], 1).cpu().numpy(),
             "crop_offset": batch["crop_offset"].numpy().astype(np.int32),
             "image_sha256": batch["image_sha256"].numpy(),
             "text_sha256": np.stack([digest_array(text_sha256(r.text)) for r in rows]),
@@ -336,9 +336,9 @@ class _LLMEncoder:
             per_token=self.config.llm_per_token,
             max_length=self.manifest["tokenizer_max_length"],
         )
-        out = {"llm": features.pooled.numpy()}
+        out = {"llm": features.pooled.cpu().numpy()}
         if self.config.llm_per_token:
-            out["llm_tokens"], out["llm_mask"] = features.tokens.numpy(), features.mask.numpy()
+            out["llm_tokens"], out["llm_mask"] = features.tokens.cpu().numpy(), features.mask.cpu().numpy()
         return out
 
 
