@@ -38,8 +38,9 @@ class OnlineSource:
         self.tokenizer, self.text_encoder = load_clip(sd, device=self.device, dtype=sd_dtype)
         self.vae = load_vae(sd, device=self.device, dtype=sd_dtype) if latents else None
         self.dataset = ImageDataset(self.rows, manifest["resolution"], manifest["crop"], manifest["crop_seed"])
+        teacher = _teacher_id(manifest)
         self.llm_tokenizer, self.llm = load_llm(
-            llm or _teacher_id(manifest),
+            llm or teacher,
             load_in_8bit=bool(manifest["llm_8bit"]),
             dtype=_DTYPES[manifest.get("llm_dtype") or "float16"],
             device=self.device,
@@ -75,8 +76,8 @@ class OnlineSource:
 def _teacher_id(manifest: dict[str, Any]) -> str:
     if "llm_model" not in manifest:
         raise ValueError(
-            "--online needs the LLM that computed the store's features, but this store was made from an LLM "
-            "feature file (llm_features_file in its manifest); train from the cache instead"
+            "--online recomputes the LLM features, but this store's came from a feature file (llm_features_file "
+            "in its manifest), which no model reproduces; train from the cache instead"
         )
     return manifest["llm_model"]["id"]
 
