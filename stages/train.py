@@ -74,6 +74,7 @@ class TrainingRun:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # position of the next micro-batch
     batch: int = 0
+    lookahead: Any = None  # the next micro-batch, fetched while the GPU still runs the current step
 
 
 @dataclass
@@ -295,7 +296,7 @@ def optimizer_step(run: TrainingRun, batches) -> tuple[dict[str, float | None], 
     config, accelerator = run.config, run.accelerator
     sums: dict[str, torch.Tensor] = {}
     for micro in range(config.gradient_accumulation):
-        batch = next(batches)
+        batch, run.lookahead = run.lookahead or next(batches), None
         last = micro == config.gradient_accumulation - 1
         with nullcontext() if last else accelerator.no_sync(run.adapter):
             with accelerator.autocast():
@@ -311,6 +312,9 @@ def optimizer_step(run: TrainingRun, batches) -> tuple[dict[str, float | None], 
     if not accelerator.optimizer_step_was_skipped:
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    # Fetch the next micro-batch before the sync below, so its host work (reads, gather, copies) overlaps this
+    # step's GPU work; it is a pure function of its position, so this changes no number.
+    run.lookahead = next(batches)
     # One reduction and one device sync per step for everything logged (the small steps are launch-bound).
     names = list(sums)
     values = torch.stack([sums[name] for name in names] + [torch.as_tensor(grad_norm, device=sums["total"].device)])

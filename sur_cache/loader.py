@@ -196,6 +196,13 @@ def array_names(*, latents: bool, flips: bool) -> list[str]:
 _MIRROR = dict(zip(LATENT_ARRAYS, FLIPPED_ARRAYS, strict=True))
 
 
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; pinned first on CUDA, so the copy neither waits for the GPU nor blocks the host."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class _UnitReads(torch.utils.data.Dataset):
     """Read unit i -> `(i, its rows of the named arrays)`; the store is opened read-only in the reader process."""
 
@@ -326,9 +333,9 @@ class PreloadedSource:
             offset += len(unit.samples)
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
-        slots = torch.from_numpy(self._slot[indices]).to(self.device)
+        slots = _to(torch.from_numpy(self._slot[indices]), self.device)
         rows = {name: self._tensors[name].index_select(0, slots) for name in self.names}
-        mask = torch.from_numpy(flipped).to(self.device)
+        mask = _to(torch.from_numpy(flipped), self.device)
         for plain, mirrored in _MIRROR.items():
             if mirrored in rows:
                 shape = (-1, *[1] * (rows[plain].ndim - 1))
@@ -421,7 +428,7 @@ class FeatureLoader:
         flips = batch_generator(s.seed, epoch, index, s.rank, FLIP_STREAM)
         flipped = torch.rand(len(samples), generator=flips) < 0.5
         flipped = flipped.numpy() if s.random_flip else np.zeros(len(samples), dtype=bool)
-        features = {name: self._to_device(rows) for name, rows in self.source.fetch(samples, flipped).items()}
+        features = {name: _to(rows, self.device).float() for name, rows in self.source.fetch(samples, flipped).items()}
         generator = batch_generator(s.seed, epoch, index, s.rank, DRAW_STREAM, self.device)
         latents = None
         if s.latents:
@@ -436,9 +443,3 @@ class FeatureLoader:
             latents,
             generator,
         )
-
-    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
-        """Host rows -> float32 on the device; pinned first on CUDA, so the copy does not wait for the GPU."""
-        if self.device.type == "cuda" and rows.device.type == "cpu":
-            rows = rows.pin_memory()
-        return rows.to(self.device, non_blocking=True).float()
