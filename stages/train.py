@@ -273,13 +273,14 @@ def train(run: TrainingRun) -> None:
     )
     while run.step < run.total_steps:
         started = time.perf_counter()
+        lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step uses
         terms, grad_norm = optimizer_step(run, batches)
         run.step += 1
         record = {
             "step": run.step,
             "epoch": run.epoch,
             **terms,
-            "lr": run.lr_scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": grad_norm,
             "samples_per_s": samples_per_step / (time.perf_counter() - started),
         }

@@ -213,8 +213,11 @@ def test_detach_unet_input_leaves_only_the_kl_terms_training(store, tiny_models,
     assert not torch.allclose(through["fc.weight"], kl_only["fc.weight"])  # the UNet's gradient reached the adapter
 
 
-def test_freeze_llm_proj_keeps_and_saves_the_seeded_projection(store, tiny_models, tmp_path):
-    run_train(_config(store, tiny_models, tmp_path / "run", freeze_llm_proj=True, max_steps=2, lr=1e-2))
+def test_freeze_llm_proj_and_the_lr_schedule(store, tiny_models, tmp_path):
+    schedule = {"lr_schedule": "cosine", "warmup_steps": 2, "max_steps": 3, "lr": 1e-2}
+    run_train(_config(store, tiny_models, tmp_path / "run", freeze_llm_proj=True, **schedule))
+    # linear warmup over 2 steps, then the cosine's first value: the rate each step used
+    assert [r["lr"] for r in read_log(tmp_path / "run" / "train_log.jsonl")] == pytest.approx([0.0, 5e-3, 1e-2])
     trained = SURAdapter.from_pretrained(tmp_path / "run" / "adapter")
     initial = SURAdapter(dataclasses.replace(trained.config))
     assert torch.equal(trained.llm_proj.weight, initial.llm_proj.weight)
