@@ -12,12 +12,24 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-_COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40),
-            "purple": (130, 50, 160), "white": (235, 235, 235), "black": (20, 20, 20), "orange": (240, 130, 30)}
+_COLOURS = {
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 200, 40),
+    "purple": (130, 50, 160),
+    "white": (235, 235, 235),
+    "black": (20, 20, 20),
+    "orange": (240, 130, 30),
+}
 _SHAPES = ["circle", "square", "triangle"]
 _PLACES = ["in a quiet park", "on a busy street", "by the sea", "in a small kitchen", "under the night sky"]
-_STYLES = ["highly detailed, digital painting, artstation", "oil on canvas, dramatic lighting",
-           "photorealistic, 8k, sharp focus", "watercolor, soft pastel colors"]
+_STYLES = [
+    "highly detailed, digital painting, artstation",
+    "oil on canvas, dramatic lighting",
+    "photorealistic, 8k, sharp focus",
+    "watercolor, soft pastel colors",
+]
 
 
 def _draw(shape: str, fg: tuple[int, int, int], bg: tuple[int, int, int], size: tuple[int, int]) -> Image.Image:
@@ -48,11 +60,13 @@ def build_demo_dataset(folder: Path, num_samples: int = 32, seed: int = 0) -> Pa
         image = _draw(shape, _COLOURS[fg], _COLOURS[bg], size)
         name = f"images/{i:05d}.png" if i % 3 else f"images/{i:05d}.jpg"
         (image.convert("L") if i % 7 == 3 else image).save(folder / name)
-        rows.append({
-            "file_name": name,
-            "text": f"a {fg} {shape} waits {place}",
-            "prompt": f"{fg} {shape}, {bg} background, {place}, {style}",
-        })
+        rows.append(
+            {
+                "file_name": name,
+                "text": f"a {fg} {shape} waits {place}",
+                "prompt": f"{fg} {shape}, {bg} background, {place}, {style}",
+            }
+        )
     with open(folder / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return folder

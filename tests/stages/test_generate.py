@@ -7,6 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+
+from sur_cache.adapter import AdapterConfig, SURAdapter
+from sur_cache.cli import main
+from sur_cache.models import encode_clip
 from sur_cache.stages.generate import (
     generate,
     load_adapter,
@@ -15,10 +19,6 @@ from sur_cache.stages.generate import (
     prompt_embeddings,
     side_by_side,
 )
-
-from sur_cache.adapter import AdapterConfig, SURAdapter
-from sur_cache.cli import main
-from sur_cache.models import encode_clip
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_RESOLUTION
 
 PROMPT = "a red circle waits by the sea"
