@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent H100/H200 (15 minutes of device time per session, start-up included), in order of
+# priority, each step capped and the whole run kept under DEADLINE seconds:
+#   1. every GPU-marked test (kernel fp16/bf16 vs 2x PyTorch's error, models, generate, trainer),
+#   2. `make bench`'s attention benchmark (eager, SDPA, fused, CUDA graphs; whole adapter; profiler traces),
+#   3. torch.compile rows for the two headline shapes,
+#   4. stage two's benchmark (UNet-only vs cached vs online step, features-only samples/s),
+#   5. stage one's benchmark (VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, end to end).
+# bench/results/ and the logs are copied to $OUT on every exit.
+# Device call (the image lacks diffusers, zarr, numcodecs, bitsandbytes: bash ../shared/device/wheels.sh first):
+#   carry [".whl"]; command: bash bench/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEADLINE=${DEADLINE:-530}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT/results"
+exec > >(tee "$OUT/device_check.log") 2>&1
+copy_out() { cp -r bench/results/. "$OUT/results/" 2>/dev/null; }
+trap copy_out EXIT
+
+step() { echo; echo "=== $1 ($SECONDS s elapsed)"; }
+# capped CAP CMD...: run CMD with at most CAP seconds, and never past the deadline.
+capped() {
+  local cap=$1 left=$((DEADLINE - SECONDS))
+  shift
+  [ "$left" -gt 20 ] || { echo "skipped: deadline reached"; return 124; }
+  timeout $((cap < left ? cap : left)) "$@"
+}
+
+step "environment and packages"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "editable install failed"
+python3 -c "import torch, triton, diffusers, zarr, bitsandbytes, sur_cache.kernels, sur_cache.stages.train as t
+print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'zarr', zarr.__version__)"
+
+step "1. GPU tests"
+capped 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
+tests=$?
+
+step "2. attention benchmark (make bench)"
+capped 170 python3 bench/bench_attention.py --providers eager,sdpa,fused,fused+graph
+attention=$?
+
+step "3. torch.compile rows"
+capped 70 python3 bench/bench_attention.py --providers compile --batch-sizes 16,256 --widths 768 \
+  --adapter-providers "" --no-traces
+compile=$?
+
+step "4. stage two benchmark"
+capped 130 python3 bench/bench_train.py
+train=$?
+
+step "5. stage one benchmark"
+capped 110 python3 bench/bench_extract.py
+extract=$?
+
+step "summary (exit codes; 124 = time limit)"
+echo "gpu tests $tests | attention $attention | compile $compile | train $train | extract $extract"
+ls -la bench/results/
