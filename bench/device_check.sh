@@ -35,6 +35,12 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "editable install failed"
+if ! (cd / && python3 -c "import sur_cache.stages.train" 2>/dev/null); then  # fall back to a shim of symlinks
+  shim=$(mktemp -d) && mkdir -p "$shim/sur_cache" && ln -s "$PWD"/sur_cache/* "$shim/sur_cache/"
+  ln -s "$PWD/kernels" "$shim/sur_cache/kernels" && ln -s "$PWD/stages" "$shim/sur_cache/stages"
+  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+  echo "using the symlink shim $shim"
+fi
 python3 -c "import torch, triton, diffusers, zarr, bitsandbytes, sur_cache.kernels, sur_cache.stages.train as t
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'zarr', zarr.__version__)"
 
