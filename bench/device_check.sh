@@ -6,7 +6,7 @@
 #   3. torch.compile rows for the two headline shapes,
 #   4. stage two's benchmark (UNet-only vs cached vs online step, features-only samples/s),
 #   5. stage one's benchmark (VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, end to end).
-# bench/results/ and the logs are copied to $OUT on every exit.
+# bench/results/ is archived to $OUT/results.tar.gz and the log written to $OUT on every exit.
 # Device call (the image lacks diffusers, zarr, numcodecs, bitsandbytes: bash ../shared/device/wheels.sh first):
 #   carry [".whl"]; command: bash bench/device_check.sh
 set -uo pipefail
@@ -14,9 +14,10 @@ cd "$(dirname "$0")/.."
 DEADLINE=${DEADLINE:-530}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
-mkdir -p "$OUT/results"
+mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
-copy_out() { cp -r bench/results/. "$OUT/results/" 2>/dev/null; }
+# One archive: a device call returns at most 8 files.
+copy_out() { tar -czf "$OUT/results.tar.gz" -C bench results; }
 trap copy_out EXIT
 
 step() { echo; echo "=== $1 ($SECONDS s elapsed)"; }
