@@ -38,6 +38,7 @@ from pathlib import Path
 
 import click
 import torch
+from sd15_shapes import CLIP_L, SD15_VAE  # beside this script
 
 from sur_cache.dataset import ImageDataset, read_metadata
 from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
@@ -53,29 +54,6 @@ LLAMA_13B = dict(
     max_position_embeddings=2048,
 )
 LLAMA_13B_LAYERS = 40
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-
 _WORDS = (
     "a woman man child dog cat old young little red blue green golden walks sits stands runs reads looks "
     "holds smiles under beside near through along in on at the with her his their a an small big quiet busy "

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_loader import build_store  # noqa: E402
+from sd15_shapes import CLIP_L, SD15_UNET, SD15_VAE  # noqa: E402
 
 from sur_cache.adapter import AdapterConfig, SURAdapter  # noqa: E402
 from sur_cache.config import TrainConfig  # noqa: E402
@@ -71,24 +72,9 @@ class Shapes:
 
 SD15 = Shapes(
     label="SD1.5",
-    clip=dict(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    ),
-    unet=dict(sample_size=64, cross_attention_dim=768),  # the rest is UNet2DConditionModel's default: SD 1.5's
-    vae=dict(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    ),
+    clip=CLIP_L,
+    unet=SD15_UNET,
+    vae=SD15_VAE,
     llm_width=5120,
     resolution=512,
     batch_size=16,
