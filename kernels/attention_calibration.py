@@ -61,39 +61,49 @@ class LaunchSettings:
     """Block sizes and launch parameters of one call; the forward saves them on ctx for the backward."""
 
     block_l: int  # keys per row tile: next power of two >= L, at least 16 (tl.dot needs every dim >= 16)
-    block_m: int  # query rows per program in the forward and backward score kernels
+    block_m: int  # query rows per program in the forward and the score-gradient kernel
     block_d: int  # width chunk of the reductions over d (divides d)
-    block_rows: int  # positions per program in the gradient kernel
-    block_keys: int  # key chunk of the reductions over the sequence
+    block_rows: int  # output positions per program in the gradient kernel
+    block_keys: int  # key chunk of the gradient kernel's reductions (the whole padded key axis for 16-bit inputs)
     block_out_d: int  # width of the gradient tiles (divides d)
     dot_precision: str  # "ieee" for fp32 operands, "tf32" otherwise (ignored by Triton for 16-bit operands)
     num_warps: int
-    num_stages: int
+    num_stages: int  # software-pipelining depth of the loops over d (and over key chunks for fp32)
+    grads_stages: int  # the gradient kernel's: 1 when one key chunk covers every key (nothing to overlap)
 
 
-@functools.lru_cache(maxsize=256)
-def launch_settings(length: int, width: int, dtype: torch.dtype) -> LaunchSettings:
+# The gradient kernel aims for at least this many programs (about 4 per SM of an H100/H200) before it makes its
+# width tiles wider: one program per (batch, row block, width tile), and each program is one short dependency chain.
+GRADIENT_PROGRAMS = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_settings(batch: int, length: int, width: int, dtype: torch.dtype) -> LaunchSettings:
     """The one configuration used for inputs of this shape class (cached: it sits on every call's launch path).
 
-    The score tile [block_m, block_l] holds at most 32 x 256 fp32 values (32 KiB of registers). Width chunks are 64
-    wide for 16-bit inputs and 32 for fp32, so a [256, chunk] key tile is 32 KiB. Compiled ahead of time for sm_90
-    (Triton 3.9, ptxas 12.9), 8 warps and 3 pipeline stages use at most 172 registers a thread with no spills and at
-    most 96 KiB of shared memory (of 228 KiB on an H100/H200) over the shape classes of the tests; 4 warps needed up to
-    255 registers at L=256.
+    Rows come in blocks of 16 up to L = 128 (77 rows waste 3 of 80, against 19 of 96 with blocks of 32) and of 32
+    beyond. Width chunks are 64 wide for 16-bit inputs and 32 for fp32. The gradient kernel holds a
+    [block_rows, block_l] tile of P^T or dS (at most 16K 16-bit or 8K fp32 values) and a [block_l, block_out_d] tile
+    of K, Q or dO; its width tile is halved when the batch is too small to give GRADIENT_PROGRAMS programs.
     """
     block_l = max(16, triton.next_power_of_2(length))
-    chunk = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-    block_d = math.gcd(width, chunk)
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    chunk = 64 if sixteen_bit else 32
+    block_keys = block_l if sixteen_bit else min(block_l, 32)
+    block_rows = max(16, min(block_l, 64, 8192 // block_keys))
+    programs = batch * triton.cdiv(length, block_rows) * (width // math.gcd(width, chunk))
+    out_chunk = chunk if programs >= GRADIENT_PROGRAMS else chunk // 2
     return LaunchSettings(
         block_l=block_l,
-        block_m=min(32, block_l),
-        block_d=block_d,
-        block_rows=min(64, block_l),
-        block_keys=min(64, block_l),
-        block_out_d=block_d,
+        block_m=16 if block_l <= 128 else 32,
+        block_d=math.gcd(width, chunk),
+        block_rows=block_rows,
+        block_keys=block_keys,
+        block_out_d=math.gcd(width, out_chunk),
         dot_precision="ieee" if dtype == torch.float32 else "tf32",
         num_warps=8,
         num_stages=3,
+        grads_stages=1 if block_keys == block_l else 3,
     )
 
 
@@ -131,48 +141,13 @@ def _rows_times_rows_t(
 
 
 @triton.jit
-def _mix_rows(
-    w_ptr,
-    stride_w_row,
-    stride_w_key,
-    x_ptr,
-    stride_x_row,
-    stride_x_col,
-    offs_m,
-    offs_d,
-    length,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """fp32 [BLOCK_M, BLOCK_D] tile of W[offs_m, :] @ X[:, offs_d], reduced over the sequence in BLOCK_K chunks.
-
-    W is an fp32 [L, L] matrix (P or dS, or their transposes through the strides), rounded to X's dtype for the dot.
-    """
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    mask_m = (offs_m < length)[:, None]
-    for k0 in range(0, length, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < length
-        w = tl.load(
-            w_ptr + offs_m[:, None] * stride_w_row + offs_k[None, :] * stride_w_key,
-            mask=mask_m & mask_k[None, :],
-            other=0.0,
-        )
-        x_ptrs = x_ptr + offs_k[:, None] * stride_x_row + offs_d[None, :] * stride_x_col
-        x = tl.load(x_ptrs, mask=mask_k[:, None], other=0.0)  # zeros, not garbage: 0 * NaN would poison the sum
-        acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _forward_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
     o_ptr,
     p_ptr,
+    pt_ptr,
     scale,
     length,
     width,
@@ -196,7 +171,11 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """For one block of query rows of one batch element: P = softmax(Q K^T * scale) (stored fp32), O = P V + V."""
+    """For one block of query rows of one batch element: P = softmax(Q K^T * scale), O = P V + V.
+
+    P is stored twice for the backward: fp32 rows (P[b, i, j]) and, in the input dtype, transposed (P^T[b, j, i]).
+    Both share the strides stride_pb, stride_pl (and a unit stride along the last axis).
+    """
     pid = tl.program_id(0)
     batch = (pid // num_row_blocks).to(tl.int64)
     offs_m = (pid % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -223,10 +202,17 @@ def _forward_kernel(
     scores = tl.where((offs_n < length)[None, :], scores * scale, float("-inf"))
     probs = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     probs = probs / tl.sum(probs, axis=1)[:, None]
-    p_ptrs = p_ptr + batch * stride_pb + offs_m[:, None] * stride_pl + offs_n[None, :]
-    tl.store(p_ptrs, probs, mask=mask_m & (offs_n < length)[None, :])
-
+    square = batch * stride_pb
+    tl.store(
+        p_ptr + square + offs_m[:, None] * stride_pl + offs_n[None, :], probs, mask=mask_m & (offs_n < length)[None, :]
+    )
     probs = probs.to(v_ptr.dtype.element_ty)
+    tl.store(
+        pt_ptr + square + offs_n[:, None] * stride_pl + offs_m[None, :],
+        tl.trans(probs),
+        mask=mask_n & (offs_m < length)[None, :],
+    )
+
     v_ptr += batch * stride_vb
     values_ptrs = v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
     residual_ptrs = v_ptr + offs_m[:, None] * stride_vl + offs_d[None, :] * stride_vd
@@ -258,12 +244,19 @@ def _scores_backward_kernel(
     stride_vd,
     stride_pb,
     stride_pl,
+    stride_sb,
+    stride_sl,
+    stride_s_transposed,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dS[b, rows] = scale * P * (dP - rowsum(P * dP)) with dP = dO V^T, for one block of rows."""
+    """dS[b, rows] = scale * P * (dP - rowsum(P * dP)) with dP = dO V^T, for one block of rows.
+
+    dS is stored in the input dtype twice: row-major at ds_ptr and transposed at ds_ptr + stride_s_transposed, so
+    that the gradient kernel reads both dS (for dQ) and dS^T (for dK) with unit-stride rows.
+    """
     pid = tl.program_id(0)
     batch = (pid // num_row_blocks).to(tl.int64)
     offs_m = (pid % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -284,11 +277,16 @@ def _scores_backward_kernel(
         BLOCK_D,
         DOT_PRECISION,
     )
-    mask = (offs_m < length)[:, None] & (offs_n < length)[None, :]
-    offsets = batch * stride_pb + offs_m[:, None] * stride_pl + offs_n[None, :]
-    probs = tl.load(p_ptr + offsets, mask=mask, other=0.0)
+    mask_m = offs_m < length
+    mask_n = offs_n < length
+    mask = mask_m[:, None] & mask_n[None, :]
+    probs = tl.load(p_ptr + batch * stride_pb + offs_m[:, None] * stride_pl + offs_n[None, :], mask=mask, other=0.0)
     delta = tl.sum(probs * grad_probs, axis=1)
-    tl.store(ds_ptr + offsets, scale * probs * (grad_probs - delta[:, None]), mask=mask)
+    grad_scores = (scale * probs * (grad_probs - delta[:, None])).to(ds_ptr.dtype.element_ty)
+    ds_ptr += batch * stride_sb
+    tl.store(ds_ptr + offs_m[:, None] * stride_sl + offs_n[None, :], grad_scores, mask=mask)
+    transposed_ptrs = ds_ptr + stride_s_transposed + offs_n[:, None] * stride_sl + offs_m[None, :]
+    tl.store(transposed_ptrs, tl.trans(grad_scores), mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -296,11 +294,9 @@ def _grads_backward_kernel(
     q_ptr,
     k_ptr,
     do_ptr,
-    p_ptr,
+    pt_ptr,
     ds_ptr,
-    dq_ptr,
-    dk_ptr,
-    dv_ptr,
+    grads_ptr,
     length,
     num_row_blocks,
     num_d_blocks,
@@ -313,11 +309,12 @@ def _grads_backward_kernel(
     stride_dob,
     stride_dol,
     stride_dod,
+    stride_sb,
+    stride_sl,
+    stride_s_transposed,
+    stride_g_which,
     stride_gb,
     stride_gl,
-    stride_gd,
-    stride_pb,
-    stride_pl,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -325,67 +322,45 @@ def _grads_backward_kernel(
 ):
     """dQ = dS K, dK = dS^T Q, dV = P^T dO + dO for one block of positions and one width chunk of one batch element.
 
-    dQ, dK and dV share one contiguous layout (strides stride_g*), and so do P and dS (strides stride_p*).
+    The three products share one loop over key chunks, and every chunk's six tiles are loaded before its three dots,
+    so their loads are in flight together; for 16-bit inputs one chunk covers all keys. P^T, dS and dS^T are in the
+    input dtype with unit-stride rows and share one layout (strides stride_s*); grads is [3, B, L, d] contiguous:
+    dQ, dK, dV. Padded keys load as zeros in both operands (zeros, not garbage: 0 * NaN would poison the sum).
     """
     pid = tl.program_id(0)
     batch = (pid // (num_row_blocks * num_d_blocks)).to(tl.int64)
     block = pid % (num_row_blocks * num_d_blocks)
     offs_m = (block // num_d_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = (block % num_d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (offs_m < length)[:, None]
-    square = batch * stride_pb
-    grad_offsets = batch * stride_gb + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd
+    mask_m = (offs_m < length)[:, None]
+    ds_rows = ds_ptr + batch * stride_sb + offs_m[:, None] * stride_sl
+    pt_rows = pt_ptr + batch * stride_sb + offs_m[:, None] * stride_sl
+    k_ptr += batch * stride_kb + offs_d[None, :] * stride_kd
+    q_ptr += batch * stride_qb + offs_d[None, :] * stride_qd
     do_ptr += batch * stride_dob
-
-    grad_q = _mix_rows(
-        ds_ptr + square,
-        stride_pl,
-        1,
-        k_ptr + batch * stride_kb,
-        stride_kl,
-        stride_kd,
-        offs_m,
-        offs_d,
-        length,
-        BLOCK_M,
-        BLOCK_K,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
-    tl.store(dq_ptr + grad_offsets, grad_q.to(dq_ptr.dtype.element_ty), mask=mask)
-    grad_k = _mix_rows(
-        ds_ptr + square,
-        1,
-        stride_pl,
-        q_ptr + batch * stride_qb,
-        stride_ql,
-        stride_qd,
-        offs_m,
-        offs_d,
-        length,
-        BLOCK_M,
-        BLOCK_K,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
-    tl.store(dk_ptr + grad_offsets, grad_k.to(dk_ptr.dtype.element_ty), mask=mask)
-    grad_v = _mix_rows(
-        p_ptr + square,
-        1,
-        stride_pl,
-        do_ptr,
-        stride_dol,
-        stride_dod,
-        offs_m,
-        offs_d,
-        length,
-        BLOCK_M,
-        BLOCK_K,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
-    grad_v += tl.load(do_ptr + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod, mask=mask).to(tl.float32)
-    tl.store(dv_ptr + grad_offsets, grad_v.to(dv_ptr.dtype.element_ty), mask=mask)
+    do_cols = do_ptr + offs_d[None, :] * stride_dod
+    grad_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    grad_k = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    grad_v = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, length, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < length
+        square_mask = mask_m & mask_k[None, :]
+        grad_scores = tl.load(ds_rows + offs_k[None, :], mask=square_mask, other=0.0)
+        keys = tl.load(k_ptr + offs_k[:, None] * stride_kl, mask=mask_k[:, None], other=0.0)
+        grad_scores_t = tl.load(ds_rows + stride_s_transposed + offs_k[None, :], mask=square_mask, other=0.0)
+        queries = tl.load(q_ptr + offs_k[:, None] * stride_ql, mask=mask_k[:, None], other=0.0)
+        probs_t = tl.load(pt_rows + offs_k[None, :], mask=square_mask, other=0.0)
+        grad_out = tl.load(do_cols + offs_k[:, None] * stride_dol, mask=mask_k[:, None], other=0.0)
+        grad_q = tl.dot(grad_scores, keys, grad_q, input_precision=DOT_PRECISION)
+        grad_k = tl.dot(grad_scores_t, queries, grad_k, input_precision=DOT_PRECISION)
+        grad_v = tl.dot(probs_t, grad_out, grad_v, input_precision=DOT_PRECISION)
+    grad_v += tl.load(do_cols + offs_m[:, None] * stride_dol, mask=mask_m).to(tl.float32)
+    grads_ptr += batch * stride_gb + offs_m[:, None] * stride_gl + offs_d[None, :]
+    element_ty = grads_ptr.dtype.element_ty
+    tl.store(grads_ptr, grad_q.to(element_ty), mask=mask_m)
+    tl.store(grads_ptr + stride_g_which, grad_k.to(element_ty), mask=mask_m)
+    tl.store(grads_ptr + 2 * stride_g_which, grad_v.to(element_ty), mask=mask_m)
 
 
 class Launch(NamedTuple):
@@ -406,60 +381,88 @@ def _meta(settings: LaunchSettings, **blocks: int) -> dict:
     )
 
 
+def square_buffer(batch: int, length: int, count: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Empty [count, B, L, Lp] storage for L x L matrices, rows padded to Lp = a multiple of 16 values.
+
+    Aligned rows let Triton vectorize the loads; the padding is never read (every load is masked to L).
+    """
+    return torch.empty((count, batch, length, triton.cdiv(length, 16) * 16), device=device, dtype=dtype)
+
+
 def forward_launch(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, probs: Tensor, scale: float, s: LaunchSettings
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, probs: Tensor, probs_t: Tensor, scale: float, s: LaunchSettings
 ) -> Launch:
+    """probs (fp32) and probs_t (input dtype) are [B, L, Lp] with one layout."""
     batch, length, width = q.shape
     blocks = triton.cdiv(length, s.block_m)
-    args = (q, k, v, out, probs, scale, length, width, blocks, *q.stride(), *k.stride(), *v.stride(), *out.stride())
+    args = (q, k, v, out, probs, probs_t, scale, length, width, blocks)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *probs.stride()[:2])
     meta = _meta(s, BLOCK_M=s.block_m, BLOCK_L=s.block_l, BLOCK_D=s.block_d)
-    return Launch(_forward_kernel, (batch * blocks,), (*args, *probs.stride()[:2]), meta)
+    return Launch(_forward_kernel, (batch * blocks,), (*args, *strides), meta)
 
 
 def scores_backward_launch(
     grad_out: Tensor, v: Tensor, probs: Tensor, grad_scores: Tensor, scale: float, s: LaunchSettings
 ) -> Launch:
+    """grad_scores is [2, B, L, Lp] in the input dtype: dS and dS^T."""
     batch, length, width = v.shape
     blocks = triton.cdiv(length, s.block_m)
     args = (grad_out, v, probs, grad_scores, scale, length, width, blocks, *grad_out.stride(), *v.stride())
+    strides = (*probs.stride()[:2], *grad_scores.stride()[1:3], grad_scores.stride(0))
     meta = _meta(s, BLOCK_M=s.block_m, BLOCK_L=s.block_l, BLOCK_D=s.block_d)
-    return Launch(_scores_backward_kernel, (batch * blocks,), (*args, *probs.stride()[:2]), meta)
+    return Launch(_scores_backward_kernel, (batch * blocks,), (*args, *strides), meta)
 
 
 def grads_backward_launch(
-    q: Tensor, k: Tensor, grad_out: Tensor, probs: Tensor, grad_scores: Tensor, grads: Tensor, s: LaunchSettings
+    q: Tensor, k: Tensor, grad_out: Tensor, probs_t: Tensor, grad_scores: Tensor, grads: Tensor, s: LaunchSettings
 ) -> Launch:
-    """grads is [3, B, L, d]: dQ, dK, dV."""
+    """probs_t is P^T [B, L, Lp], grad_scores [2, B, L, Lp] (dS, dS^T), both in the layout of square_buffer; grads
+    is [3, B, L, d] contiguous: dQ, dK, dV."""
     batch, length, width = q.shape
     row_blocks, d_blocks = triton.cdiv(length, s.block_rows), width // s.block_out_d
-    pointers = (q, k, grad_out, probs, grad_scores, grads[0], grads[1], grads[2])
-    strides = (*q.stride(), *k.stride(), *grad_out.stride(), *grads[0].stride(), *probs.stride()[:2])
-    meta = _meta(s, BLOCK_M=s.block_rows, BLOCK_K=s.block_keys, BLOCK_D=s.block_out_d)
+    pointers = (q, k, grad_out, probs_t, grad_scores, grads)
+    strides = (
+        *q.stride(),
+        *k.stride(),
+        *grad_out.stride(),
+        *grad_scores.stride()[1:3],
+        grad_scores.stride(0),
+        *grads.stride()[:3],
+    )
+    meta = {**_meta(s, BLOCK_M=s.block_rows, BLOCK_K=s.block_keys, BLOCK_D=s.block_out_d), "num_stages": s.grads_stages}
     grid = (batch * row_blocks * d_blocks,)
     return Launch(_grads_backward_kernel, grid, (*pointers, length, row_blocks, d_blocks, *strides), meta)
 
 
 def attention_calibration_forward(
     q: Tensor, k: Tensor, v: Tensor, scale: float
-) -> tuple[Tensor, Tensor, LaunchSettings]:
-    """Launch the forward kernel; returns (out [B, L, d], P [B, L, >= L] fp32, the settings used)."""
+) -> tuple[Tensor, Tensor, Tensor, LaunchSettings]:
+    """Launch the forward kernel; returns (out [B, L, d], P fp32 and P^T in q's dtype [B, L, Lp], the settings)."""
     batch, length, width = q.shape
-    settings = launch_settings(length, width, q.dtype)
-    probs = torch.empty((batch, length, triton.cdiv(length, 16) * 16), device=q.device, dtype=torch.float32)
+    settings = launch_settings(batch, length, width, q.dtype)
+    probs = square_buffer(batch, length, 1, q.device, torch.float32)[0]
+    probs_t = square_buffer(batch, length, 1, q.device, q.dtype)[0]
     out = torch.empty((batch, length, width), device=q.device, dtype=q.dtype)
-    forward_launch(q, k, v, out, probs, scale, settings)()
-    return out, probs, settings
+    forward_launch(q, k, v, out, probs, probs_t, scale, settings)()
+    return out, probs, probs_t, settings
 
 
 def attention_calibration_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor, scale: float, settings: LaunchSettings
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+    probs_t: Tensor,
+    scale: float,
+    settings: LaunchSettings,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward kernels; returns (dQ, dK, dV), each [B, L, d] in the input dtype."""
+    """Launch the two backward kernels; returns (dQ, dK, dV), each [B, L, d] in the input dtype."""
     batch, length, width = q.shape
-    grad_scores = torch.empty_like(probs)
+    grad_scores = square_buffer(batch, length, 2, q.device, q.dtype)
     grads = torch.empty((3, batch, length, width), device=q.device, dtype=q.dtype)
     scores_backward_launch(grad_out, v, probs, grad_scores, scale, settings)()
-    grads_backward_launch(q, k, grad_out, probs, grad_scores, grads, settings)()
+    grads_backward_launch(q, k, grad_out, probs_t, grad_scores, grads, settings)()
     return grads[0], grads[1], grads[2]
 
 
@@ -468,8 +471,8 @@ class AttentionCalibrationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        out, probs, settings = attention_calibration_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, probs)
+        out, probs, probs_t, settings = attention_calibration_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, probs, probs_t)
         ctx.scale = scale
         ctx.settings = settings
         return out
@@ -477,9 +480,9 @@ class AttentionCalibrationFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        q, k, v, probs = ctx.saved_tensors
-        grad_q, grad_k, grad_v = attention_calibration_backward(grad_out, q, k, v, probs, ctx.scale, ctx.settings)
-        return grad_q, grad_k, grad_v, None
+        q, k, v, probs, probs_t = ctx.saved_tensors
+        grads = attention_calibration_backward(grad_out, q, k, v, probs, probs_t, ctx.scale, ctx.settings)
+        return (*grads, None)
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:

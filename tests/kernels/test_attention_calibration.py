@@ -178,13 +178,15 @@ def hopper_launches(case: Case) -> list:
     """The three launches of one forward+backward, built by the launchers from CPU tensors of the case's shape."""
     dtype = DTYPES[case.dtype]
     q, k, v, grad_out = (t.to(dtype) for t in make_inputs(case, "cpu"))
-    settings = kernels.launch_settings(case.length, case.width, dtype)
-    probs = torch.empty(case.batch, case.length, -(-case.length // 16) * 16)
+    settings = kernels.launch_settings(case.batch, case.length, case.width, dtype)
+    probs = kernels.square_buffer(case.batch, case.length, 1, q.device, torch.float32)[0]
+    probs_t = kernels.square_buffer(case.batch, case.length, 1, q.device, dtype)[0]
+    grad_scores = kernels.square_buffer(case.batch, case.length, 2, q.device, dtype)
     grads = torch.empty(3, *q.shape, dtype=dtype)
     return [
-        kernels.forward_launch(q, k, v, torch.empty_like(q), probs, 0.1, settings),
-        kernels.scores_backward_launch(grad_out, v, probs, torch.empty_like(probs), 0.1, settings),
-        kernels.grads_backward_launch(q, k, grad_out, probs, torch.empty_like(probs), grads, settings),
+        kernels.forward_launch(q, k, v, torch.empty_like(q), probs, probs_t, 0.1, settings),
+        kernels.scores_backward_launch(grad_out, v, probs, grad_scores, 0.1, settings),
+        kernels.grads_backward_launch(q, k, grad_out, probs_t, grad_scores, grads, settings),
     ]
 
 
@@ -228,7 +230,12 @@ HOPPER_SHARED_MEMORY = 227 * 1024  # the most one H100/H200 block may use
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="Triton's NVIDIA tools (ptxas, cuobjdump) are not installed")
 @pytest.mark.parametrize(
     "case",
-    [Case(2, 77, 768, "bfloat16"), Case(2, 256, 2048, "bfloat16"), Case(2, 200, 64, "float32", contiguous=False)],
+    [
+        Case(2, 77, 768, "bfloat16"),
+        Case(256, 77, 768, "bfloat16"),  # a large batch takes wider gradient tiles
+        Case(2, 256, 2048, "bfloat16"),
+        Case(2, 200, 64, "float32", contiguous=False),
+    ],
     ids=lambda case: case.name,
 )
 def test_kernels_compile_for_hopper_without_spills(case):
