@@ -15,6 +15,9 @@ written once: 4 tensors of [B, L, d] forward, 11 forward+backward (q, k, v, out;
 bandwidth floor of DESIGN.md section 6; "% HBM" divides the achieved rate by a device copy measured in the same run.
 Rows are upserted into bench/results/attention_<gpu>.csv (a provider that fails is recorded with its error and the
 run goes on), a PNG is drawn from the CSV, and one adapter step per core is saved as a torch.profiler trace.
+Per-launch breakdown (kernel "launch"): each Triton launch of the fused forward+backward timed alone on its own inputs
+(--breakdown-batch-sizes, default 16 and 256, at every width), with its grid size and block sizes printed, so that a
+run tells which kernel costs what; its GB/s counts the [B, L, d] tensors that launch must read or write.
 
 Without a GPU the script says so and runs the interpreter correctness check (TRITON_INTERPRET=1, child process) at a
 small size instead.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import importlib
 import json
 import os
 import re
@@ -46,6 +50,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sur_cache.kernels import attention_calibration, attention_calibration_reference
 
+# the module itself (the package exports its function under the same name): its launchers build single launches
+fused_kernels = importlib.import_module("sur_cache.kernels.attention_calibration")
+
 CORE_PROVIDERS = ("eager", "sdpa", "fused", "fused+graph", "compile")
 ADAPTER_PROVIDERS = ("eager", "sdpa", "fused", "eager+graph", "fused+graph")
 MODES = ("forward", "forward+backward")
@@ -53,6 +60,8 @@ TENSORS_MOVED = {"forward": 4, "forward+backward": 11}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEVICE = "cuda"
 KEY_COLUMNS = ("kernel", "provider", "mode", "B", "L", "d", "dtype", "gpu")
+# [B, L, d] tensors each fused launch must read or write at least (the L x L buffers of P and dS not counted)
+LAUNCH_TENSORS = {"_forward_kernel": 4, "_scores_backward_kernel": 2, "_grads_backward_kernel": 6}
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class BenchConfig:
     modes: tuple[str, ...]
     adapter_batch_sizes: tuple[int, ...]
     adapter_providers: tuple[str, ...]
+    breakdown_batch_sizes: tuple[int, ...]
     results_dir: Path
     traces: bool
 
@@ -200,6 +210,42 @@ def measure_adapter(config: BenchConfig, provider: str, batch: int, width: int) 
     return row
 
 
+def fused_launches(batch: int, length: int, width: int, dtype: torch.dtype) -> list:
+    """The launches of one fused forward+backward on their own inputs, built by the kernel module's launchers.
+
+    Each is run once in order, so every buffer a launch reads (P, P^T, dS) holds real values before it is timed.
+    """
+    q, k, v, grad_out = (torch.randn(batch, length, width, device=DEVICE, dtype=dtype) for _ in range(4))
+    scale = width**-0.5
+    out, probs, probs_t, settings = fused_kernels.attention_calibration_forward(q, k, v, scale)
+    grad_scores = fused_kernels.square_buffer(batch, length, 2, q.device, dtype)
+    grads = torch.empty(3, batch, length, width, device=DEVICE, dtype=dtype)
+    launches = [
+        fused_kernels.forward_launch(q, k, v, out, probs, probs_t, scale, settings),
+        fused_kernels.scores_backward_launch(grad_out, v, probs, grad_scores, scale, settings),
+        fused_kernels.grads_backward_launch(q, k, grad_out, probs_t, grad_scores, grads, settings),
+    ]
+    for launch in launches:
+        launch()
+    return launches
+
+
+def measure_launches(config: BenchConfig, batch: int, width: int) -> list[Row]:
+    """GPU time of each fused launch alone (kernel "launch", provider = the Triton kernel), with its grid size."""
+    dtype = getattr(torch, config.dtype)
+    rows = []
+    for launch in fused_launches(batch, config.length, width, dtype):
+        name = launch.kernel.__name__
+        mode = "forward" if name == "_forward_kernel" else "backward"
+        row = Row("launch", name, mode, batch, config.length, width, config.dtype)
+        row.p20_us, row.p50_us, row.p80_us = time_us(launch)
+        row.gbps = LAUNCH_TENSORS[name] * batch * config.length * width * dtype.itemsize / (row.p50_us * 1e-6) / 1e9
+        blocks = {key: value for key, value in launch.meta.items() if key.startswith("BLOCK")}
+        print(f"  launch {name} B={batch} d={width}: {row.p50_us:.1f} us, {launch.grid[0]} programs, {blocks}")
+        rows.append(row)
+    return rows
+
+
 def guarded(measure: Callable[[], Row], failed: Row) -> Row:
     """Run one measurement; a failure (compile error, unsupported backend, OOM) becomes a row with its error."""
     try:
@@ -291,6 +337,12 @@ def run_gpu_bench(config: BenchConfig) -> None:
             for provider in config.adapter_providers:
                 failed = Row("adapter", provider, "forward+backward", batch, config.length, width, config.dtype)
                 rows.append(guarded(partial(measure_adapter, config, provider, batch, width), failed))
+        if "fused" in config.providers:
+            for batch in config.breakdown_batch_sizes:
+                try:
+                    rows.extend(measure_launches(config, batch, width))
+                except Exception as error:  # noqa: BLE001 - a failed breakdown is reported, the run goes on
+                    print(f"  launch breakdown B={batch} d={width}: failed: {type(error).__name__}: {error}")
         for row in rows:
             row.gpu = gpu
         upsert_rows(csv_path, rows)  # after every width, so that a run cut short keeps what it measured
@@ -376,7 +428,7 @@ def run_cpu_fallback() -> int:
 
 
 def int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(value) for value in text.split(","))
+    return tuple(int(value) for value in text.split(",") if value.strip())
 
 
 def name_list(allowed: tuple[str, ...]) -> Callable[[click.Context, click.Parameter, str], tuple[str, ...]]:
@@ -414,6 +466,12 @@ def name_list(allowed: tuple[str, ...]) -> Callable[[click.Context, click.Parame
     help="Adapter providers to time (empty to skip the adapter).",
 )
 @click.option(
+    "--breakdown-batch-sizes",
+    default="16,256",
+    show_default=True,
+    help="Batch sizes at which each fused launch is also timed alone (empty to skip).",
+)
+@click.option(
     "--results-dir", type=click.Path(path_type=Path), default=RESULTS_DIR, show_default=True, help="CSV/plot/traces."
 )
 @click.option("--traces/--no-traces", default=True, show_default=True, help="Save adapter profiler traces.")
@@ -429,6 +487,7 @@ def main(
     modes,
     adapter_batch_sizes,
     adapter_providers,
+    breakdown_batch_sizes,
     results_dir,
     traces,
     interpreter_child,
@@ -447,6 +506,7 @@ def main(
         modes=modes,
         adapter_batch_sizes=int_list(adapter_batch_sizes),
         adapter_providers=adapter_providers,
+        breakdown_batch_sizes=int_list(breakdown_batch_sizes),
         results_dir=results_dir,
         traces=traces,
     )

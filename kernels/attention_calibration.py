@@ -8,24 +8,30 @@ Forward (one launch), `_forward_kernel`, one program per (batch, block of BLOCK_
   1. S = Q K^T * scale, reduced over d in BLOCK_D chunks into an fp32 [BLOCK_M, BLOCK_L] tile; the key axis is padded
      to BLOCK_L (the next power of two >= L, at least 16) and masked to -inf.
   2. Every key of a row is in the tile, so the softmax is exact in one pass, in fp32:
-     P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored fp32 for the backward, as [B, L, L] with rows
-     padded to a multiple of 16 values (aligned rows let Triton vectorize the loads).
+     P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored twice for the backward, as [B, L, Lp] with
+     rows padded to Lp = a multiple of 16 values (aligned rows let Triton vectorize the loads): fp32 P for the score
+     gradient, and P^T in the input dtype for dV (so that the gradient kernel reads unit-stride rows).
   3. O = P V + V, tiled over d: one [BLOCK_M, BLOCK_D] output chunk per step, P staying in registers.
 
-Backward (two launches), from the P saved by the forward (4 L^2 bytes a sample, less than the 2 L d of O):
-  1. `_scores_backward_kernel`, per (batch, block of rows): dP = dO V^T (reduced over d), then
+Backward (two launches), from what the forward saved (6 L Lp bytes a sample for 16-bit inputs, less than 2 L d):
+  1. `_scores_backward_kernel`, per (batch, block of BLOCK_M rows): dP = dO V^T (reduced over d), then
        dS = scale * P * (dP - delta),  delta = rowsum(dO * (O - V)) = rowsum(P * dP).
      The two forms of delta are equal because O - V = P V, so rowsum(dO * P V)_i = sum_j P_ij (dO_i . V_j); with the
-     whole row in the tile the kernel takes the second form and never reads O. dS is stored fp32 like P.
-  2. `_grads_backward_kernel`, per (batch, block of positions, d chunk):
+     whole row in the tile the kernel takes the second form and never reads O. dS is stored in the input dtype twice,
+     row-major and transposed (dS^T), so that both of its products below read unit-stride rows.
+  2. `_grads_backward_kernel`, per (batch, block of BLOCK_M positions, width chunk):
        dQ = dS K,   dK = dS^T Q,   dV = P^T dO + dO    (scale is already folded into dS).
-     Every output element belongs to exactly one program: no atomics, so the backward is deterministic.
+     The three products share one loop over key chunks (a single chunk covering every key for 16-bit inputs), and
+     the six tiles of a chunk are loaded before its three dots, so that their memory latencies overlap. A program reads
+     its width chunk of K, Q and dO for every key and writes its tile of each gradient once. Every output element
+     belongs to exactly one program: no atomics, so the backward is deterministic.
 
-Precision: accumulators and softmax statistics are fp32; matmul operands are the input dtype (P and dS are rounded to
-it before their products, as FlashAttention does); fp32 inputs use IEEE fp32 products (`input_precision="ieee"`).
+Precision: accumulators and softmax statistics are fp32; matmul operands are the input dtype: P and dS are rounded to
+it before their products (as FlashAttention does), which is also why they can be stored in it; fp32 inputs use IEEE
+fp32 products (`input_precision="ieee"`).
 
-Block sizes come from `launch_settings`, a deterministic function of (L, d, dtype): one configuration per shape class
-instead of autotuning, because the Triton interpreter cannot autotune over several configurations and because a
+Block sizes come from `launch_settings`, a deterministic function of (B, L, d, dtype): one configuration per shape
+class instead of autotuning, because the Triton interpreter cannot autotune over several configurations and because a
 fixed configuration can be tested. BLOCK_D always divides d (d is a multiple of 16), so loads along d need no mask.
 
 On the CPU, `attention_calibration` runs the PyTorch reference, or these kernels when `TRITON_INTERPRET=1` is set
