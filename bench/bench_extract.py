@@ -4,9 +4,11 @@ Components, each timed per batch through the same `sur_cache.models` functions `
   vae       SD 1.5 VAE encoder (`encode_vae`) on [B, 3, R, R] pixels
   clip      SD 1.5 CLIP ViT-L/14 text encoder (`encode_clip`), once per prompt kind (simple + complex = x2)
   llm       LLaMA-13B (width 5120, 40 heads, MLP 13824), LLM.int8 via `load_llm` (bitsandbytes), `encode_llm` on the
-            simple prompts padded to the batch's longest, mean pooling, last layer; with the variants (default on a
-            GPU) also padded to 77 tokens (`llm_77`), at 4x the batch (`llm_b64`), and in fp16 (`llm_fp16`)
-  end_to_end  DataLoader workers decoding JPEGs (`ImageDataset`) -> VAE -> CLIP x2 -> LLM -> features on the host
+            simple prompts in batches of `--llm-batch-size` (64, extract's default) padded to the batch's longest,
+            mean pooling, last layer; with the variants (default on a GPU) also at the CLIP/VAE batch size
+            (`llm_b16`), padded to 77 tokens (`llm_77`), and in fp16 (`llm_fp16`)
+  end_to_end  extract's two passes: DataLoader workers decoding JPEGs (`ImageDataset`) -> VAE -> CLIP x2 per
+            batch, then the LLM over the simple prompts in LLM batches; every feature copied to the host
 
 The LLM is built with only `--llm-layers` decoder layers (saved, then loaded in 8-bit through `load_llm`, the
 real path) and its time scaled by 40 / k to LLaMA-13B's 40 layers (an upper bound: the embedding lookup and the
@@ -42,6 +44,7 @@ from sd15_shapes import CLIP_L, SD15_VAE  # beside this script
 
 from sur_cache.dataset import ImageDataset, read_metadata
 from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+from sur_cache.stages.extract import default_num_workers
 from sur_cache.tiny_models import save_clip_tokenizer
 
 LLAMA_13B = dict(
@@ -66,6 +69,7 @@ _WORDS = (
 class BenchConfig:
     device: str
     batch_size: int
+    llm_batch_size: int
     resolution: int
     llm_layers: int
     skip_llm: bool
@@ -161,7 +165,7 @@ def write_images(folder: Path, count: int, resolution: int, simple: list[str], c
 def run(config: BenchConfig) -> list[dict]:
     dtype = torch.float16 if config.device.startswith("cuda") else torch.float32
     count = config.batch_size * (config.batches + 1)  # one untimed batch, then the timed ones
-    simple, complex_ = simple_prompts(max(count, 4 * config.batch_size)), complex_prompts(count)
+    simple, complex_ = simple_prompts(max(count, config.llm_batch_size)), complex_prompts(count)
     batch = slice(0, config.batch_size)
     rows = []
 
@@ -199,7 +203,7 @@ def run(config: BenchConfig) -> list[dict]:
 
         write_images(scratch / "data", count, config.resolution, simple, complex_)
         t_e2e = _end_to_end(scratch / "data", (tokenizer, text_encoder), vae, llm, config)
-        note = f"measured loop: decode + {parts} + copy to host"
+        note = f"measured, extract's two passes: decode + {parts} + copy to host"
         note += f" + {1000 * (t_llm - t_built):.0f} ms/batch for the LLM layers not built" if llm else " (no LLM)"
         record("end_to_end", t_e2e + t_llm - t_built, note)
     return rows
@@ -221,24 +225,29 @@ def _llm_rows(llm, folder: Path, prompts: list[str], config: BenchConfig, record
 
     def measure(label: str, model, batch: list[str], precision: str) -> tuple[float, float]:
         tokens = max(len(ids) for ids in model[0](batch, truncation=True, max_length=77)["input_ids"])
-        built = _llm_time(model, batch, k - 1, config)
+        built = _llm_time(model, batch, k - 1, config) * size / len(batch)  # per `size` samples
         total = built * LLAMA_13B_LAYERS / k
         note = f"{precision}, batch {len(batch)} padded to {tokens} tokens, 40 layers = 40/{k} x {1000 * built:.1f} ms"
-        record(label, total * size / len(batch), note + (f"; per {size} samples" if len(batch) != size else ""))
+        record(label, total, note + (f"; per {size} samples" if len(batch) != size else ""))
         return total, built
 
-    main = measure("llm", llm, prompts[:size], "int8")
+    main = measure("llm", llm, prompts[: config.llm_batch_size], "int8")
     if config.llm_variants:
-        measure("llm_77", llm, [" ".join(_WORDS * 2)] * size, "int8")
-        measure(f"llm_b{4 * size}", llm, prompts[: 4 * size], "int8")
+        measure(f"llm_b{size}", llm, prompts[:size], "int8")
+        measure("llm_77", llm, [" ".join(_WORDS * 2)] * config.llm_batch_size, "int8")
         fp16 = load_llm(str(folder), load_in_8bit=False, dtype=torch.float16, device=config.device)
-        measure("llm_fp16", fp16, prompts[:size], "fp16 (--no-8bit)")
+        measure("llm_fp16", fp16, prompts[: config.llm_batch_size], "fp16 (--no-8bit)")
         del fp16
     return main
 
 
 def _end_to_end(data: Path, clip, vae, llm, config: BenchConfig) -> float:
-    """Seconds per batch of the whole per-batch pipeline, images decoded by DataLoader workers in parallel."""
+    """Seconds per batch of `batch_size` samples for extract's two passes, as `sur-cache extract` runs them.
+
+    Pass one decodes images in DataLoader workers and runs the VAE and CLIP (twice) per batch of `batch_size`;
+    pass two runs the LLM over the simple prompts in batches of `llm_batch_size`. Every feature is copied back to
+    the host, where the store writes it. The first batch of pass one pays for worker start-up and is not timed.
+    """
     rows, _ = read_metadata(data)
     loader = torch.utils.data.DataLoader(
         ImageDataset(rows, config.resolution),
@@ -246,23 +255,23 @@ def _end_to_end(data: Path, clip, vae, llm, config: BenchConfig) -> float:
         num_workers=config.workers,
         pin_memory=config.device.startswith("cuda"),
     )
+    timed_rows = rows[config.batch_size :]
     start = None
     for step, batch in enumerate(loader):
-        if step == 1:  # the first batch pays for worker start-up: time the rest
+        if step == 1:
             _sync(config.device)
             start = time.perf_counter()
         texts = [rows[p].text for p in batch["position"].tolist()]
         prompts = [rows[p].prompt for p in batch["position"].tolist()]
-        features = [
-            encode_vae(vae, batch["pixels"].to(config.device, non_blocking=True)).mean,
-            encode_clip(*clip, texts).embeddings,
-            encode_clip(*clip, prompts).embeddings,
-        ]
-        if llm is not None:
-            features.append(encode_llm(*llm, texts, layer=config.llm_layers - 1).pooled)
-        for feature in features:
-            feature.cpu()  # the store writes from the host: include the copy back
-    return (time.perf_counter() - start) / (len(loader) - 1)
+        encode_vae(vae, batch["pixels"].to(config.device, non_blocking=True)).mean.cpu()
+        encode_clip(*clip, texts).embeddings.cpu()
+        encode_clip(*clip, prompts).embeddings.cpu()
+    if llm is not None:
+        texts = [row.text for row in timed_rows]
+        for first in range(0, len(texts), config.llm_batch_size):
+            batch_texts = texts[first : first + config.llm_batch_size]
+            encode_llm(*llm, batch_texts, layer=config.llm_layers - 1).pooled.cpu()
+    return (time.perf_counter() - start) * config.batch_size / len(timed_rows)
 
 
 def device_name(device: str) -> str:
@@ -278,7 +287,8 @@ def device_name(device: str) -> str:
     show_default=True,
     help="Device to run the models on.",
 )
-@click.option("--batch-size", default=16, show_default=True, help="Samples per batch.")
+@click.option("--batch-size", default=16, show_default=True, help="Samples per CLIP/VAE batch.")
+@click.option("--llm-batch-size", default=64, show_default=True, help="Prompts per LLM call (extract's default).")
 @click.option("--resolution", type=int, default=None, help="Image side in pixels [default: 512 on a GPU, 64 on a CPU].")
 @click.option(
     "--llm-layers",
@@ -295,7 +305,10 @@ def device_name(device: str) -> str:
 @click.option("--repeats", type=int, default=None, help="Timed calls per component [default: 10 GPU, 1 CPU].")
 @click.option("--batches", type=int, default=None, help="Timed batches in the end-to-end loop [default: 8 GPU, 1 CPU].")
 @click.option(
-    "--workers", default=min(4, os.cpu_count() or 1), show_default=True, help="DataLoader workers decoding images."
+    "--workers",
+    default=default_num_workers(1),
+    show_default=True,
+    help="DataLoader workers decoding images (extract's default).",
 )
 @click.option(
     "--out",
@@ -303,13 +316,16 @@ def device_name(device: str) -> str:
     default=None,
     help="CSV to write [default: bench/results/extract_<device>.csv].",
 )
-def main(device, batch_size, resolution, llm_layers, skip_llm, llm_variants, repeats, batches, workers, out):
+def main(
+    device, batch_size, llm_batch_size, resolution, llm_layers, skip_llm, llm_variants, repeats, batches, workers, out
+):
     """Benchmark stage one (extract) per component and end to end; print a table and write a CSV."""
     gpu = device.startswith("cuda")
     name = device_name(device)
     config = BenchConfig(
         device=device,
         batch_size=batch_size,
+        llm_batch_size=llm_batch_size,
         resolution=resolution or (512 if gpu else 64),
         llm_layers=llm_layers or (4 if gpu else 2),
         skip_llm=skip_llm,

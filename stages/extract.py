@@ -204,7 +204,9 @@ def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, devi
         "latent_channels": shapes.latent_channels,
         "latent_size": shapes.latent_size,
         "vae_scaling_factor": shapes.vae_scaling_factor,
-        "batch_size": config.batch_size,  # batched math differs in the last bits across batch compositions
+        # batched math differs in the last bits across batch compositions
+        "batch_size": config.batch_size,
+        "llm_batch_size": config.llm_batch_size,
         "shard_rows": config.shard_rows,
         "chunk_rows": min(config.chunk_rows, config.shard_rows),
         "compression": config.compression,
@@ -322,7 +324,8 @@ class _LLMEncoder:
 
     def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
         for shard in shards:
-            parts = [self._encode_batch(a, b) for a, b in _batches(shard.start, shard.stop, self.config.batch_size)]
+            batches = _batches(shard.start, shard.stop, self.config.llm_batch_size)
+            parts = [self._encode_batch(a, b) for a, b in batches]
             progress.update(shard.stop - shard.start)
             yield {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 

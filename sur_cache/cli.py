@@ -203,7 +203,13 @@ def _seeds(seeds: tuple[int, ...], num_seeds: int | None) -> tuple[int, ...]:
     help="Instead of --llm: a reference {simple prompt: tensor[D]} .pt file (e.g. prompt2vec/13B/39.pt).",
 )
 @click.option("--resolution", type=int, default=512, help="Image side in pixels after resize + crop.")
-@click.option("--batch-size", type=int, default=16, help="Samples per model call.")
+@click.option("--batch-size", type=int, default=16, help="Samples per CLIP and VAE call.")
+@click.option(
+    "--llm-batch-size",
+    type=int,
+    default=64,
+    help="Prompts per LLM call (bitsandbytes' int8 matmul is far more efficient on larger batches).",
+)
 @click.option(
     "--device", default="auto", help="cpu, cuda, cuda:1, ... ('auto': this process's accelerator or the CPU)."
 )

@@ -20,6 +20,7 @@ class ExtractConfig:
     llm_features: Path | None = None
     resolution: int = 512
     batch_size: int = 16
+    llm_batch_size: int = 64
     device: str = "auto"
     sd_dtype: str = "auto"
     llm_layer: int = -1
@@ -50,7 +51,7 @@ class ExtractConfig:
             problems.append("pass exactly one LLM source: --llm MODEL or --llm-features FILE.pt")
         if self.llm_features is not None and self.llm_per_token:
             problems.append("--llm-per-token needs --llm: a --llm-features file holds one pooled vector per prompt")
-        for name in ("resolution", "batch_size", "shard_rows", "chunk_rows"):
+        for name in ("resolution", "batch_size", "llm_batch_size", "shard_rows", "chunk_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_workers is not None and self.num_workers < 0:

@@ -29,6 +29,7 @@ LAYER = 1  # of the tiny Llama's 3: not the last, so `output_hidden_states[LAYER
 SETTINGS = {
     "resolution": TINY_RESOLUTION,
     "batch_size": 2,
+    "llm_batch_size": 3,  # LLM batches cut shards differently from the CLIP/VAE ones
     "shard_rows": 4,
     "num_workers": 0,
     "llm_8bit": False,
@@ -51,7 +52,8 @@ def _cli_args(data, out, models, **overrides) -> list[str]:
     """The same settings as `_config`, as `sur-cache extract` arguments."""
     settings = {**SETTINGS, **overrides}
     args = ["extract", "--data", str(data), "--out", str(out), "--sd", str(models.sd), "--llm", str(models.llm)]
-    for key in ("resolution", "batch_size", "shard_rows", "num_workers", "llm_dtype", "store_dtype", "llm_layer"):
+    keys = ("resolution", "batch_size", "llm_batch_size", "shard_rows", "num_workers", "llm_dtype", "store_dtype")
+    for key in (*keys, "llm_layer"):
         args += [f"--{key.replace('_', '-')}", str(settings[key])]
     args += ["--llm-pooling", settings["llm_pooling"], "--no-8bit", "--llm-per-token", "--flip-variants"]
     return args + ["--no-progress"]
@@ -128,10 +130,13 @@ def test_rerun_resumes_nothing_and_other_settings_are_refused(reference, tiny_mo
     again = run_extract(_config(demo_dataset, out, tiny_models))
     assert again["computed_now"] == 0 and again["complete"] == 12
     with pytest.raises(ManifestMismatchError) as error:
-        run_extract(_config(demo_dataset, out, tiny_models, llm_layer=0, store_dtype="float16", batch_size=3))
+        run_extract(
+            _config(demo_dataset, out, tiny_models, llm_layer=0, store_dtype="float16", batch_size=3, llm_batch_size=5)
+        )
     assert "llm_layer: expected 0, found 1" in str(error.value)
     assert 'store_dtype: expected "float16", found "float32"' in str(error.value)
     assert "batch_size: expected 3, found 2" in str(error.value)
+    assert "llm_batch_size: expected 5, found 3" in str(error.value)
     assert "--overwrite" in str(error.value)
 
 
