@@ -75,11 +75,14 @@ class LaunchSettings:
     dot_precision: str  # "ieee" for fp32 operands, "tf32" otherwise (ignored by Triton for 16-bit operands)
     num_warps: int
     num_stages: int  # software-pipelining depth of the loops over d (and over key chunks for fp32)
+    grads_warps: int  # warps per program of the gradient kernel
     grads_stages: int  # the gradient kernel's: 1 when one key chunk covers every key (nothing to overlap)
 
 
-# The gradient kernel aims for at least this many programs (about 4 per SM of an H100/H200) before it makes its
-# width tiles wider: one program per (batch, row block, width tile), and each program is one short dependency chain.
+# Row blocks of the forward and score kernels shrink from 32 to 16 rows when 32 would give fewer programs than this
+# (about 2 per SM of an H100/H200): small batches need the parallelism, large ones the fewer re-reads of K and V.
+ROW_BLOCK_PROGRAMS = 256
+# The gradient kernel halves its width tile when the full one would give fewer programs than this (about 4 per SM).
 GRADIENT_PROGRAMS = 512
 
 
@@ -87,21 +90,22 @@ GRADIENT_PROGRAMS = 512
 def launch_settings(batch: int, length: int, width: int, dtype: torch.dtype) -> LaunchSettings:
     """The one configuration used for inputs of this shape class (cached: it sits on every call's launch path).
 
-    Rows come in blocks of 16 up to L = 128 (77 rows waste 3 of 80, against 19 of 96 with blocks of 32) and of 32
-    beyond. Width chunks are 64 wide for 16-bit inputs and 32 for fp32. The gradient kernel holds a
-    [block_rows, block_l] tile of P^T or dS (at most 16K 16-bit or 8K fp32 values) and a [block_l, block_out_d] tile
-    of K, Q or dO; its width tile is halved when the batch is too small to give GRADIENT_PROGRAMS programs.
+    Width chunks are 64 wide for 16-bit inputs and 32 for fp32. The gradient kernel takes the whole key axis in one
+    chunk for 16-bit inputs (keys over fp32's FMA path come in chunks of 32, a larger chunk spills) and runs with
+    4 warps for 16-bit inputs: compiled for sm_90 it then needs under 200 registers a thread, so two programs share
+    an SM, where 8 warps needed about 146 registers and left one program an SM.
     """
     block_l = max(16, triton.next_power_of_2(length))
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
     chunk = 64 if sixteen_bit else 32
+    block_m = 32 if block_l > 128 or batch * triton.cdiv(length, 32) >= ROW_BLOCK_PROGRAMS else 16
     block_keys = block_l if sixteen_bit else min(block_l, 32)
-    block_rows = max(16, min(block_l, 64, 8192 // block_keys))
+    block_rows = max(16, min(block_l, 32 if sixteen_bit else 64))
     programs = batch * triton.cdiv(length, block_rows) * (width // math.gcd(width, chunk))
     out_chunk = chunk if programs >= GRADIENT_PROGRAMS else chunk // 2
     return LaunchSettings(
         block_l=block_l,
-        block_m=16 if block_l <= 128 else 32,
+        block_m=min(block_m, block_l),
         block_d=math.gcd(width, chunk),
         block_rows=block_rows,
         block_keys=block_keys,
@@ -109,6 +113,7 @@ def launch_settings(batch: int, length: int, width: int, dtype: torch.dtype) -> 
         dot_precision="ieee" if dtype == torch.float32 else "tf32",
         num_warps=8,
         num_stages=3,
+        grads_warps=4 if sixteen_bit else 8,
         grads_stages=1 if block_keys == block_l else 3,
     )
 
@@ -435,7 +440,11 @@ def grads_backward_launch(
         grad_scores.stride(0),
         *grads.stride()[:3],
     )
-    meta = {**_meta(s, BLOCK_M=s.block_rows, BLOCK_K=s.block_keys, BLOCK_D=s.block_out_d), "num_stages": s.grads_stages}
+    meta = {
+        **_meta(s, BLOCK_M=s.block_rows, BLOCK_K=s.block_keys, BLOCK_D=s.block_out_d),
+        "num_stages": s.grads_stages,
+        "num_warps": s.grads_warps,
+    }
     grid = (batch * row_blocks * d_blocks,)
     return Launch(_grads_backward_kernel, grid, (*pointers, length, row_blocks, d_blocks, *strides), meta)
 
