@@ -6,14 +6,14 @@ Rows (median ms per optimizer step, B=16, 64 x 64 latents, bf16 autocast, the UN
                  latent sampling) -> adapter -> UNet fwd+bwd -> the three losses -> clipping -> fused AdamW
   online         the same step with features computed per batch: VAE encoder on 512 px pixels + CLIP text
                  encoder x2 (simple and complex prompt) + UNet + adapter (the LLM is left out, as in the issue)
-  features_only  `--denoise-weight 0` at B=256 from features preloaded into GPU memory, as samples/s, loading
+  features_only  `--denoise-weight 0` at B=256 and 1024 from features preloaded into GPU memory, as samples/s, loading
                  included (the loader's index_select, the adapter, both KL terms, fused AdamW)
 The cached and features-only rows run once per attention backend (eager, and the fused kernel where it imports).
 Targets (issue 3): cached <= 1.05 x unet_only, online >= 1.8 x cached, features_only >= 20,000 samples/s.
 
 On a CPU the real shapes are out of reach: it runs the same code at the tiny test shapes as a smoke test and
 labels every row SMOKE. Writes bench/results/train_<device>.csv and prints a table.
-Usage: python bench/bench_train.py [--repeats 10] [--features-batch 256]
+Usage: python bench/bench_train.py [--repeats 10] [--features-batches 256,1024]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import click
@@ -251,14 +252,26 @@ def backends(device: torch.device) -> list[str]:
 
 @click.command()
 @click.option("--repeats", type=int, default=10, help="Timed steps per row (median reported).")
-@click.option("--features-batch", type=int, default=256, help="Batch of the features-only row.")
-@click.option("--store-samples", type=int, default=512, help="Samples of the synthetic store (about 378 KB each).")
-def main(repeats, features_batch, store_samples) -> None:
+@click.option(
+    "--features-batches",
+    default="256,1024",
+    show_default=True,
+    help="Comma-separated batches of the features-only rows.",
+)
+@click.option(
+    "--store-samples",
+    type=int,
+    default=None,
+    help="Samples of the synthetic store (about 378 KB each) [default: 512, or the largest features batch].",
+)
+def main(repeats, features_batches, store_samples) -> None:
+    features_batches = [int(b) for b in features_batches.split(",")]
+    store_samples = store_samples or max(512, *features_batches)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = SD15 if device.type == "cuda" else TINY
     if device.type != "cuda":
         print("bench_train needs a GPU for its numbers; on this CPU it runs the tiny shapes as a smoke test (SMOKE)")
-        repeats, features_batch, store_samples = 2, 8, 32
+        repeats, features_batches, store_samples = 2, [8], 32
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
@@ -302,7 +315,7 @@ def main(repeats, features_batch, store_samples) -> None:
             run = make_run(source, units, shapes, unet, scheduler, "eager", device, shapes.batch_size, scratch)
             return median_ms(stepper(run), repeats, device)
 
-        def features_only(attention: str) -> float:
+        def features_only(attention: str, features_batch: int) -> float:
             source = PreloadedSource(store, units, array_names(latents=False, flips=False), device)
             run = make_run(source, units, shapes, None, None, attention, device, features_batch, scratch)
             return features_batch / median_ms(stepper(run), repeats * 5, device) * 1e3
@@ -311,8 +324,10 @@ def main(repeats, features_batch, store_samples) -> None:
         for attention in backends(device):
             record("cached", lambda a=attention: cached(a), "ms", attention)
         record("online", online, "ms", "eager")
-        for attention in backends(device):
-            record("features_only", lambda a=attention: features_only(a), "samples/s", attention, features_batch)
+        for features_batch in features_batches:
+            for attention in backends(device):
+                row = partial(features_only, attention, features_batch)
+                record("features_only", row, "samples/s", attention, features_batch)
     ratios = _ratios(rows)
     for line in ratios:
         print(line)
