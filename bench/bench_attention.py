@@ -17,7 +17,7 @@ Rows are upserted into bench/results/attention_<gpu>.csv (a provider that fails 
 run goes on), a PNG is drawn from the CSV, and one adapter step per core is saved as a torch.profiler trace.
 Per-launch breakdown (kernel "launch"): each Triton launch of the fused forward+backward timed alone on its own inputs
 (--breakdown-batch-sizes, default 16 and 256, at every width), with its grid size and block sizes printed, so that a
-run tells which kernel costs what; its GB/s counts the [B, L, d] tensors that launch must read or write.
+run tells which kernel costs what; its GB/s counts the [B, L, d] tensors that launch must read or write (2, 2, 2, 6).
 
 Without a GPU the script says so and runs the interpreter correctness check (TRITON_INTERPRET=1, child process) at a
 small size instead.
@@ -61,7 +61,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEVICE = "cuda"
 KEY_COLUMNS = ("kernel", "provider", "mode", "B", "L", "d", "dtype", "gpu")
 # [B, L, d] tensors each fused launch must read or write at least (the L x L buffers of P and dS not counted)
-LAUNCH_TENSORS = {"_forward_kernel": 4, "_scores_backward_kernel": 2, "_grads_backward_kernel": 6}
+LAUNCH_TENSORS = {"_probs_kernel": 2, "_output_kernel": 2, "_scores_backward_kernel": 2, "_grads_backward_kernel": 6}
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,8 @@ def fused_launches(batch: int, length: int, width: int, dtype: torch.dtype) -> l
     grad_scores = fused_kernels.square_buffer(batch, length, 2, q.device, dtype)
     grads = torch.empty(3, batch, length, width, device=DEVICE, dtype=dtype)
     launches = [
-        fused_kernels.forward_launch(q, k, v, out, probs, probs_t, scale, settings),
+        fused_kernels.probs_launch(q, k, probs, probs_t, scale, settings),
+        fused_kernels.output_launch(probs, v, out, settings),
         fused_kernels.scores_backward_launch(grad_out, v, probs, grad_scores, scale, settings),
         fused_kernels.grads_backward_launch(q, k, grad_out, probs_t, grad_scores, grads, settings),
     ]
@@ -236,7 +237,7 @@ def measure_launches(config: BenchConfig, batch: int, width: int) -> list[Row]:
     rows = []
     for launch in fused_launches(batch, config.length, width, dtype):
         name = launch.kernel.__name__
-        mode = "forward" if name == "_forward_kernel" else "backward"
+        mode = "backward" if name.endswith("_backward_kernel") else "forward"
         row = Row("launch", name, mode, batch, config.length, width, config.dtype)
         row.p20_us, row.p50_us, row.p80_us = time_us(launch)
         row.gbps = LAUNCH_TENSORS[name] * batch * config.length * width * dtype.itemsize / (row.p50_us * 1e-6) / 1e9

@@ -4,14 +4,16 @@ One head, q, k, v of shape [B, L, d] with 1 <= L <= 256 and d a multiple of 16 (
 FlashAttention-style kernels stop at head width 256; here the width is the large dimension and the sequence is short,
 so the kernels keep a whole row of scores in one tile and stream over d instead of over keys.
 
-Forward (one launch), `_forward_kernel`, one program per (batch, block of BLOCK_M query rows):
-  1. S = Q K^T * scale, reduced over d in BLOCK_D chunks into an fp32 [BLOCK_M, BLOCK_L] tile; the key axis is padded
-     to BLOCK_L (the next power of two >= L, at least 16) and masked to -inf.
-  2. Every key of a row is in the tile, so the softmax is exact in one pass, in fp32:
-     P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored twice for the backward, as [B, L, Lp] with
-     rows padded to Lp = a multiple of 16 values (aligned rows let Triton vectorize the loads): fp32 P for the score
-     gradient, and P^T in the input dtype for dV (so that the gradient kernel reads unit-stride rows).
-  3. O = P V + V, tiled over d: one [BLOCK_M, BLOCK_D] output chunk per step, P staying in registers.
+Forward (two launches):
+  1. `_probs_kernel`, one program per (batch, block of BLOCK_M query rows): S = Q K^T * scale, reduced over d in
+     BLOCK_D chunks into an fp32 [BLOCK_M, BLOCK_L] tile; the key axis is padded to BLOCK_L (the next power of two
+     >= L, at least 16) and masked to -inf. Every key of a row is in the tile, so the softmax is exact in one pass,
+     in fp32: P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored twice, as [B, L, Lp] with rows padded
+     to Lp = a multiple of 16 values (aligned rows let Triton vectorize the loads): fp32 P, and P^T in the input
+     dtype for dV (so that the gradient kernel reads unit-stride rows).
+  2. `_output_kernel`, one program per (batch, block of positions, width chunk): O = P V + V, one dot over the keys
+     (P rounded to the input dtype). Splitting the forward in two keeps each program's chain of dependent steps
+     short: the reduction over d runs once a row block, and the output is spread over many small programs.
 
 Backward (two launches), from what the forward saved (6 L Lp bytes a sample for 16-bit inputs, less than 2 L d):
   1. `_scores_backward_kernel`, per (batch, block of BLOCK_M rows): dP = dO V^T (reduced over d), then
@@ -67,22 +69,24 @@ class LaunchSettings:
     """Block sizes and launch parameters of one call; the forward saves them on ctx for the backward."""
 
     block_l: int  # keys per row tile: next power of two >= L, at least 16 (tl.dot needs every dim >= 16)
-    block_m: int  # query rows per program in the forward and the score-gradient kernel
+    block_m: int  # query rows per program of the kernels that reduce over d (probabilities, score gradient)
     block_d: int  # width chunk of the reductions over d (divides d)
-    block_rows: int  # output positions per program in the gradient kernel
-    block_keys: int  # key chunk of the gradient kernel's reductions (the whole padded key axis for 16-bit inputs)
-    block_out_d: int  # width of the gradient tiles (divides d)
+    block_rows: int  # positions per program of the key-mixing kernels (output, gradients)
+    block_keys: int  # key chunk of the key-mixing kernels (the whole padded key axis for 16-bit inputs)
+    block_out_d: int  # width of the key-mixing kernels' output tiles (divides d)
     dot_precision: str  # "ieee" for fp32 operands, "tf32" otherwise (ignored by Triton for 16-bit operands)
-    num_warps: int
-    num_stages: int  # software-pipelining depth of the loops over d (and over key chunks for fp32)
-    grads_warps: int  # warps per program of the gradient kernel
-    grads_stages: int  # the gradient kernel's: 1 when one key chunk covers every key (nothing to overlap)
+    num_warps: int  # warps per program of the kernels that reduce over d
+    num_stages: int  # their software-pipelining depth
+    mix_warps: int  # warps per program of the key-mixing kernels
+    mix_stages: int  # their pipelining depth: 2 when one key chunk covers every key (async copies straight to shared
+    # memory, which keeps the loaded tiles out of registers), 3 over fp32's key chunks
 
 
-# Row blocks of the forward and score kernels shrink from 32 to 16 rows when 32 would give fewer programs than this
+# Row blocks of the kernels that reduce over d shrink from 32 to 16 rows when 32 would give fewer programs than this
 # (about 2 per SM of an H100/H200): small batches need the parallelism, large ones the fewer re-reads of K and V.
 ROW_BLOCK_PROGRAMS = 256
-# The gradient kernel halves its width tile when the full one would give fewer programs than this (about 4 per SM).
+# The key-mixing kernels halve their width tile when the full one would give fewer programs than this (about 4 per
+# SM).
 GRADIENT_PROGRAMS = 512
 
 
@@ -90,10 +94,10 @@ GRADIENT_PROGRAMS = 512
 def launch_settings(batch: int, length: int, width: int, dtype: torch.dtype) -> LaunchSettings:
     """The one configuration used for inputs of this shape class (cached: it sits on every call's launch path).
 
-    Width chunks are 64 wide for 16-bit inputs and 32 for fp32. The gradient kernel takes the whole key axis in one
-    chunk for 16-bit inputs (keys over fp32's FMA path come in chunks of 32, a larger chunk spills) and runs with
-    4 warps for 16-bit inputs: compiled for sm_90 it then needs under 200 registers a thread, so two programs share
-    an SM, where 8 warps needed about 146 registers and left one program an SM.
+    Width chunks are 64 wide for 16-bit inputs and 32 for fp32. The key-mixing kernels take the whole key axis in one
+    chunk for 16-bit inputs (keys over fp32's FMA path come in chunks of 32, a larger chunk spills) and run with
+    4 warps for 16-bit inputs: compiled for sm_90 the gradient kernel then needs under 200 registers a thread, so two
+    programs share an SM, where 8 warps needed about 146 registers and left one program an SM.
     """
     block_l = max(16, triton.next_power_of_2(length))
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
@@ -113,8 +117,8 @@ def launch_settings(batch: int, length: int, width: int, dtype: torch.dtype) -> 
         dot_precision="ieee" if dtype == torch.float32 else "tf32",
         num_warps=8,
         num_stages=3,
-        grads_warps=4 if sixteen_bit else 8,
-        grads_stages=1 if block_keys == block_l else 3,
+        mix_warps=4 if sixteen_bit else 8,
+        mix_stages=2 if block_keys == block_l else 3,
     )
 
 
@@ -152,11 +156,9 @@ def _rows_times_rows_t(
 
 
 @triton.jit
-def _forward_kernel(
+def _probs_kernel(
     q_ptr,
     k_ptr,
-    v_ptr,
-    o_ptr,
     p_ptr,
     pt_ptr,
     scale,
@@ -169,12 +171,6 @@ def _forward_kernel(
     stride_kb,
     stride_kl,
     stride_kd,
-    stride_vb,
-    stride_vl,
-    stride_vd,
-    stride_ob,
-    stride_ol,
-    stride_od,
     stride_pb,
     stride_pl,
     BLOCK_M: tl.constexpr,
@@ -182,18 +178,18 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """For one block of query rows of one batch element: P = softmax(Q K^T * scale), O = P V + V.
+    """P = softmax(Q K^T * scale) for one block of query rows of one batch element.
 
-    P is stored twice for the backward: fp32 rows (P[b, i, j]) and, in the input dtype, transposed (P^T[b, j, i]).
-    Both share the strides stride_pb, stride_pl (and a unit stride along the last axis).
+    P is stored twice: fp32 rows (P[b, i, j]) for the output and score-gradient kernels and, in the input dtype,
+    transposed (P^T[b, j, i]) for dV. Both share the strides stride_pb, stride_pl (and a unit stride along the last
+    axis).
     """
     pid = tl.program_id(0)
     batch = (pid // num_row_blocks).to(tl.int64)
     offs_m = (pid % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = (offs_m < length)[:, None]
-    mask_n = (offs_n < length)[:, None]
+    mask_m = offs_m < length
+    mask_n = offs_n < length
     scores = _rows_times_rows_t(
         q_ptr + batch * stride_qb,
         stride_ql,
@@ -210,31 +206,62 @@ def _forward_kernel(
         BLOCK_D,
         DOT_PRECISION,
     )
-    scores = tl.where((offs_n < length)[None, :], scores * scale, float("-inf"))
+    scores = tl.where(mask_n[None, :], scores * scale, float("-inf"))
     probs = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     probs = probs / tl.sum(probs, axis=1)[:, None]
     square = batch * stride_pb
-    tl.store(
-        p_ptr + square + offs_m[:, None] * stride_pl + offs_n[None, :], probs, mask=mask_m & (offs_n < length)[None, :]
-    )
-    probs = probs.to(v_ptr.dtype.element_ty)
+    tl.store(p_ptr + square + offs_m[:, None] * stride_pl + offs_n[None, :], probs, mask=mask_m[:, None] & mask_n)
     tl.store(
         pt_ptr + square + offs_n[:, None] * stride_pl + offs_m[None, :],
-        tl.trans(probs),
-        mask=mask_n & (offs_m < length)[None, :],
+        tl.trans(probs.to(pt_ptr.dtype.element_ty)),
+        mask=mask_n[:, None] & mask_m[None, :],
     )
 
-    v_ptr += batch * stride_vb
-    values_ptrs = v_ptr + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
-    residual_ptrs = v_ptr + offs_m[:, None] * stride_vl + offs_d[None, :] * stride_vd
+
+@triton.jit
+def _output_kernel(
+    p_ptr,
+    v_ptr,
+    o_ptr,
+    length,
+    num_row_blocks,
+    num_d_blocks,
+    stride_pb,
+    stride_pl,
+    stride_vb,
+    stride_vl,
+    stride_vd,
+    stride_ob,
+    stride_ol,
+    stride_od,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """O = P V + V for one block of rows and one width chunk of one batch element, reduced over key chunks.
+
+    P is the fp32 P of `_probs_kernel`, rounded to V's dtype for the dot (for 16-bit inputs one chunk covers every
+    key). Padded keys load as zeros in both operands (zeros, not garbage: 0 * NaN would poison the sum).
+    """
+    pid = tl.program_id(0)
+    batch = (pid // (num_row_blocks * num_d_blocks)).to(tl.int64)
+    block = pid % (num_row_blocks * num_d_blocks)
+    offs_m = (block // num_d_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = (block % num_d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = (offs_m < length)[:, None]
+    p_rows = p_ptr + batch * stride_pb + offs_m[:, None] * stride_pl
+    v_cols = v_ptr + batch * stride_vb + offs_d[None, :] * stride_vd
+    out = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, length, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < length
+        probs = tl.load(p_rows + offs_k[None, :], mask=mask_m & mask_k[None, :], other=0.0)
+        values = tl.load(v_cols + offs_k[:, None] * stride_vl, mask=mask_k[:, None], other=0.0)
+        out = tl.dot(probs.to(values.dtype), values, out, input_precision=DOT_PRECISION)
+    out += tl.load(v_cols + offs_m[:, None] * stride_vl, mask=mask_m).to(tl.float32)
     o_ptrs = o_ptr + batch * stride_ob + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
-    for _ in range(0, width, BLOCK_D):
-        out = tl.dot(probs, tl.load(values_ptrs, mask=mask_n, other=0.0), input_precision=DOT_PRECISION)
-        out += tl.load(residual_ptrs, mask=mask_m, other=0.0).to(tl.float32)
-        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_m)
-        values_ptrs += BLOCK_D * stride_vd
-        residual_ptrs += BLOCK_D * stride_vd
-        o_ptrs += BLOCK_D * stride_od
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_m)
 
 
 @triton.jit
@@ -392,6 +419,12 @@ def _meta(settings: LaunchSettings, **blocks: int) -> dict:
     )
 
 
+def _mix_meta(settings: LaunchSettings) -> dict:
+    """Launch parameters of the key-mixing kernels (output and gradients): rows x width tiles, one loop over keys."""
+    meta = _meta(settings, BLOCK_M=settings.block_rows, BLOCK_K=settings.block_keys, BLOCK_D=settings.block_out_d)
+    return {**meta, "num_warps": settings.mix_warps, "num_stages": settings.mix_stages}
+
+
 def square_buffer(batch: int, length: int, count: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Empty [count, B, L, Lp] storage for L x L matrices, rows padded to Lp = a multiple of 16 values.
 
@@ -400,16 +433,22 @@ def square_buffer(batch: int, length: int, count: int, device: torch.device, dty
     return torch.empty((count, batch, length, triton.cdiv(length, 16) * 16), device=device, dtype=dtype)
 
 
-def forward_launch(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, probs: Tensor, probs_t: Tensor, scale: float, s: LaunchSettings
-) -> Launch:
+def probs_launch(q: Tensor, k: Tensor, probs: Tensor, probs_t: Tensor, scale: float, s: LaunchSettings) -> Launch:
     """probs (fp32) and probs_t (input dtype) are [B, L, Lp] with one layout."""
     batch, length, width = q.shape
     blocks = triton.cdiv(length, s.block_m)
-    args = (q, k, v, out, probs, probs_t, scale, length, width, blocks)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *probs.stride()[:2])
+    args = (q, k, probs, probs_t, scale, length, width, blocks, *q.stride(), *k.stride(), *probs.stride()[:2])
     meta = _meta(s, BLOCK_M=s.block_m, BLOCK_L=s.block_l, BLOCK_D=s.block_d)
-    return Launch(_forward_kernel, (batch * blocks,), (*args, *strides), meta)
+    return Launch(_probs_kernel, (batch * blocks,), args, meta)
+
+
+def output_launch(probs: Tensor, v: Tensor, out: Tensor, s: LaunchSettings) -> Launch:
+    batch, length, width = v.shape
+    row_blocks, d_blocks = triton.cdiv(length, s.block_rows), width // s.block_out_d
+    args = (probs, v, out, length, row_blocks, d_blocks, *probs.stride()[:2], *v.stride(), *out.stride())
+    # P is read in fp32 here: key chunks of at most 128, since a [32, 256] fp32 tile spilled at L=256 (sm_90, 4 warps)
+    meta = {**_mix_meta(s), "BLOCK_K": min(s.block_keys, 128)}
+    return Launch(_output_kernel, (batch * row_blocks * d_blocks,), args, meta)
 
 
 def scores_backward_launch(
@@ -440,25 +479,21 @@ def grads_backward_launch(
         grad_scores.stride(0),
         *grads.stride()[:3],
     )
-    meta = {
-        **_meta(s, BLOCK_M=s.block_rows, BLOCK_K=s.block_keys, BLOCK_D=s.block_out_d),
-        "num_stages": s.grads_stages,
-        "num_warps": s.grads_warps,
-    }
     grid = (batch * row_blocks * d_blocks,)
-    return Launch(_grads_backward_kernel, grid, (*pointers, length, row_blocks, d_blocks, *strides), meta)
+    return Launch(_grads_backward_kernel, grid, (*pointers, length, row_blocks, d_blocks, *strides), _mix_meta(s))
 
 
 def attention_calibration_forward(
     q: Tensor, k: Tensor, v: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor, LaunchSettings]:
-    """Launch the forward kernel; returns (out [B, L, d], P fp32 and P^T in q's dtype [B, L, Lp], the settings)."""
+    """Launch the two forward kernels; returns (out [B, L, d], P fp32 and P^T in q's dtype [B, L, Lp], the settings)."""
     batch, length, width = q.shape
     settings = launch_settings(batch, length, width, q.dtype)
     probs = square_buffer(batch, length, 1, q.device, torch.float32)[0]
     probs_t = square_buffer(batch, length, 1, q.device, q.dtype)[0]
     out = torch.empty((batch, length, width), device=q.device, dtype=q.dtype)
-    forward_launch(q, k, v, out, probs, probs_t, scale, settings)()
+    probs_launch(q, k, probs, probs_t, scale, settings)()
+    output_launch(probs, v, out, settings)()
     return out, probs, probs_t, settings
 
 

@@ -175,7 +175,7 @@ def test_non_tensor_input_raises_type_error():
 
 
 def hopper_launches(case: Case) -> list:
-    """The three launches of one forward+backward, built by the launchers from CPU tensors of the case's shape."""
+    """The four launches of one forward+backward, built by the launchers from CPU tensors of the case's shape."""
     dtype = DTYPES[case.dtype]
     q, k, v, grad_out = (t.to(dtype) for t in make_inputs(case, "cpu"))
     settings = kernels.launch_settings(case.batch, case.length, case.width, dtype)
@@ -184,7 +184,8 @@ def hopper_launches(case: Case) -> list:
     grad_scores = kernels.square_buffer(case.batch, case.length, 2, q.device, dtype)
     grads = torch.empty(3, *q.shape, dtype=dtype)
     return [
-        kernels.forward_launch(q, k, v, torch.empty_like(q), probs, probs_t, 0.1, settings),
+        kernels.probs_launch(q, k, probs, probs_t, 0.1, settings),
+        kernels.output_launch(probs, v, torch.empty_like(q), settings),
         kernels.scores_backward_launch(grad_out, v, probs, grad_scores, 0.1, settings),
         kernels.grads_backward_launch(q, k, grad_out, probs_t, grad_scores, grads, settings),
     ]
