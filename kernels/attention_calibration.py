@@ -163,6 +163,7 @@ def _probs_kernel(
     pt_ptr,
     scale,
     length,
+    padded_length,
     width,
     num_row_blocks,
     stride_qb,
@@ -209,12 +210,14 @@ def _probs_kernel(
     scores = tl.where(mask_n[None, :], scores * scale, float("-inf"))
     probs = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     probs = probs / tl.sum(probs, axis=1)[:, None]
+    probs = tl.where(mask_m[:, None], probs, 0.0)  # rows past L become P^T's zero padding columns
     square = batch * stride_pb
-    tl.store(p_ptr + square + offs_m[:, None] * stride_pl + offs_n[None, :], probs, mask=mask_m[:, None] & mask_n)
+    p_ptrs = p_ptr + square + offs_m[:, None] * stride_pl + offs_n[None, :]
+    tl.store(p_ptrs, probs, mask=mask_m[:, None] & (offs_n < padded_length)[None, :])
     tl.store(
         pt_ptr + square + offs_n[:, None] * stride_pl + offs_m[None, :],
         tl.trans(probs.to(pt_ptr.dtype.element_ty)),
-        mask=mask_n[:, None] & mask_m[None, :],
+        mask=mask_n[:, None] & (offs_m < padded_length)[None, :],
     )
 
 
@@ -224,6 +227,7 @@ def _output_kernel(
     v_ptr,
     o_ptr,
     length,
+    padded_length,
     num_row_blocks,
     num_d_blocks,
     stride_pb,
@@ -255,9 +259,8 @@ def _output_kernel(
     out = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(0, length, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < length
-        probs = tl.load(p_rows + offs_k[None, :], mask=mask_m & mask_k[None, :], other=0.0)
-        values = tl.load(v_cols + offs_k[:, None] * stride_vl, mask=mask_k[:, None], other=0.0)
+        probs = tl.load(p_rows + offs_k[None, :], mask=mask_m & (offs_k < padded_length)[None, :], other=0.0)
+        values = tl.load(v_cols + offs_k[:, None] * stride_vl, mask=(offs_k < length)[:, None], other=0.0)
         out = tl.dot(probs.to(values.dtype), values, out, input_precision=DOT_PRECISION)
     out += tl.load(v_cols + offs_m[:, None] * stride_vl, mask=mask_m).to(tl.float32)
     o_ptrs = o_ptr + batch * stride_ob + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
@@ -272,6 +275,7 @@ def _scores_backward_kernel(
     ds_ptr,
     scale,
     length,
+    padded_length,
     width,
     num_row_blocks,
     stride_dob,
@@ -317,14 +321,14 @@ def _scores_backward_kernel(
     )
     mask_m = offs_m < length
     mask_n = offs_n < length
-    mask = mask_m[:, None] & mask_n[None, :]
+    mask = mask_m[:, None] & (offs_n < padded_length)[None, :]  # P's padding columns hold zeros
     probs = tl.load(p_ptr + batch * stride_pb + offs_m[:, None] * stride_pl + offs_n[None, :], mask=mask, other=0.0)
     delta = tl.sum(probs * grad_probs, axis=1)
     grad_scores = (scale * probs * (grad_probs - delta[:, None])).to(ds_ptr.dtype.element_ty)
     ds_ptr += batch * stride_sb
     tl.store(ds_ptr + offs_m[:, None] * stride_sl + offs_n[None, :], grad_scores, mask=mask)
     transposed_ptrs = ds_ptr + stride_s_transposed + offs_n[:, None] * stride_sl + offs_m[None, :]
-    tl.store(transposed_ptrs, tl.trans(grad_scores), mask=mask_n[:, None] & mask_m[None, :])
+    tl.store(transposed_ptrs, tl.trans(grad_scores), mask=mask_n[:, None] & (offs_m < padded_length)[None, :])
 
 
 @triton.jit
@@ -336,6 +340,7 @@ def _grads_backward_kernel(
     ds_ptr,
     grads_ptr,
     length,
+    padded_length,
     num_row_blocks,
     num_d_blocks,
     stride_qb,
@@ -383,7 +388,7 @@ def _grads_backward_kernel(
     for k0 in range(0, length, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < length
-        square_mask = mask_m & mask_k[None, :]
+        square_mask = mask_m & (offs_k < padded_length)[None, :]
         grad_scores = tl.load(ds_rows + offs_k[None, :], mask=square_mask, other=0.0)
         keys = tl.load(k_ptr + offs_k[:, None] * stride_kl, mask=mask_k[:, None], other=0.0)
         grad_scores_t = tl.load(ds_rows + stride_s_transposed + offs_k[None, :], mask=square_mask, other=0.0)
@@ -428,7 +433,9 @@ def _mix_meta(settings: LaunchSettings) -> dict:
 def square_buffer(batch: int, length: int, count: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Empty [count, B, L, Lp] storage for L x L matrices, rows padded to Lp = a multiple of 16 values.
 
-    Aligned rows let Triton vectorize the loads; the padding is never read (every load is masked to L).
+    The kernels that write these matrices fill the padding columns [L, Lp) with zeros, so that readers mask keys at
+    Lp, a multiple of 16 that Triton's specialization sees: their loads along the keys are then vectorized (a mask at
+    L made them scalar). Padding rows are never read.
     """
     return torch.empty((count, batch, length, triton.cdiv(length, 16) * 16), device=device, dtype=dtype)
 
@@ -437,7 +444,8 @@ def probs_launch(q: Tensor, k: Tensor, probs: Tensor, probs_t: Tensor, scale: fl
     """probs (fp32) and probs_t (input dtype) are [B, L, Lp] with one layout."""
     batch, length, width = q.shape
     blocks = triton.cdiv(length, s.block_m)
-    args = (q, k, probs, probs_t, scale, length, width, blocks, *q.stride(), *k.stride(), *probs.stride()[:2])
+    padded = probs.shape[-1]
+    args = (q, k, probs, probs_t, scale, length, padded, width, blocks, *q.stride(), *k.stride(), *probs.stride()[:2])
     meta = _meta(s, BLOCK_M=s.block_m, BLOCK_L=s.block_l, BLOCK_D=s.block_d)
     return Launch(_probs_kernel, (batch * blocks,), args, meta)
 
@@ -445,7 +453,8 @@ def probs_launch(q: Tensor, k: Tensor, probs: Tensor, probs_t: Tensor, scale: fl
 def output_launch(probs: Tensor, v: Tensor, out: Tensor, s: LaunchSettings) -> Launch:
     batch, length, width = v.shape
     row_blocks, d_blocks = triton.cdiv(length, s.block_rows), width // s.block_out_d
-    args = (probs, v, out, length, row_blocks, d_blocks, *probs.stride()[:2], *v.stride(), *out.stride())
+    padded = probs.shape[-1]
+    args = (probs, v, out, length, padded, row_blocks, d_blocks, *probs.stride()[:2], *v.stride(), *out.stride())
     # P is read in fp32 here: key chunks of at most 128, since a [32, 256] fp32 tile spilled at L=256 (sm_90, 4 warps)
     meta = {**_mix_meta(s), "BLOCK_K": min(s.block_keys, 128)}
     return Launch(_output_kernel, (batch * row_blocks * d_blocks,), args, meta)
@@ -457,7 +466,8 @@ def scores_backward_launch(
     """grad_scores is [2, B, L, Lp] in the input dtype: dS and dS^T."""
     batch, length, width = v.shape
     blocks = triton.cdiv(length, s.block_m)
-    args = (grad_out, v, probs, grad_scores, scale, length, width, blocks, *grad_out.stride(), *v.stride())
+    padded = probs.shape[-1]
+    args = (grad_out, v, probs, grad_scores, scale, length, padded, width, blocks, *grad_out.stride(), *v.stride())
     strides = (*probs.stride()[:2], *grad_scores.stride()[1:3], grad_scores.stride(0))
     meta = _meta(s, BLOCK_M=s.block_m, BLOCK_L=s.block_l, BLOCK_D=s.block_d)
     return Launch(_scores_backward_kernel, (batch * blocks,), (*args, *strides), meta)
@@ -480,7 +490,8 @@ def grads_backward_launch(
         *grads.stride()[:3],
     )
     grid = (batch * row_blocks * d_blocks,)
-    return Launch(_grads_backward_kernel, grid, (*pointers, length, row_blocks, d_blocks, *strides), _mix_meta(s))
+    args = (*pointers, length, probs_t.shape[-1], row_blocks, d_blocks, *strides)
+    return Launch(_grads_backward_kernel, grid, args, _mix_meta(s))
 
 
 def attention_calibration_forward(
