@@ -18,6 +18,8 @@ run goes on), a PNG is drawn from the CSV, and one adapter step per core is save
 Per-launch breakdown (kernel "launch"): each Triton launch of the fused forward+backward timed alone on its own inputs
 (--breakdown-batch-sizes, default 16 and 256, at every width), with its grid size and block sizes printed, so that a
 run tells which kernel costs what; its GB/s counts the [B, L, d] tensors that launch must read or write (2, 2, 2, 6).
+At d=768 a sweep (kernel "launch-sweep", --no-sweep to skip) times the launches again with one LaunchSettings change
+at a time (SWEEP_CHANGES), so that one device run also gives the data to retune the blocks.
 
 Without a GPU the script says so and runs the interpreter correctness check (TRITON_INTERPRET=1, child process) at a
 small size instead.
@@ -38,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +63,22 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEVICE = "cuda"
 KEY_COLUMNS = ("kernel", "provider", "mode", "B", "L", "d", "dtype", "gpu")
 # [B, L, d] tensors each fused launch must read or write at least (the L x L buffers of P and dS not counted)
+MIXING_KERNELS = ("_output_kernel", "_grads_backward_kernel")
+# LaunchSettings fields read by the reducing kernels (False) and by the key-mixing kernels (True)
+SWEEP_FIELDS = {
+    False: {"block_m", "block_d", "num_warps", "num_stages"},
+    True: {"block_rows", "block_out_d", "mix_warps"},
+}
+# One change at a time from launch_settings' choice, timed at d=768 for the launches it affects: data for retuning
+SWEEP_WIDTH = 768
+SWEEP_CHANGES = (
+    {"block_d": 128},
+    {"num_stages": 4},
+    {"num_warps": 4},
+    {"block_out_d": 32},
+    {"block_rows": 16},
+    {"block_rows": 64, "mix_warps": 8},
+)
 LAUNCH_TENSORS = {"_probs_kernel": 2, "_output_kernel": 2, "_scores_backward_kernel": 2, "_grads_backward_kernel": 6}
 
 
@@ -75,6 +93,7 @@ class BenchConfig:
     adapter_batch_sizes: tuple[int, ...]
     adapter_providers: tuple[str, ...]
     breakdown_batch_sizes: tuple[int, ...]
+    sweep: bool
     results_dir: Path
     traces: bool
 
@@ -210,14 +229,18 @@ def measure_adapter(config: BenchConfig, provider: str, batch: int, width: int) 
     return row
 
 
-def fused_launches(batch: int, length: int, width: int, dtype: torch.dtype) -> list:
-    """The launches of one fused forward+backward on their own inputs, built by the kernel module's launchers.
+def fused_launches(
+    batch: int, length: int, width: int, dtype: torch.dtype, changes: dict[str, int] | None = None
+) -> list:
+    """The launches of one fused forward+backward on their own inputs, built by the kernel module's launchers, with
+    the LaunchSettings fields in `changes` replaced (the sweep); P and dS have one layout whatever the settings.
 
     Each is run once in order, so every buffer a launch reads (P, P^T, dS) holds real values before it is timed.
     """
     q, k, v, grad_out = (torch.randn(batch, length, width, device=DEVICE, dtype=dtype) for _ in range(4))
     scale = width**-0.5
     out, probs, probs_t, settings = fused_kernels.attention_calibration_forward(q, k, v, scale)
+    settings = replace(settings, **(changes or {}))
     grad_scores = fused_kernels.square_buffer(batch, length, 2, q.device, dtype)
     grads = torch.empty(3, batch, length, width, device=DEVICE, dtype=dtype)
     launches = [
@@ -231,19 +254,44 @@ def fused_launches(batch: int, length: int, width: int, dtype: torch.dtype) -> l
     return launches
 
 
-def measure_launches(config: BenchConfig, batch: int, width: int) -> list[Row]:
-    """GPU time of each fused launch alone (kernel "launch", provider = the Triton kernel), with its grid size."""
+def measure_launches(config: BenchConfig, batch: int, width: int, changes: dict[str, int] | None = None) -> list[Row]:
+    """GPU time of each fused launch alone (kernel "launch", provider = the Triton kernel), with its grid size.
+
+    With `changes`, only the launches those settings affect are timed, as kernel "launch-sweep" with the changes in
+    the provider name.
+    """
     dtype = getattr(torch, config.dtype)
+    kernel, label = (
+        ("launch-sweep", " " + ",".join(f"{k}={v}" for k, v in changes.items())) if changes else ("launch", "")
+    )
     rows = []
-    for launch in fused_launches(batch, config.length, width, dtype):
+    for launch in fused_launches(batch, config.length, width, dtype, changes):
         name = launch.kernel.__name__
+        if changes and not set(changes) & SWEEP_FIELDS[name in MIXING_KERNELS]:
+            continue
         mode = "backward" if name.endswith("_backward_kernel") else "forward"
-        row = Row("launch", name, mode, batch, config.length, width, config.dtype)
+        row = Row(kernel, name + label, mode, batch, config.length, width, config.dtype)
         row.p20_us, row.p50_us, row.p80_us = time_us(launch)
         row.gbps = LAUNCH_TENSORS[name] * batch * config.length * width * dtype.itemsize / (row.p50_us * 1e-6) / 1e9
-        blocks = {key: value for key, value in launch.meta.items() if key.startswith("BLOCK")}
-        print(f"  launch {name} B={batch} d={width}: {row.p50_us:.1f} us, {launch.grid[0]} programs, {blocks}")
+        blocks = {key: value for key, value in launch.meta.items() if key.startswith("BLOCK") or key.startswith("num")}
+        print(f"  {kernel} {name}{label} B={batch} d={width}: {row.p50_us:.1f} us, {launch.grid[0]} programs, {blocks}")
         rows.append(row)
+    return rows
+
+
+def measure_breakdown(config: BenchConfig, width: int) -> list[Row]:
+    """The per-launch breakdown at every --breakdown-batch-sizes, and at d=768 the sweep of SWEEP_CHANGES; a variant
+    that fails (a block shape that does not compile, shared memory overflow) is printed and skipped."""
+    rows = []
+    variants = [None] + (list(SWEEP_CHANGES) if width == SWEEP_WIDTH and config.sweep else [])
+    for batch in config.breakdown_batch_sizes:
+        for changes in variants:
+            try:
+                rows.extend(measure_launches(config, batch, width, changes))
+            except Exception as error:  # noqa: BLE001 - a failed variant is reported, the run goes on
+                print(
+                    f"  launch breakdown B={batch} d={width} {changes or ''}: failed: {type(error).__name__}: {error}"
+                )
     return rows
 
 
@@ -339,11 +387,7 @@ def run_gpu_bench(config: BenchConfig) -> None:
                 failed = Row("adapter", provider, "forward+backward", batch, config.length, width, config.dtype)
                 rows.append(guarded(partial(measure_adapter, config, provider, batch, width), failed))
         if "fused" in config.providers:
-            for batch in config.breakdown_batch_sizes:
-                try:
-                    rows.extend(measure_launches(config, batch, width))
-                except Exception as error:  # noqa: BLE001 - a failed breakdown is reported, the run goes on
-                    print(f"  launch breakdown B={batch} d={width}: failed: {type(error).__name__}: {error}")
+            rows.extend(measure_breakdown(config, width))
         for row in rows:
             row.gpu = gpu
         upsert_rows(csv_path, rows)  # after every width, so that a run cut short keeps what it measured
@@ -473,6 +517,12 @@ def name_list(allowed: tuple[str, ...]) -> Callable[[click.Context, click.Parame
     help="Batch sizes at which each fused launch is also timed alone (empty to skip).",
 )
 @click.option(
+    "--sweep/--no-sweep",
+    default=True,
+    show_default=True,
+    help="Also time each fused launch with single changes of its block sizes / warps / stages at d=768.",
+)
+@click.option(
     "--results-dir", type=click.Path(path_type=Path), default=RESULTS_DIR, show_default=True, help="CSV/plot/traces."
 )
 @click.option("--traces/--no-traces", default=True, show_default=True, help="Save adapter profiler traces.")
@@ -489,6 +539,7 @@ def main(
     adapter_batch_sizes,
     adapter_providers,
     breakdown_batch_sizes,
+    sweep,
     results_dir,
     traces,
     interpreter_child,
@@ -508,6 +559,7 @@ def main(
         adapter_batch_sizes=int_list(adapter_batch_sizes),
         adapter_providers=adapter_providers,
         breakdown_batch_sizes=int_list(breakdown_batch_sizes),
+        sweep=sweep,
         results_dir=results_dir,
         traces=traces,
     )
