@@ -9,8 +9,9 @@ Forward (two launches):
      BLOCK_D chunks into an fp32 [BLOCK_M, BLOCK_L] tile; the key axis is padded to BLOCK_L (the next power of two
      >= L, at least 16) and masked to -inf. Every key of a row is in the tile, so the softmax is exact in one pass,
      in fp32: P = exp(S - rowmax(S)) / rowsum(exp(S - rowmax(S))). P is stored twice, as [B, L, Lp] with rows padded
-     to Lp = a multiple of 16 values (aligned rows let Triton vectorize the loads): fp32 P, and P^T in the input
-     dtype for dV (so that the gradient kernel reads unit-stride rows).
+     to Lp = a multiple of 16 values, the padding columns written as zeros (so that readers mask keys at Lp and
+     Triton vectorizes their loads): fp32 P, and P^T in the input dtype for dV (so that the gradient kernel reads
+     unit-stride rows).
   2. `_output_kernel`, one program per (batch, block of positions, width chunk): O = P V + V, one dot over the keys
      (P rounded to the input dtype). Splitting the forward in two keeps each program's chain of dependent steps
      short: the reduction over d runs once a row block, and the output is spread over many small programs.
@@ -87,7 +88,7 @@ class LaunchSettings:
 ROW_BLOCK_PROGRAMS = 256
 # The key-mixing kernels halve their width tile when the full one would give fewer programs than this (about 4 per
 # SM).
-GRADIENT_PROGRAMS = 512
+MIXING_PROGRAMS = 512
 
 
 @functools.lru_cache(maxsize=1024)
@@ -106,7 +107,7 @@ def launch_settings(batch: int, length: int, width: int, dtype: torch.dtype) -> 
     block_keys = block_l if sixteen_bit else min(block_l, 32)
     block_rows = max(16, min(block_l, 32 if sixteen_bit else 64))
     programs = batch * triton.cdiv(length, block_rows) * (width // math.gcd(width, chunk))
-    out_chunk = chunk if programs >= GRADIENT_PROGRAMS else chunk // 2
+    out_chunk = chunk if programs >= MIXING_PROGRAMS else chunk // 2
     return LaunchSettings(
         block_l=block_l,
         block_m=min(block_m, block_l),
