@@ -97,8 +97,8 @@ def launch_settings(batch: int, length: int, width: int, dtype: torch.dtype) -> 
 
     Width chunks are 64 wide for 16-bit inputs and 32 for fp32. The key-mixing kernels take the whole key axis in one
     chunk for 16-bit inputs (keys over fp32's FMA path come in chunks of 32, a larger chunk spills) and run with
-    4 warps for 16-bit inputs: compiled for sm_90 the gradient kernel then needs under 200 registers a thread, so two
-    programs share an SM, where 8 warps needed about 146 registers and left one program an SM.
+    4 warps for 16-bit inputs: compiled for sm_90 the gradient kernel then needs 146 registers a thread and 72 KiB of
+    shared memory at L=77, so three programs share an SM (with 8 warps, one did).
     """
     block_l = max(16, triton.next_power_of_2(length))
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
