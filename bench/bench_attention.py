@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -72,10 +72,13 @@ SWEEP_FIELDS = {
 # One change at a time from launch_settings' choice, timed at d=768 for the launches it affects: data for retuning
 SWEEP_WIDTH = 768
 SWEEP_CHANGES = (
+    {"block_m": 16},
+    {"block_m": 32},
     {"block_d": 128},
     {"num_stages": 4},
     {"num_warps": 4},
     {"block_out_d": 32},
+    {"block_out_d": 64},
     {"block_rows": 16},
     {"block_rows": 64, "mix_warps": 8},
 )
@@ -280,12 +283,15 @@ def measure_launches(config: BenchConfig, batch: int, width: int, changes: dict[
 
 
 def measure_breakdown(config: BenchConfig, width: int) -> list[Row]:
-    """The per-launch breakdown at every --breakdown-batch-sizes, and at d=768 the sweep of SWEEP_CHANGES; a variant
-    that fails (a block shape that does not compile, shared memory overflow) is printed and skipped."""
+    """The per-launch breakdown at every --breakdown-batch-sizes, and at d=768 the sweep of SWEEP_CHANGES (those that
+    differ from launch_settings' choice); a variant that fails (a block shape that does not compile, shared memory
+    overflow) is printed and skipped."""
     rows = []
-    variants = [None] + (list(SWEEP_CHANGES) if width == SWEEP_WIDTH and config.sweep else [])
+    dtype = getattr(torch, config.dtype)
     for batch in config.breakdown_batch_sizes:
-        for changes in variants:
+        default = asdict(fused_kernels.launch_settings(batch, config.length, width, dtype))
+        sweep = [c for c in SWEEP_CHANGES if any(default[k] != v for k, v in c.items())] if config.sweep else []
+        for changes in [None] + (sweep if width == SWEEP_WIDTH else []):
             try:
                 rows.extend(measure_launches(config, batch, width, changes))
             except Exception as error:  # noqa: BLE001 - a failed variant is reported, the run goes on
