@@ -11,7 +11,7 @@
 #   carry [".whl"]; command: bash bench/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DEADLINE=${DEADLINE:-530}
+DEADLINE=${DEADLINE:-420}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
