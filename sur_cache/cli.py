@@ -20,6 +20,7 @@ def main() -> None:
     train             feature store -> trained adapter (the frozen encoders are never loaded)
     generate          images from short prompts with a trained adapter
     import-reference  a reference adapter_checkpoint*.pt -> a sur-cache adapter folder
+    demo-assets       the demo's dataset, tiny diffusion models and LLM teacher (make demo)
     """
 
 
