@@ -48,7 +48,14 @@ from sur_cache.loader import (  # noqa: E402
 )
 from sur_cache.models import encode_clip, encode_vae  # noqa: E402
 from sur_cache.stages.train import TrainingRun, optimizer_step  # noqa: E402
-from sur_cache.tiny_models import save_clip_tokenizer  # noqa: E402
+from sur_cache.tiny_models import (  # noqa: E402
+    TINY_CLIP_CONFIG,
+    TINY_LLM_WIDTH,
+    TINY_RESOLUTION,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+    save_clip_tokenizer,
+)
 from sur_cache.train_log import StepLog  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,35 +89,11 @@ SD15 = Shapes(
 )
 TINY = Shapes(
     label="SMOKE tiny",
-    clip=dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-    ),
-    unet=dict(
-        sample_size=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ),
-    vae=dict(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    ),
-    llm_width=48,
-    resolution=32,
+    clip={"vocab_size": 49408, **TINY_CLIP_CONFIG},
+    unet=TINY_UNET_CONFIG,
+    vae=TINY_VAE_CONFIG,
+    llm_width=TINY_LLM_WIDTH,
+    resolution=TINY_RESOLUTION,
     batch_size=2,
 )
 

@@ -30,6 +30,39 @@ _CORPUS = [
 ]
 
 
+# The tiny diffusion parts' configs (the CLIP text config also takes the tokenizer's vocabulary and special ids).
+TINY_CLIP_CONFIG = dict(
+    hidden_size=TINY_CLIP_WIDTH,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(8, 16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=TINY_RESOLUTION,
+)
+TINY_UNET_CONFIG = dict(
+    sample_size=TINY_RESOLUTION // 4,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    cross_attention_dim=TINY_CLIP_WIDTH,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+
+
 @dataclass(frozen=True)
 class TinyModels:
     """Folders of the saved tiny models: `sd` is a diffusers StableDiffusionPipeline folder."""
@@ -79,39 +112,14 @@ def build_sd_pipeline(folder: Path, seed: int = 0):
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=TINY_CLIP_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **TINY_CLIP_CONFIG,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=TINY_RESOLUTION,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        cross_attention_dim=TINY_CLIP_WIDTH,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
     )
