@@ -166,7 +166,7 @@ def generate_command(
             compare=compare,
         )
         run_generate(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: a model or file that cannot be loaded
         raise click.ClickException(str(error)) from error
 
 
@@ -298,7 +298,7 @@ def extract_command(**options) -> None:
 
     try:
         summary = run_extract(ExtractConfig(**options))
-    except (ManifestMismatchError, ValueError, FileExistsError) as error:
+    except (ManifestMismatchError, ValueError, OSError) as error:  # OSError: a model or file that cannot be loaded
         raise click.ClickException(str(error)) from error
     if PartialState().is_main_process:
         click.echo(format_summary(summary))
@@ -499,6 +499,6 @@ def train_command(**options) -> None:
 
     try:
         final = run_train(TrainConfig(**options))
-    except (ManifestMismatchError, ValueError, FileNotFoundError) as error:
+    except (ManifestMismatchError, ValueError, OSError) as error:  # OSError: a model or file that cannot be loaded
         raise click.ClickException(str(error)) from error
     click.echo(f"adapter   {final}")
