@@ -416,9 +416,9 @@ class FeatureStore:
         """Read every chunk of every array back (checksums checked on decode); return what failed.
 
         A shard that fails is re-read one chunk at a time to name the bad sample range. A shard whose status says
-        it was written but whose file is gone is reported as missing.
+        it was written (or whose status is itself unreadable) but whose file is gone is reported as missing.
         """
-        status = self.status()
+        written = self._written_shards()
         fs, root = fsspec.core.url_to_fs(self.url)
         root = root.rstrip("/")
         corrupt = []
@@ -426,8 +426,7 @@ class FeatureStore:
             array = self.array(name)
             for shard, (start, stop) in enumerate(self.shard_ranges()):
                 key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))  # shards are the stored keys
-                written = bool((status[start:stop] != PENDING).any())
-                if written and not fs.exists(f"{root}/{array.path}/{key}"):
+                if written[shard] and not fs.exists(f"{root}/{array.path}/{key}"):
                     corrupt.append(CorruptRange(name, start, stop, "shard file missing"))
                     continue
                 try:
@@ -435,6 +434,17 @@ class FeatureStore:
                 except Exception:  # noqa: BLE001 - any decode failure is corruption; narrowed below per chunk
                     corrupt += self._locate(name, start, stop)
         return corrupt
+
+    def _written_shards(self) -> list[bool]:
+        """Per shard: does its status say it was written? A corrupt status slice counts as written (and `verify`
+        reports it like any other corrupt range) rather than stopping the check."""
+        status, written = self.array("status"), []
+        for start, stop in self.shard_ranges():
+            try:
+                written.append(bool((status[start:stop] != PENDING).any()))
+            except Exception:  # noqa: BLE001 - a checksum or decode failure; located in `verify`'s own pass
+                written.append(True)
+        return written
 
     def _locate(self, name: str, start: int, stop: int) -> list[CorruptRange]:
         array, rows = self.array(name), self.array(name).chunks[0]

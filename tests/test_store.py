@@ -154,6 +154,19 @@ def test_verify_finds_a_flipped_byte_by_sample_range(store, tmp_path):
     assert "checksum" in corrupt[0].error and corrupt[1].error == "shard file missing"
 
 
+def test_verify_reports_a_corrupt_status_slice_instead_of_crashing(store, tmp_path):
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        store.write_shard(shard, _random_rows(store, start, stop, seed=shard), np.full(stop - start, DONE, np.uint8))
+    shard_file = tmp_path / "s.zarr" / "status" / "c" / "1"
+    data = bytearray(shard_file.read_bytes())
+    data[1] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    (tmp_path / "s.zarr" / "llm" / "c" / "1" / "0").unlink()  # its shard still counts as written
+    corrupt = store.verify()
+    assert [(c.array, c.start, c.stop) for c in corrupt] == [("llm", 4, 8), ("status", 4, 8)]
+    assert corrupt[0].error == "shard file missing" and "checksum" in corrupt[1].error
+
+
 def test_partial_files_are_removed(store, tmp_path):
     leftover = tmp_path / "s.zarr" / "llm" / "c" / "0" / "0.abc.partial"
     leftover.parent.mkdir(parents=True)
