@@ -186,7 +186,8 @@ def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, devi
         "llm_layer_source": layer_source,
         "llm_pooling": config.llm_pooling if config.llm_features is None else None,
         "llm_8bit": config.llm_8bit if config.llm_features is None else None,
-        "llm_dtype": (None if config.llm_8bit else config.llm_dtype) if config.llm_features is None else None,
+        # with 8-bit weights the dtype still sets the non-quantised parts (embeddings, norms), so it is recorded too
+        "llm_dtype": config.llm_dtype if config.llm_features is None else None,
         "llm_per_token": config.llm_per_token,
         "resolution": config.resolution,
         "crop": config.crop,

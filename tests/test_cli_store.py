@@ -74,8 +74,11 @@ def test_verify_passes_then_names_a_corrupt_range(tiny_models, demo_dataset, tmp
 
 
 def test_extract_refuses_other_settings_with_a_fix(store, tiny_models, demo_dataset):
-    result = _extract(demo_dataset, store, tiny_models, "--llm-pooling", "last", "--resolution", "16")
+    result = _extract(
+        demo_dataset, store, tiny_models, "--llm-pooling", "last", "--resolution", "16", "--llm-dtype", "bfloat16"
+    )
     assert result.exit_code == 1
+    assert 'llm_dtype: expected "bfloat16", found "float16"' in result.output  # 8-bit: it sets the other weights
     assert 'llm_pooling: expected "last", found "mean"' in result.output
     assert "resolution: expected 16, found 32" in result.output
     assert "--overwrite" in result.output
