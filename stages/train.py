@@ -88,8 +88,11 @@ class LossTerms:
 def run_train(config: TrainConfig) -> Path:
     """Train an adapter; returns the folder of the final adapter (`<out>/adapter`)."""
     run = setup(config)
-    train(run)
-    return cleanup(run)
+    try:
+        train(run)
+        return cleanup(run)
+    finally:
+        run.loader.close()
 
 
 # ------------------------------------------------------------------------------------------------------------ setup

@@ -272,6 +272,12 @@ class StoreSource:
             self._sequence.units = list(dict.fromkeys(self._units_of(indices).tolist()))
             self._stream = iter(self._reader)
 
+    def close(self) -> None:
+        """Stop the reader processes now; being persistent, they would otherwise live as long as this source."""
+        if self._stream is not None:
+            self._stream._shutdown_workers()
+        self._stream = self._reader = None
+
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         rows: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
         for index, unit, flip in zip(indices, self._units_of(indices), flipped, strict=True):
@@ -422,6 +428,11 @@ class FeatureLoader:
             for index in range(start, count):
                 yield self._batch(epoch, index, order[index * size : (index + 1) * size])
             epoch, start = epoch + 1, 0
+
+    def close(self) -> None:
+        """Release what the source holds open (the store's reader processes)."""
+        if hasattr(self.source, "close"):
+            self.source.close()
 
     def _batch(self, epoch: int, index: int, samples: np.ndarray) -> Batch:
         s = self.settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 
 import numpy as np
@@ -141,6 +142,10 @@ def test_a_reader_process_streams_the_same_batches(store):
     for a, b, _ in zip(plain.batches(0, 4), streamed.batches(0, 4), range(5), strict=False):  # into epoch 1
         assert np.array_equal(a.samples, b.samples) and torch.equal(a.latents, b.latents)
         assert torch.equal(a.clip_simple, b.clip_simple) and torch.equal(a.llm, b.llm)
+    readers = multiprocessing.active_children()
+    assert readers
+    streamed.close()  # the reader processes end now, not whenever the loader is garbage-collected
+    assert not any(process.is_alive() for process in readers)
 
 
 def test_flipped_rows_come_from_the_flipped_arrays(store):
