@@ -35,6 +35,8 @@ from sur_cache.config import ExtractConfig
 from sur_cache.dataset import BadRow, ImageDataset, Row, digest_array, metadata_sha256, read_metadata, text_sha256
 from sur_cache.models import (
     LLM_LAYER_SOURCE,
+    LLM_SOURCE,
+    SD_SOURCE,
     encode_clip,
     encode_llm,
     encode_vae,
@@ -42,6 +44,7 @@ from sur_cache.models import (
     load_llm,
     load_vae,
     model_fingerprint,
+    naming_the_source,
     resolve_llm,
 )
 from sur_cache.store import DONE, SKIPPED, FeatureStore
@@ -127,16 +130,18 @@ def _model_shapes(config: ExtractConfig, llm_table: dict | None) -> _Shapes:
     from diffusers import AutoencoderKL
     from transformers import AutoConfig, CLIPTextConfig, CLIPTokenizer
 
-    clip = CLIPTextConfig.from_pretrained(config.sd, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(config.sd, subfolder="tokenizer")
-    vae = AutoencoderKL.load_config(config.sd, subfolder="vae")
+    with naming_the_source("--sd", config.sd, f"{SD_SOURCE} with tokenizer/, text_encoder/ and vae/"):
+        clip = CLIPTextConfig.from_pretrained(config.sd, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(config.sd, subfolder="tokenizer")
+        vae = AutoencoderKL.load_config(config.sd, subfolder="vae")
     downsample = 2 ** (len(vae["block_out_channels"]) - 1)
     if config.resolution % downsample:
         raise ValueError(f"--resolution {config.resolution} must be a multiple of the VAE's downsampling {downsample}")
     if llm_table is not None:
         llm_width, layer = next(iter(llm_table.values())).shape[0], None
     else:
-        llm = AutoConfig.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
+        with naming_the_source("--llm", config.llm, LLM_SOURCE):
+            llm = AutoConfig.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
         count = llm.num_hidden_layers
         if not -count <= config.llm_layer < count:
             raise ValueError(f"--llm-layer {config.llm_layer} is out of range: {config.llm} has {count} layers")

@@ -33,6 +33,10 @@ LLM_ALIASES: dict[str, tuple[str, int]] = {
     "llama-30b": ("huggyllama/llama-30b", 6656),
 }
 
+# What `--sd` and `--llm` may name, for the errors of a source that cannot be loaded.
+SD_SOURCE = "a diffusers Stable Diffusion folder or hub id"
+LLM_SOURCE = f"a hub id, a local model folder, or one of the aliases {', '.join(LLM_ALIASES)}"
+
 LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
 
 Pooling = Literal["mean", "last"]
@@ -77,9 +81,7 @@ def load_clip(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype
     """CLIP tokenizer and text encoder from a diffusers SD folder or hub id (subfolders tokenizer/, text_encoder/)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    with _naming_the_source(
-        "--sd", sd, "a diffusers Stable Diffusion folder or hub id with tokenizer/ and text_encoder/"
-    ):
+    with naming_the_source("--sd", sd, f"{SD_SOURCE} with tokenizer/ and text_encoder/"):
         tokenizer = CLIPTokenizer.from_pretrained(str(sd), subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder", dtype=dtype)
     return tokenizer, _frozen(text_encoder.to(device))
@@ -89,7 +91,7 @@ def load_vae(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype 
     """The `AutoencoderKL` from a diffusers SD folder or hub id (subfolder vae/)."""
     from diffusers import AutoencoderKL
 
-    with _naming_the_source("--sd", sd, "a diffusers Stable Diffusion folder or hub id with vae/"):
+    with naming_the_source("--sd", sd, f"{SD_SOURCE} with vae/"):
         vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae", torch_dtype=dtype)
     return _frozen(vae.to(device))
 
@@ -112,8 +114,7 @@ def load_llm(
     from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
 
     path = resolve_llm(name)
-    expected = f"a hub id, a local model folder, or one of the aliases {', '.join(LLM_ALIASES)}"
-    with _naming_the_source("--llm", name, expected):
+    with naming_the_source("--llm", name, LLM_SOURCE):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
@@ -122,7 +123,7 @@ def load_llm(
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": torch.device(device)}
-    with _naming_the_source("--llm", name, expected):
+    with naming_the_source("--llm", name, LLM_SOURCE):
         model = AutoModel.from_pretrained(path, **kwargs)
     if not load_in_8bit:
         model = model.to(device)
@@ -130,7 +131,7 @@ def load_llm(
 
 
 @contextmanager
-def _naming_the_source(option: str, source: str, expected: str):
+def naming_the_source(option: str, source: str, expected: str):
     """Re-raise a loading failure (missing folder or file, unknown hub id, offline) naming the option and input."""
     try:
         yield

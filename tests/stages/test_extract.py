@@ -248,6 +248,14 @@ def test_one_sample_dataset_with_default_shards(tiny_models, demo_dataset, tmp_p
     assert store.verify() == []
 
 
+def test_a_model_that_cannot_be_loaded_is_named_by_its_option(tiny_models, demo_dataset, tmp_path):
+    with pytest.raises(OSError, match=r"--sd .*no_sd: cannot load it as a diffusers Stable Diffusion"):
+        run_extract(_config(demo_dataset, tmp_path / "s.zarr", tiny_models, sd=str(tmp_path / "no_sd")))
+    with pytest.raises(OSError, match=r"--llm .*no_llm: cannot load it as a hub id, a local model folder"):
+        run_extract(_config(demo_dataset, tmp_path / "s.zarr", tiny_models, llm=str(tmp_path / "no_llm")))
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_dataset_without_usable_rows_is_an_error(tiny_models, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
