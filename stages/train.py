@@ -317,8 +317,9 @@ def optimizer_step(run: TrainingRun, batches) -> tuple[dict[str, float | None], 
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     # Fetch the next micro-batch before the sync below, so its host work (reads, gather, copies) overlaps this
-    # step's GPU work; it is a pure function of its position, so this changes no number.
-    run.lookahead = next(batches)
+    # step's GPU work; it is a pure function of its position, so this changes no number. None after the last step.
+    if run.step + 1 < run.total_steps:
+        run.lookahead = next(batches)
     # One reduction and one device sync per step for everything logged (the small steps are launch-bound).
     names = list(sums)
     values = torch.stack([sums[name] for name in names] + [torch.as_tensor(grad_norm, device=sums["total"].device)])

@@ -178,6 +178,19 @@ def test_a_cached_run_never_loads_the_llm_clip_or_vae(store, tiny_models, tmp_pa
     assert json.loads((tmp_path / "features" / "run.json").read_text())["features_only"]
 
 
+def test_the_run_fetches_exactly_the_micro_batches_it_trains_on(store, tiny_models, tmp_path):
+    from sur_cache.stages.train import train
+
+    run = setup(_config(store, tiny_models, tmp_path / "run", max_steps=2, denoise_weight=0.0, preload="cpu"))
+    fetched = []
+    fetch = run.loader.source.fetch
+    run.loader.source.fetch = lambda indices, flipped: fetched.append(indices.tolist()) or fetch(indices, flipped)
+    train(run)
+    trained = list(fetched)
+    assert len(trained) == 4  # 2 steps x 2 micro-batches: no batch is read ahead past the last step
+    assert trained == [b.samples.tolist() for b, _ in zip(run.loader.batches(), range(4), strict=False)]
+
+
 def _first_grads(config: TrainConfig, fc_weight: torch.Tensor) -> tuple[dict, dict]:
     """Loss terms and adapter gradients of the first micro-batch, with fc.weight set (so every layer gets gradient)."""
     run = setup(config)
