@@ -199,6 +199,10 @@ def _first_grads(config: TrainConfig, fc_weight: torch.Tensor) -> tuple[dict, di
         adapter.fc.weight.copy_(fc_weight)
     terms = compute_losses(run, next(run.loader.batches()))
     terms.total.backward()
+    if run.unet is not None:  # the UNet stays frozen: the gradient passes through it to the adapter only
+        assert all(not p.requires_grad and p.grad is None for p in run.unet.parameters())
+    optimized = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in adapter.parameters() if p.requires_grad}
     values = {name: value.item() for name, value in vars(terms).items() if value is not None}
     return values, {name: p.grad.clone() for name, p in adapter.named_parameters() if p.grad is not None}
 
