@@ -190,7 +190,7 @@ def _hub_commit(repo_id: str) -> str:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["config.json"])).name
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _hub_offline():
         return "unresolved"
     try:
         from huggingface_hub import model_info
@@ -198,6 +198,13 @@ def _hub_commit(repo_id: str) -> str:
         return model_info(repo_id).sha or "unresolved"
     except Exception:  # noqa: BLE001 - network or auth failure: the manifest records that we could not tell
         return "unresolved"
+
+
+def _hub_offline() -> bool:
+    """huggingface_hub's own rule (HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE, set to 1/on/yes/true), read now: the
+    hub library reads it once at import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in {"1", "ON", "YES", "TRUE"}
 
 
 # ---------------------------------------------------------------------------------------------------- features

@@ -231,6 +231,20 @@ def test_hub_fingerprint_is_the_cached_commit_or_unresolved(tmp_path, monkeypatc
     assert model_fingerprint("llama-13b") == {"id": "huggyllama/llama-13b", "revision": commit}
 
 
+def test_hub_fingerprint_asks_the_hub_only_when_online(tmp_path, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo: asked.append(repo) or type("I", (), {"sha": "c0"}))
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for value, revision in [("1", "unresolved"), ("yes", "unresolved"), ("0", "c0"), ("off", "c0")]:
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert model_fingerprint("llama-7b")["revision"] == revision, value
+    assert asked == ["huggyllama/llama-7b"] * 2
+
+
 def test_features_can_enter_an_autograd_graph(clip):
     """`--online` training feeds these straight into the adapter: they must not be inference-mode tensors."""
     tokenizer, text_encoder = clip
