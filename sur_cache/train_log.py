@@ -22,10 +22,18 @@ class StepLog:
         self.path, self.enabled = Path(path), enabled
 
     def truncate_after(self, step: int) -> None:
-        """Keep only the records of steps <= `step` (the last checkpoint's), dropping what a crash left behind."""
+        """Keep only the records of steps <= `step` (the last checkpoint's), dropping what a crash left behind:
+        later records, and a last line the crash cut short."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [record for record in read_log(self.path) if record["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= step:
+                kept.append(record)
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -13,6 +13,8 @@ def test_resume_truncation_keeps_the_checkpointed_steps(tmp_path):
     log = StepLog(tmp_path / "train_log.jsonl")
     for step in range(1, 6):
         log.write(_record(step, 0.5))
+    with log.path.open("a") as f:
+        f.write('{"step": 6, "denoise": 0.')  # the crash cut this line short
     log.truncate_after(3)
     assert [r["step"] for r in read_log(log.path)] == [1, 2, 3]
     silent = StepLog(tmp_path / "other.jsonl", enabled=False)  # a non-main process writes nothing
