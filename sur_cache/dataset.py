@@ -189,9 +189,9 @@ def preprocess(
     """
     image = to_rgb(image)
     width, height = image.size
-    scale = resolution / min(width, height)
-    size = (resolution, int(height * scale)) if width <= height else (int(width * scale), resolution)
-    size = (max(size[0], resolution), max(size[1], resolution))
+    # torchvision's arithmetic exactly: `int(height * (resolution / width))` is one pixel short for e.g. 49 x 98
+    long_side = int(resolution * max(width, height) / min(width, height))
+    size = (resolution, long_side) if width <= height else (long_side, resolution)
     image = image.resize(size, Image.Resampling.BILINEAR)
     top, left = _crop_offset(size, resolution, crop, seed)
     image = image.crop((left, top, left + resolution, top + resolution))

@@ -181,6 +181,19 @@ def test_preprocess_resizes_shorter_side_then_center_crops():
     assert tall.shape == (3, 10, 10) and offset == (10, 0)
 
 
+@pytest.mark.parametrize(("size", "resized"), [((49, 98), (32, 64)), ((98, 49), (64, 32)), ((49, 49), (32, 32))])
+def test_preprocess_long_side_follows_torchvision_arithmetic(size, resized):
+    """torchvision's Resize gives the long side int(32 * 98 / 49) = 64; int(98 * (32 / 49)) would give 63."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    pixels, offset = preprocess(image, 32, "center")
+    resized_image = np.asarray(image.resize(resized, Image.Resampling.BILINEAR), dtype=np.float32)
+    top, left = (resized[1] - 32) // 2, (resized[0] - 32) // 2
+    assert offset == (top, left)
+    expected = torch.from_numpy(resized_image[top : top + 32, left : left + 32] / 127.5 - 1).permute(2, 0, 1)
+    assert torch.equal(pixels, expected)
+
+
 def test_preprocess_range_is_minus_one_to_one():
     white, _ = preprocess(Image.new("RGB", (24, 24), (255, 255, 255)), 8)
     black, _ = preprocess(Image.new("RGB", (24, 24), (0, 0, 0)), 8)
