@@ -369,6 +369,8 @@ def save_checkpoint(run: TrainingRun) -> Path:
     folder = Path(run.config.out) / CHECKPOINTS / f"step_{run.step:07d}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # A run resumed from an older checkpoint rewrites the later ones: incomplete until rewritten whole.
+        (folder / POSITION_FILE).unlink(missing_ok=True)
         _unwrap(run).save_pretrained(folder / "adapter")
     accelerator.save_state(str(folder / "state"))
     accelerator.wait_for_everyone()

@@ -138,6 +138,23 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(store, tiny_models, 
         run_train(_config(store, tiny_models, broken, random_flip=True, resume="latest", batch_size=1))
 
 
+def test_a_rewritten_checkpoint_is_incomplete_until_written_whole(store, tiny_models, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from sur_cache.stages.train import find_checkpoint
+
+    out, options = tmp_path / "run", {"max_steps": 4, "denoise_weight": 0.0, "preload": "cpu"}
+    run_train(_config(store, tiny_models, out, **options))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crash while saving")
+
+    monkeypatch.setattr(Accelerator, "save_state", crash)
+    with pytest.raises(RuntimeError, match="crash while saving"):  # resumed at step 2, crashes rewriting step 4
+        run_train(_config(store, tiny_models, out, resume=str(out / "checkpoints" / "step_0000002"), **options))
+    assert find_checkpoint(out, "latest").name == "step_0000002"
+
+
 def _forbid(monkeypatch, *targets) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("stage two must not load this model")
