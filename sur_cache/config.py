@@ -205,6 +205,8 @@ class TrainConfig:
                 )
         if self.online and self.data is None:
             problems.append("--online computes the features from the images: pass --data DATASET_DIR")
+        if not self.online and (self.data is not None or self.llm is not None):
+            problems.append("--data and --llm are read by --online only: add --online, or drop them")
         if self.online and self.preload != "none":
             problems.append("--preload reads cached features; it has no meaning with --online")
         if self.features_only and self.detach_unet_input:

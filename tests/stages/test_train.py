@@ -268,6 +268,17 @@ def test_a_store_for_another_sd_model_is_refused(store, tiny_models, tmp_path):
     assert "clip_width: the SD model" in result.output and "768" in result.output and "has 32" in result.output
 
 
+def test_bad_options_are_reported_together(store, tiny_models, tmp_path):
+    args = _cli(store, tiny_models, tmp_path / "r", "--batch-size", "0", "--llm", "x", "--snr-gamma", "-1")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "invalid train options" in result.output
+    for problem in ("--batch-size must be >= 1, got 0", "--llm are read by --online only", "--snr-gamma must be > 0"):
+        assert problem in result.output
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="pass --data DATASET_DIR"):
+        _config(store, tiny_models, tmp_path / "r", online=True)
+
+
 @pytest.mark.slow
 def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(store, tiny_models, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
