@@ -173,26 +173,34 @@ def _sd_fingerprint(sd: str) -> dict:
     return {"id": str(Path(sd).resolve()) if Path(sd).exists() else sd, "revision": f"sha256:{combined}"}
 
 
-def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, device: torch.device) -> dict[str, Any]:
-    """Everything that decides the stored numbers; a resumed run must match it field by field."""
+def _teacher_fields(config: ExtractConfig) -> dict[str, Any]:
+    """The manifest fields of the LLM feature's source; the model-only settings are None with a feature file."""
     if config.llm_features is not None:
         digest = hashlib.sha256(Path(config.llm_features).read_bytes()).hexdigest()
-        teacher = {"llm_features_file": {"path": str(Path(config.llm_features).resolve()), "sha256": digest}}
-        layer_source = "llm_features_file"
-    else:
-        teacher = {"llm_model": model_fingerprint(config.llm)}
-        layer_source = LLM_LAYER_SOURCE
+        return {
+            "llm_features_file": {"path": str(Path(config.llm_features).resolve()), "sha256": digest},
+            "llm_layer_source": "llm_features_file",
+            **dict.fromkeys(("llm_pooling", "llm_8bit", "llm_dtype", "llm_batch_size")),
+        }
+    return {
+        "llm_model": model_fingerprint(config.llm),
+        "llm_layer_source": LLM_LAYER_SOURCE,
+        "llm_pooling": config.llm_pooling,
+        "llm_8bit": config.llm_8bit,
+        # with 8-bit weights the dtype still sets the non-quantised parts (embeddings, norms), so it is recorded too
+        "llm_dtype": config.llm_dtype,
+        "llm_batch_size": config.llm_batch_size,  # batched math differs in the last bits across batch compositions
+    }
+
+
+def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, device: torch.device) -> dict[str, Any]:
+    """Everything that decides the stored numbers; a resumed run must match it field by field."""
     return {
         "sur_cache_version": __version__,
         "sd_model": _sd_fingerprint(config.sd),
-        **teacher,
+        **_teacher_fields(config),
         "sd_dtype": _sd_dtype(config, device),
         "llm_layer": shapes.llm_layer,
-        "llm_layer_source": layer_source,
-        "llm_pooling": config.llm_pooling if config.llm_features is None else None,
-        "llm_8bit": config.llm_8bit if config.llm_features is None else None,
-        # with 8-bit weights the dtype still sets the non-quantised parts (embeddings, norms), so it is recorded too
-        "llm_dtype": config.llm_dtype if config.llm_features is None else None,
         "llm_per_token": config.llm_per_token,
         "resolution": config.resolution,
         "crop": config.crop,
@@ -212,7 +220,6 @@ def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, devi
         "vae_scaling_factor": shapes.vae_scaling_factor,
         # batched math differs in the last bits across batch compositions
         "batch_size": config.batch_size,
-        "llm_batch_size": config.llm_batch_size,
         "shard_rows": config.shard_rows,
         "chunk_rows": min(config.chunk_rows, config.shard_rows),
         "compression": config.compression,

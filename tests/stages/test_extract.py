@@ -301,6 +301,7 @@ def test_reference_llm_feature_file_replaces_the_llm(tiny_models, demo_dataset, 
     expected = np.stack([table[texts[line]].float().numpy() for line in lines])
     np.testing.assert_array_equal(store.array("llm")[:], expected)
     assert store.manifest["llm_width"] == 40 and "llm_model" not in store.manifest
+    assert store.manifest["llm_batch_size"] is None and store.manifest["llm_dtype"] is None  # no LLM runs
     assert store.manifest["llm_features_file"]["sha256"] == hashlib.sha256(features.read_bytes()).hexdigest()
     wrong = _feature_file(tmp_path / "wrong.pt", kept, odd="an odd prompt")
     with pytest.raises(ValueError, match=r"one width; most have 40, but 'an odd prompt' has 41"):
