@@ -45,6 +45,8 @@ def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", se
     """
     if llm not in LLM_CHOICES:
         raise ValueError(f"--llm must be one of {', '.join(LLM_CHOICES)}, got {llm!r}")
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}: extract needs at least one row")
     minilm = packaged_minilm() if llm in ("auto", "minilm") else None
     if llm == "minilm" and minilm is None:
         raise ValueError(

