@@ -214,7 +214,10 @@ def test_bad_rows_are_skipped_reported_and_never_done(tiny_models, demo_dataset,
     status = store.status()
     assert lines.tolist() == [0, 1, 5, 7, 8, 9, 10, 11]
     assert status.tolist() == [DONE, SKIPPED] + [DONE] * 6
-    assert not store.array("latent_mean")[1].any() and not store.array("clip_simple")[1].any()
+    for name in ("latent_mean", "latent_mean_flipped", "clip_simple", "llm", "llm_tokens", "truncated"):
+        assert not store.array(name)[1].any(), f"{name} of a skipped sample should be zeros"
+    texts = [json.loads(line).get("text") for line in (data / "metadata.jsonl").read_text().splitlines()[:2]]
+    assert bytes(store.array("text_sha256")[1]) == hashlib.sha256(texts[1].encode()).digest()  # identity kept
     report = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in report] == [
         (1, "unreadable_image"),
