@@ -20,7 +20,7 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -391,7 +391,7 @@ class _Together:
 # ---------------------------------------------------------------------------------------------------------- extract
 
 
-def _passes(config, manifest, rows, device, workers, llm_table) -> list[tuple[str, callable]]:
+def _passes(config, manifest, rows, device, workers, llm_table) -> list[tuple[str, Callable[[], Any]]]:
     """(label, encoder factory) per pass; each pass's models are loaded when it starts and freed when it ends."""
     image = ("clip+vae", lambda: _ImageTextEncoder(config, manifest, rows, device, workers))
     if llm_table is not None:
