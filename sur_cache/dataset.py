@@ -49,7 +49,8 @@ class Row:
 
 @dataclass(frozen=True)
 class BadRow:
-    """A skipped sample; `reason` is one of BAD_ROW_REASONS, `detail` says what exactly was wrong."""
+    """A skipped sample; `reason` is one of BAD_ROW_REASONS (extract adds "missing_llm_feature" with a feature
+    file), `detail` says what exactly was wrong."""
 
     line: int
     file_name: str | None
