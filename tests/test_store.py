@@ -100,8 +100,11 @@ def test_open_refuses_other_settings_naming_each_field(store):
 def test_create_refuses_existing_store_unless_overwrite(store):
     with pytest.raises(FileExistsError, match="--overwrite"):
         FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4)
+    store.write_skipped(None, [{"line": 7, "file_name": None, "reason": "malformed_json", "detail": "x"}])
+    report = Path(store.write_skipped_report())
     fresh = FeatureStore.create(store.url, {**MANIFEST, "llm_layer": 0}, num_samples=3, shard_rows=4, overwrite=True)
     assert fresh.num_samples == 3 and fresh.manifest["llm_layer"] == 0
+    assert fresh.skipped_records() == [] and not report.exists()  # the old store's skip reports went with it
 
 
 def test_create_never_wipes_a_folder_that_is_not_a_store(tmp_path):
