@@ -211,6 +211,8 @@ class TrainConfig:
             problems.append("--preload reads cached features; it has no meaning with --online")
         if self.features_only and self.detach_unet_input:
             problems.append("--detach-unet-input has no effect with --denoise-weight 0 (the UNet is skipped); drop one")
+        if self.features_only and self.random_flip:
+            problems.append("--random-flip picks flipped latents, which --denoise-weight 0 never reads; drop one")
         if problems:
             raise ValueError("invalid train options:\n  " + "\n  ".join(problems))
 

@@ -277,6 +277,8 @@ def test_bad_options_are_reported_together(store, tiny_models, tmp_path):
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="pass --data DATASET_DIR"):
         _config(store, tiny_models, tmp_path / "r", online=True)
+    with pytest.raises(ValueError, match="--random-flip picks flipped latents"):
+        _config(store, tiny_models, tmp_path / "r", denoise_weight=0.0, random_flip=True)
 
 
 @pytest.mark.slow
