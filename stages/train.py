@@ -76,6 +76,10 @@ class TrainingRun:
     batch: int = 0
     lookahead: Any = None  # the next micro-batch, fetched while the GPU still runs the current step
 
+    @property
+    def samples_per_step(self) -> int:
+        return self.config.batch_size * self.config.gradient_accumulation * self.accelerator.num_processes
+
 
 @dataclass
 class LossTerms:
@@ -254,7 +258,7 @@ def _run_record(run: TrainingRun) -> dict[str, Any]:
         "features_only": config.features_only,
         "attention": _unwrap(run).config.attention,
         "gradient_to_adapter_through_unet": not (config.features_only or config.detach_unet_input),
-        "samples_per_step": config.batch_size * config.gradient_accumulation * run.accelerator.num_processes,
+        "samples_per_step": run.samples_per_step,
     }
 
 
@@ -265,7 +269,6 @@ def train(run: TrainingRun) -> None:
     """Optimizer steps from `run.step` to `run.total_steps`, logging each and checkpointing every N."""
     config, accelerator = run.config, run.accelerator
     batches = run.loader.batches(run.epoch, run.batch)
-    samples_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
     bar = tqdm(
         total=run.total_steps,
         initial=run.step,
@@ -285,7 +288,7 @@ def train(run: TrainingRun) -> None:
             **terms,
             "lr": lr,
             "grad_norm": grad_norm,
-            "samples_per_s": samples_per_step / (time.perf_counter() - started),
+            "samples_per_s": run.samples_per_step / (time.perf_counter() - started),
         }
         run.log.write(record)
         bar.update(1)
