@@ -292,7 +292,14 @@ class FeatureStore:
         return self._group[name]
 
     def status(self) -> np.ndarray:
-        return self.array("status")[:]
+        """Every sample's status; a corrupt status chunk is a StoreFormatError that says how to locate it."""
+        try:
+            return self.array("status")[:]
+        except ValueError as error:  # a crc32c mismatch or an undecodable shard
+            raise StoreFormatError(
+                f"{self.url}: the status array cannot be read ({error}); `sur-cache verify {self.url}` names the "
+                "corrupt range; re-extract with --overwrite"
+            ) from error
 
     def complete_indices(self) -> np.ndarray:
         """Sample indices whose features are written (status done), ascending."""

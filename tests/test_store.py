@@ -168,6 +168,8 @@ def test_verify_reports_a_corrupt_status_slice_instead_of_crashing(store, tmp_pa
     corrupt = store.verify()
     assert [(c.array, c.start, c.stop) for c in corrupt] == [("llm", 4, 8), ("status", 4, 8)]
     assert corrupt[0].error == "shard file missing" and "checksum" in corrupt[1].error
+    with pytest.raises(StoreFormatError, match=r"status array cannot be read .*sur-cache verify"):
+        store.summary()
 
 
 def test_partial_files_are_removed(store, tmp_path):
