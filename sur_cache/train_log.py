@@ -55,13 +55,17 @@ def plot_losses(log_path: Path, png_path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_log(log_path)
-    terms = [t for t in LOSS_TERMS if any(_finite(r.get(t)) for r in records)]
+    # A run whose losses were all NaN or inf (fp16 overflow) still gets its (empty) total panel, not a crash.
+    terms = [t for t in LOSS_TERMS if any(_finite(r.get(t)) for r in records)] or ["total"]
     figure, axes = plt.subplots(len(terms), 1, figsize=(7, 2.2 * len(terms)), sharex=True, squeeze=False)
     for axis, term in zip(axes[:, 0], terms, strict=True):
         points = [(r["step"], r[term]) for r in records if _finite(r.get(term))]
-        axis.plot(*zip(*points, strict=True), linewidth=1)
-        if all(value > 0 for _, value in points):
-            axis.set_yscale("log")
+        if points:
+            axis.plot(*zip(*points, strict=True), linewidth=1)
+            if all(value > 0 for _, value in points):
+                axis.set_yscale("log")
+        else:
+            axis.text(0.5, 0.5, "no finite value", ha="center", va="center", transform=axis.transAxes)
         axis.set_ylabel(term)
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimizer step")

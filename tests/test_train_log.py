@@ -35,3 +35,10 @@ def test_plot_draws_only_the_terms_that_were_computed(tmp_path, monkeypatch):
     )
     png = plot_losses(log.path, tmp_path / "loss.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and drawn == ["distill", "align", "total"]
+
+
+def test_plot_of_a_run_without_any_finite_loss_still_writes_a_png(tmp_path):
+    log = StepLog(tmp_path / "train_log.jsonl")
+    for step in range(1, 3):  # json writes NaN, and reads it back as float("nan")
+        log.write({"step": step, "denoise": float("nan"), "distill": None, "align": None, "total": float("nan")})
+    assert plot_losses(log.path, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
