@@ -60,6 +60,8 @@ def read_units(shard_ranges: list[tuple[int, int]], complete: np.ndarray, world_
             samples = complete[(complete >= a) & (complete < b)]
             if len(samples):
                 units.append(ReadUnit(int(a), int(b), samples))
+    if not units:
+        raise ValueError("the store has no complete sample: finish the extraction (`sur-cache extract --resume`)")
     if len(units) < world_size:
         raise ValueError(
             f"the store has {len(complete)} complete samples in {len(units)} readable parts, fewer than the "

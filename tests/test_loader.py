@@ -73,6 +73,8 @@ def test_units_follow_shards_and_skip_incomplete_samples():
     assert [(u.start, u.stop) for u in split] == [(0, 3), (3, 7), (7, 10)]
     with pytest.raises(ValueError, match="fewer than the 3 processes"):
         read_units([(0, 2)], np.array([0]), world_size=3)
+    with pytest.raises(ValueError, match="no complete sample: finish the extraction"):
+        read_units([(0, 4)], np.array([], dtype=np.int64))
 
 
 def test_order_is_a_seeded_buffered_permutation():
