@@ -45,6 +45,12 @@ class OnlineSource:
             dtype=_DTYPES[manifest.get("llm_dtype") or "float16"],
             device=self.device,
         )
+        width = getattr(self.llm.config, "hidden_size", None)
+        if width != manifest["llm_width"]:
+            raise ValueError(
+                f"--llm {llm or teacher}: its hidden size is {width}, the store's LLM features are "
+                f"{manifest['llm_width']} wide; pass the store's teacher ({teacher}) or drop --llm"
+            )
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         rows = [self.rows[i] for i in indices]

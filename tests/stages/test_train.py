@@ -236,6 +236,24 @@ def test_online_features_equal_cached_ones(store, tiny_models, demo_dataset, tmp
         torch.testing.assert_close(online_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_online_refuses_an_llm_of_another_width(store, tiny_models, demo_dataset, monkeypatch):
+    import sur_cache.online
+    from sur_cache.models import load_llm
+    from sur_cache.store import FeatureStore
+
+    def wider(*args, **kwargs):
+        tokenizer, model = load_llm(*args, **kwargs)
+        model.config.hidden_size = 2 * model.config.hidden_size
+        return tokenizer, model
+
+    monkeypatch.setattr(sur_cache.online, "load_llm", wider)
+    manifest = FeatureStore.open(str(store), mode="r").manifest
+    with pytest.raises(ValueError, match="its hidden size is 96, the store's LLM features are 48 wide"):
+        sur_cache.online.OnlineSource(
+            manifest, demo_dataset, str(tiny_models.sd), llm=str(tiny_models.llm), latents=False, device="cpu"
+        )
+
+
 def test_detach_unet_input_leaves_only_the_kl_terms_training(store, tiny_models, tmp_path):
     fc_weight = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) * 0.1
     base = _config(store, tiny_models, tmp_path / "a", dropout=0.0, llm_weight=1.0, align_weight=1.0)
