@@ -180,6 +180,7 @@ class FeatureSource(Protocol):
     `fetch` returns tensors (any float dtype; the loader converts them to float32 on the training device)
     `clip_simple`, `clip_complex` [B, L, d], `llm` [B, D] and, when latents are wanted, `latent_mean`,
     `latent_logvar` [B, c, s, s] (of the flipped image where `flipped` is True).
+    Optional: `plan(indices)`, told the epoch's samples in order before its first fetch, and `close()`.
     """
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]: ...
