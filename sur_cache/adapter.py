@@ -251,17 +251,20 @@ def reference_adapter_config(
         )
     ff_key = "transformer_encoder.layers.0.linear1.weight"
     feedforward = state_dict[ff_key].shape[0] if ff_key in state_dict else 2048
-    return AdapterConfig(
-        width=width,
-        llm_width=llm_width,
-        num_layers=max(layers) + 1,
-        num_heads=num_heads,
-        feedforward=feedforward,
-        adapter_weight=adapter_weight,
-        reference_compat=True,
-        freeze_llm_proj=True,
-        llm_proj_seed=llm_proj_seed,
-    )
+    try:
+        return AdapterConfig(
+            width=width,
+            llm_width=llm_width,
+            num_layers=max(layers) + 1,
+            num_heads=num_heads,
+            feedforward=feedforward,
+            adapter_weight=adapter_weight,
+            reference_compat=True,
+            freeze_llm_proj=True,
+            llm_proj_seed=llm_proj_seed,
+        )
+    except ValueError as error:  # an option that does not fit the checkpoint (--num-heads, --llm-width)
+        raise ReferenceCheckpointError(f"{error}; fix --num-heads or --llm-width") from error
 
 
 def adapter_from_reference(state_dict: dict[str, Tensor], config: AdapterConfig) -> SURAdapter:

@@ -435,6 +435,14 @@ def test_import_reference_refuses_what_is_not_a_reference_checkpoint(tmp_path):
     assert result.exit_code == 1 and "cannot be read as a weights-only PyTorch checkpoint" in result.output
 
 
+def test_import_reference_reports_options_that_do_not_fit_the_checkpoint(reference, tmp_path):
+    _, path = reference
+    args = [path, "--adapter-weight", 0.1, "--out", tmp_path / "out", "--num-heads", 5]
+    result = CliRunner().invoke(main, ["import-reference", *map(str, args)])
+    assert result.exit_code == 1 and "width 32 must be divisible by num_heads 5" in result.output
+    assert "--num-heads" in result.output and not (tmp_path / "out").exists()
+
+
 def test_import_reference_refuses_a_non_empty_output_unless_overwrite(reference, tmp_path):
     _, path = reference
     out = tmp_path / "out"
