@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -81,7 +82,14 @@ class _Shapes:
 
 def load_llm_features(path: Path) -> dict[str, torch.Tensor]:
     """A reference prompt2vec file `{simple prompt: tensor[D]}`, loaded with `weights_only=True`; checks the widths."""
-    table = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as error:  # KeyError: not a torch file at all
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"--llm-features {path}: cannot load it as a torch.save'd {{prompt: tensor[D]}} dict of tensors "
+            f"(weights_only=True): {type(error).__name__}: {first_line}"
+        ) from error
     if not isinstance(table, dict) or not table:
         raise ValueError(f"--llm-features {path}: expected a non-empty dict {{prompt: tensor[D]}}, found {type(table)}")
     widths = Counter()

@@ -20,7 +20,7 @@ import torch
 from sur_cache.config import ExtractConfig
 from sur_cache.dataset import ImageDataset, read_metadata
 from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
-from sur_cache.stages.extract import run_extract
+from sur_cache.stages.extract import load_llm_features, run_extract
 from sur_cache.store import DONE, PENDING, SKIPPED, FeatureStore, ManifestMismatchError
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_WIDTH, TINY_RESOLUTION
 
@@ -311,6 +311,14 @@ def test_reference_llm_feature_file_replaces_the_llm(tiny_models, demo_dataset, 
         run_extract(
             _config(demo_dataset, tmp_path / "w.zarr", tiny_models, llm=None, llm_features=wrong, llm_per_token=False)
         )
+
+
+def test_a_feature_file_that_is_not_a_tensor_dict_is_refused_by_name(tmp_path):
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"a cat": np.zeros(3)}, tmp_path / "numpy.pt")  # needs a full unpickler: refused by weights_only
+    for name, kind in [("text.pt", "KeyError"), ("numpy.pt", "UnpicklingError")]:
+        with pytest.raises(ValueError, match=rf"--llm-features .*{name}: cannot load it as .*{kind}"):
+            load_llm_features(tmp_path / name)
 
 
 def test_memory_url_store(tiny_models, demo_dataset):
