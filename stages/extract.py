@@ -35,6 +35,7 @@ from sur_cache import __version__
 from sur_cache.config import ExtractConfig
 from sur_cache.dataset import BadRow, ImageDataset, Row, digest_array, metadata_sha256, read_metadata, text_sha256
 from sur_cache.models import (
+    DTYPES,
     LLM_LAYER_SOURCE,
     LLM_SOURCE,
     SD_SOURCE,
@@ -50,7 +51,6 @@ from sur_cache.models import (
 )
 from sur_cache.store import DONE, SKIPPED, FeatureStore
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
 
 
@@ -272,7 +272,7 @@ class _ImageTextEncoder:
     """CLIP of both prompts, the VAE's latent distribution (and its mirror), hashes and truncation flags."""
 
     def __init__(self, config: ExtractConfig, manifest: dict, rows: list[Row], device: torch.device, workers: int):
-        dtype = _DTYPES[manifest["sd_dtype"]]
+        dtype = DTYPES[manifest["sd_dtype"]]
         self.config, self.rows, self.device = config, rows, device
         self.tokenizer, self.text_encoder = load_clip(config.sd, device=device, dtype=dtype)
         self.vae = load_vae(config.sd, device=device, dtype=dtype)
@@ -338,7 +338,7 @@ class _LLMEncoder:
         self.tokenizer, self.model = load_llm(
             config.llm,
             load_in_8bit=config.llm_8bit,
-            dtype=_DTYPES[config.llm_dtype],
+            dtype=DTYPES[config.llm_dtype],
             device=device,
             trust_remote_code=config.trust_remote_code,
         )

@@ -25,11 +25,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sur_cache.adapter import SURAdapter, resolve_attention
 from sur_cache.config import GenerateConfig
-from sur_cache.models import encode_clip
+from sur_cache.models import DTYPES, encode_clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 COMPARE_LABELS = ("base", "with adapter")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` -> float16 on a GPU, float32 on the CPU (where half precision is slow or unsupported)."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def read_prompts_file(path: Path) -> list[str]:

@@ -54,7 +54,7 @@ def import_reference_command(checkpoint, adapter_weight, out, llm_width, llm_pro
     The result reproduces the reference forward exactly, including its batch-mixing transformer (identical to
     per-token processing at batch 1). Its LLM projection is freshly initialised from --llm-proj-seed.
     """
-    from sur_cache.adapter import ReferenceCheckpointError, import_reference
+    from sur_cache.adapter import import_reference
     from sur_cache.config import ImportReferenceConfig
 
     config = ImportReferenceConfig(
@@ -68,7 +68,7 @@ def import_reference_command(checkpoint, adapter_weight, out, llm_width, llm_pro
     )
     try:
         click.echo(f"wrote {import_reference(config)}")
-    except (ReferenceCheckpointError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # ReferenceCheckpointError is a ValueError
         raise click.ClickException(str(error)) from error
 
 

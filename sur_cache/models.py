@@ -70,6 +70,8 @@ class LLMFeatures:
 
 # ---------------------------------------------------------------------------------------------------- loading
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # CLI name -> dtype
+
 
 def resolve_llm(name: str) -> str:
     """An alias (`llama-13b`, ...) -> its hub id; a local path or any other hub id passes through unchanged."""

@@ -14,9 +14,7 @@ import numpy as np
 import torch
 
 from sur_cache.dataset import ImageDataset, metadata_sha256, read_metadata
-from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from sur_cache.models import DTYPES, encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
 
 
 class OnlineSource:
@@ -34,7 +32,7 @@ class OnlineSource:
     ) -> None:
         self.manifest, self.device = manifest, torch.device(device)
         self.rows = _matching_rows(manifest, Path(data))
-        sd_dtype = _DTYPES[manifest.get("sd_dtype", "float32")]
+        sd_dtype = DTYPES[manifest.get("sd_dtype", "float32")]
         self.tokenizer, self.text_encoder = load_clip(sd, device=self.device, dtype=sd_dtype)
         self.vae = load_vae(sd, device=self.device, dtype=sd_dtype) if latents else None
         self.dataset = ImageDataset(self.rows, manifest["resolution"], manifest["crop"], manifest["crop_seed"])
@@ -42,7 +40,7 @@ class OnlineSource:
         self.llm_tokenizer, self.llm = load_llm(
             llm or teacher,
             load_in_8bit=bool(manifest["llm_8bit"]),
-            dtype=_DTYPES[manifest.get("llm_dtype") or "float16"],
+            dtype=DTYPES[manifest.get("llm_dtype") or "float16"],
             device=self.device,
         )
         width = getattr(self.llm.config, "hidden_size", None)
