@@ -421,11 +421,36 @@ def _write(store: FeatureStore, shard_index: int, shard: _ShardState, arrays: di
     store.write_arrays(shard_index, arrays)
 
 
+def _skip_non_finite(shard: _ShardState, arrays: dict[str, np.ndarray], rows: list[Row], config: ExtractConfig) -> None:
+    """Mark SKIPPED every sample with a NaN or inf in a feature, counting values that overflow the store's dtype.
+
+    An fp16 VAE can return NaNs and an fp16 store turns values above 65504 into inf; stored as done, either would
+    poison every training step that draws the sample.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = [
+            np.isfinite(a.astype(config.store_dtype)).reshape(len(a), -1).all(axis=1)
+            for name, a in arrays.items()
+            if name not in _IDENTITY_ARRAYS and a.dtype.kind == "f"
+        ]
+    for offset in np.flatnonzero(~np.logical_and.reduce(finite)) if finite else ():
+        if shard.status[offset] == SKIPPED:
+            continue
+        row = rows[shard.start + offset]
+        if config.strict:
+            raise ValueError(f"--strict: line {row.line} ({row.file_name}): a feature is NaN or inf")
+        shard.status[offset] = SKIPPED
+        detail = f"a feature is NaN or inf in {config.store_dtype}"
+        shard.skipped.append(asdict(BadRow(row.line, row.file_name, "non_finite_feature", detail)))
+
+
 def _expand(mask: np.ndarray, ndim: int) -> np.ndarray:
     return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
-def _extract_shards(store, mine: list[int], passes, show_progress: bool) -> None:
+def _extract_shards(
+    store, mine: list[int], passes, rows: list[Row], config: ExtractConfig, show_progress: bool
+) -> None:
     """Run each pass over this process's shards; a background thread writes shard k while shard k + 1 computes."""
     ranges = store.shard_ranges()
     states = [_ShardState(*ranges[i], np.full(ranges[i][1] - ranges[i][0], DONE, np.uint8)) for i in mine]
@@ -435,6 +460,7 @@ def _extract_shards(store, mine: list[int], passes, show_progress: bool) -> None
             encoder, commit, pending = make_encoder(), number == len(passes) - 1, None
             with tqdm(total=total, unit="sample", desc=label, disable=not show_progress, dynamic_ncols=True) as bar:
                 for index, state, arrays in zip(mine, states, encoder.encode(states, bar), strict=True):
+                    _skip_non_finite(state, arrays, rows, config)
                     if pending is not None:
                         pending.result()  # at most one shard waits for the disk: memory stays at two shards
                     pending = writer.submit(_write_shard, store, index, state, arrays, commit)
@@ -479,7 +505,7 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     workers = config.num_workers if config.num_workers is not None else default_num_workers(state.num_processes)
     if mine:
         passes = _passes(config, store.manifest, rows, device, workers, llm_table)
-        _extract_shards(store, mine, passes, config.progress and state.is_main_process)
+        _extract_shards(store, mine, passes, rows, config, config.progress and state.is_main_process)
     state.wait_for_everyone()
     summary = _summarise(store, pending, time.perf_counter() - started)
     if state.is_main_process:

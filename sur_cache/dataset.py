@@ -50,7 +50,7 @@ class Row:
 @dataclass(frozen=True)
 class BadRow:
     """A skipped sample; `reason` is one of BAD_ROW_REASONS (extract adds "missing_llm_feature" with a feature
-    file), `detail` says what exactly was wrong."""
+    file, and "non_finite_feature" for a NaN or inf feature), `detail` says what exactly was wrong."""
 
     line: int
     file_name: str | None

@@ -20,6 +20,7 @@ import torch
 from sur_cache.config import ExtractConfig
 from sur_cache.dataset import ImageDataset, read_metadata
 from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+from sur_cache.stages import extract
 from sur_cache.stages.extract import load_llm_features, run_extract
 from sur_cache.store import DONE, PENDING, SKIPPED, FeatureStore, ManifestMismatchError
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_WIDTH, TINY_RESOLUTION
@@ -228,6 +229,36 @@ def test_bad_rows_are_skipped_reported_and_never_done(tiny_models, demo_dataset,
     ]
     with pytest.raises(ValueError, match="--strict: 4 bad rows"):
         run_extract(_config(data, tmp_path / "strict.zarr", tiny_models, strict=True))
+
+
+def test_non_finite_features_are_skipped_not_stored(tiny_models, demo_dataset, tmp_path, monkeypatch):
+    """A NaN from a model, or a value that overflows the fp16 store, makes its sample skipped, never done."""
+    real_encode_llm = extract.encode_llm
+
+    def poisoned(tokenizer, model, prompts, **options):
+        features = real_encode_llm(tokenizer, model, prompts, **options)
+        for i, prompt in enumerate(prompts):
+            if prompt == first_text:
+                features.pooled[i, 0] = float("nan")
+            if prompt == second_text:
+                features.pooled[i, 1] = 1e6  # finite in float32, inf in float16
+        return features
+
+    lines = (demo_dataset / "metadata.jsonl").read_text().splitlines()
+    first_text, second_text = json.loads(lines[2])["text"], json.loads(lines[9])["text"]
+    monkeypatch.setattr(extract, "encode_llm", poisoned)
+    out = tmp_path / "store.zarr"
+    summary = run_extract(_config(demo_dataset, out, tiny_models, store_dtype="float16"))
+    store = FeatureStore.open(out)
+    status = store.status()
+    lines_of = store.array("sample_line")[:].tolist()
+    skipped_lines = sorted(lines_of[i] for i in np.flatnonzero(status == SKIPPED))
+    texts = [json.loads(line)["text"] for line in lines]
+    expected = sorted(i for i, text in enumerate(texts) if text in (first_text, second_text))
+    assert skipped_lines == expected and summary["skipped"] == {"non_finite_feature": len(expected)}
+    assert np.isfinite(store.array("llm")[:].astype(np.float32)).all()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run_extract(_config(demo_dataset, tmp_path / "strict.zarr", tiny_models, strict=True))
 
 
 def test_unreadable_image_is_fatal_with_strict(tiny_models, demo_dataset, tmp_path):
