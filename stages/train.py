@@ -388,7 +388,8 @@ def _invariants(run: TrainingRun) -> dict[str, Any]:
     config = run.config
     values = {name: getattr(config, name) for name in RESUME_INVARIANTS if hasattr(config, name)}
     values["world_size"] = run.accelerator.num_processes
-    values["store"] = str(config.store)
+    store = str(config.store)  # a local store by its absolute path, so `./s.zarr` and `/abs/s.zarr` compare equal
+    values["store"] = store if "://" in store else str(Path(store).resolve())
     return values
 
 
