@@ -17,6 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 MODES = ("forward", "forward+backward")
+# One colour per provider in every panel (compile rows exist for some widths only).
+COLOURS = {"eager": "tab:blue", "sdpa": "tab:orange", "compile": "tab:purple", "fused": "tab:green"}
+COLOURS["fused+graph"] = "tab:red"
 
 
 def read_ok_rows(csv_path: Path) -> list[dict]:
@@ -52,7 +55,7 @@ def plot_core_panel(axis, rows: list[dict], mode: str, width: int) -> None:
             series[row["provider"]].append((int(row["B"]), float(row["p50_us"])))
     for provider, points in sorted(series.items()):
         batches, times = zip(*sorted(points), strict=True)
-        axis.plot(batches, times, marker="o", label=provider)
+        axis.plot(batches, times, marker="o", label=provider, color=COLOURS.get(provider))
     axis.set(
         xscale="log", yscale="log", xlabel="batch size B", ylabel="median time (us)", title=f"core {mode}, d={width}"
     )
