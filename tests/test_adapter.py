@@ -149,13 +149,19 @@ def test_calibrate_eager_is_the_formula():
     torch.testing.assert_close(calibrate(q, k, v, "eager"), expected)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "fused"])
-def test_adapter_backends_agree(backend):
+def _eager_and(backend: str) -> tuple[SURAdapter, SURAdapter]:
+    """An eager adapter with random weights and the same weights behind `backend`'s calibration core."""
     if backend == "fused":
         _fused_or_skip()
     eager = _randomize(SURAdapter(_config(dropout=0.0)))
     other = SURAdapter(_config(dropout=0.0, attention=backend))
     other.load_state_dict(eager.state_dict())
+    return eager, other
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fused"])
+def test_adapter_backends_agree(backend):
+    eager, other = _eager_and(backend)
     x = _x(2)
     torch.testing.assert_close(other(x).embedding, eager(x).embedding, rtol=1e-5, atol=1e-5)
 
@@ -163,11 +169,7 @@ def test_adapter_backends_agree(backend):
 @pytest.mark.parametrize("backend", ["sdpa", "fused"])
 def test_adapter_backends_under_autocast(backend):
     """Under autocast q, k are bf16 and v = x stays fp32; each backend must cope and stay as close as eager."""
-    if backend == "fused":
-        _fused_or_skip()
-    eager = _randomize(SURAdapter(_config(dropout=0.0)))
-    other = SURAdapter(_config(dropout=0.0, attention=backend))
-    other.load_state_dict(eager.state_dict())
+    eager, other = _eager_and(backend)
     x = _x(2)
     exact = eager(x).embedding
     with torch.autocast("cpu", dtype=torch.bfloat16):
