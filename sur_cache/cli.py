@@ -8,8 +8,23 @@ import click
 
 from sur_cache import __version__
 
+# What a user's input can cause: a bad option or file (ValueError and its store/manifest/checkpoint subclasses) or an
+# unreadable path or model (OSError). Turned into one `Error: ...` message and exit code 1 in one place, below;
+# anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+
+class _Commands(click.Group):
+    """The command group; its `invoke` is the one place where a user-facing error becomes a CLI message."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="sur-cache")
 def main() -> None:
     """Cache a frozen Stable Diffusion model's features once, then train SUR-adapters from the cache.
@@ -66,10 +81,7 @@ def import_reference_command(checkpoint, adapter_weight, out, llm_width, llm_pro
         num_heads=num_heads,
         overwrite=overwrite,
     )
-    try:
-        click.echo(f"wrote {import_reference(config)}")
-    except (ValueError, OSError) as error:  # ReferenceCheckpointError is a ValueError
-        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {import_reference(config)}")
 
 
 @main.command("generate")
@@ -148,26 +160,23 @@ def generate_command(
     from sur_cache.stages.generate import read_prompts_file, run_generate
 
     all_prompts = tuple(prompts) + tuple(read_prompts_file(prompts_file) if prompts_file else ())
-    try:
-        config = GenerateConfig(
-            sd=sd,
-            adapter=adapter,
-            prompts=all_prompts,
-            out=out,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance=guidance,
-            seeds=_seeds(seeds, num_seeds),
-            height=height,
-            width=width,
-            device=device,
-            dtype=dtype,
-            attention=attention,
-            compare=compare,
-        )
-        run_generate(config)
-    except (ValueError, OSError) as error:  # OSError: a model or file that cannot be loaded
-        raise click.ClickException(str(error)) from error
+    config = GenerateConfig(
+        sd=sd,
+        adapter=adapter,
+        prompts=all_prompts,
+        out=out,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        seeds=_seeds(seeds, num_seeds),
+        height=height,
+        width=width,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        compare=compare,
+    )
+    run_generate(config)
 
 
 def _seeds(seeds: tuple[int, ...], num_seeds: int | None) -> tuple[int, ...]:
@@ -294,12 +303,8 @@ def extract_command(**options) -> None:
 
     from sur_cache.config import ExtractConfig
     from sur_cache.stages.extract import format_summary, run_extract
-    from sur_cache.store import ManifestMismatchError
 
-    try:
-        summary = run_extract(ExtractConfig(**options))
-    except (ManifestMismatchError, ValueError, OSError) as error:  # OSError: a model or file that cannot be loaded
-        raise click.ClickException(str(error)) from error
+    summary = run_extract(ExtractConfig(**options))
     if PartialState().is_main_process:
         click.echo(format_summary(summary))
 
@@ -311,12 +316,9 @@ def inspect_command(store: str, as_json: bool) -> None:
     """Show a feature store: manifest, arrays (shape, dtype, chunks, shards), completion, skipped rows, bytes."""
     import json
 
-    from sur_cache.store import FeatureStore, StoreFormatError
+    from sur_cache.store import FeatureStore
 
-    try:
-        description = FeatureStore.open(store).describe()
-    except (FileNotFoundError, StoreFormatError) as error:
-        raise click.ClickException(str(error)) from error
+    description = FeatureStore.open(store).describe()
     if as_json:
         click.echo(json.dumps(description, indent=2))
         return
@@ -345,12 +347,9 @@ def inspect_command(store: str, as_json: bool) -> None:
 @click.argument("store")
 def verify_command(store: str) -> None:
     """Read every chunk of a feature store back and check its crc32c checksum; exit code 1 if any is corrupt."""
-    from sur_cache.store import FeatureStore, StoreFormatError
+    from sur_cache.store import FeatureStore
 
-    try:
-        opened = FeatureStore.open(store)
-    except (FileNotFoundError, StoreFormatError) as error:
-        raise click.ClickException(str(error)) from error
+    opened = FeatureStore.open(store)
     corrupt = opened.verify()
     for bad in corrupt:
         click.echo(f"corrupt   {bad.array} samples {bad.start}..{bad.stop - 1}: {bad.error}", err=True)
@@ -378,10 +377,7 @@ def demo_assets_command(out, num_samples, llm) -> None:
     """Build the demo's inputs: a SURD-format dataset, a tiny random Stable Diffusion, and an LLM teacher folder."""
     from sur_cache.demo import build_demo_assets
 
-    try:
-        assets = build_demo_assets(out, num_samples=num_samples, llm=llm)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
+    assets = build_demo_assets(out, num_samples=num_samples, llm=llm)
     click.echo(f"dataset   {assets.data}  ({num_samples} images, metadata.jsonl)")
     click.echo(f"sd        {assets.sd}  (tiny random Stable Diffusion)")
     click.echo(f"llm       {assets.llm}  ({assets.llm_kind})")
@@ -495,10 +491,6 @@ def train_command(**options) -> None:
     """
     from sur_cache.config import TrainConfig
     from sur_cache.stages.train import run_train
-    from sur_cache.store import ManifestMismatchError
 
-    try:
-        final = run_train(TrainConfig(**options))
-    except (ManifestMismatchError, ValueError, OSError) as error:  # OSError: a model or file that cannot be loaded
-        raise click.ClickException(str(error)) from error
+    final = run_train(TrainConfig(**options))
     click.echo(f"adapter   {final}")
