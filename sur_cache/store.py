@@ -26,6 +26,7 @@ no fsync: a process crash is covered, a power loss may lose the page cache's las
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -64,6 +65,12 @@ REQUIRED_FIELDS = (
     "flip_variants",
     "llm_per_token",
 )
+
+
+# Fields the store itself writes into its manifest: who it is and a checksum of every field. They are not settings, so
+# a resume never compares them. (Kept together here until the manifest becomes a typed dataclass.)
+STORE_ID = "store_id"  # a fresh random id per created store: a copy keeps it, a re-extraction gets a new one
+FIELD_SHA256 = "field_sha256"  # {field: sha256 of its canonical JSON}
 
 
 class ManifestMismatchError(ValueError):
@@ -131,6 +138,17 @@ def manifest_differences(expected: dict[str, Any], found: dict[str, Any]) -> lis
 
 def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def field_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    """sha256 of every manifest field's canonical JSON, except the digests themselves."""
+    return {
+        key: hashlib.sha256(_canonical(value)).hexdigest() for key, value in manifest.items() if key != FIELD_SHA256
+    }
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -211,13 +229,16 @@ class FeatureStore:
             "chunk_rows": chunk_rows,
             "compression": compression,
             "schema_version": SCHEMA_VERSION,
+            STORE_ID: uuid.uuid4().hex,
         }
         missing = [key for key in REQUIRED_FIELDS if key not in manifest]
         if missing:
             raise ValueError(f"manifest lacks required fields {missing}")
         if overwrite:
             _remove_sidecar_reports(url)
-        group = zarr.open_group(url, mode="w", attributes=_as_json(manifest))
+        manifest = _as_json(manifest)
+        manifest[FIELD_SHA256] = field_digests(manifest)
+        group = zarr.open_group(url, mode="w", attributes=manifest)
         for name, spec in array_specs(manifest).items():
             itemsize = np.dtype(spec.dtype).itemsize
             row_bytes = itemsize * int(np.prod(spec.row_shape, dtype=np.int64))
@@ -282,6 +303,17 @@ class FeatureStore:
                 )
 
     # ---- reading --------------------------------------------------------------------------------------------------
+    @property
+    def identity(self) -> dict[str, str]:
+        """`{"store_id", "fingerprint"}`: equal for a copy of this store, different for a re-extracted or changed one.
+
+        The fingerprint is a sha256 over the manifest's field checksums and the status array's bytes, so it changes
+        when any manifest field changes or a shard is committed; it does not read the feature arrays.
+        """
+        digest = hashlib.sha256(_canonical(self.manifest[FIELD_SHA256]))
+        digest.update(self.status().tobytes())
+        return {"store_id": str(self.manifest[STORE_ID]), "fingerprint": digest.hexdigest()}
+
     @property
     def array_names(self) -> list[str]:
         return list(self.specs)

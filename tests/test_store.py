@@ -201,3 +201,17 @@ def test_compressed_store_round_trips_with_checksums(tmp_path):
     assert inner == ["bytes", "zstd", "crc32c"]
     with pytest.raises(ValueError, match="compression must be one of"):
         FeatureStore.create(tmp_path / "b.zarr", MANIFEST, num_samples=4, compression="lzma")
+
+
+def test_identity_is_kept_by_a_copy_and_changed_by_a_commit_or_a_new_store(store, tmp_path):
+    import shutil
+
+    first = store.identity
+    assert set(first) == {"store_id", "fingerprint"} and len(first["fingerprint"]) == 64
+    shutil.copytree(store.url, tmp_path / "copy.zarr")
+    assert FeatureStore.open(tmp_path / "copy.zarr").identity == first
+    store.write_shard(0, _random_rows(store, 0, 4, seed=0), np.full(4, DONE, np.uint8))
+    committed = FeatureStore.open(store.url).identity
+    assert committed["store_id"] == first["store_id"] and committed["fingerprint"] != first["fingerprint"]
+    again = FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1, overwrite=True)
+    assert again.identity["store_id"] != first["store_id"] and again.identity["fingerprint"] != first["fingerprint"]
