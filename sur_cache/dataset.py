@@ -7,6 +7,9 @@ Validation is split in two on purpose. `read_metadata` does the cheap checks (JS
 safety, file existence) in the main process. Decoding an image is the expensive check, so it happens in
 `ImageDataset.__getitem__`, inside the DataLoader workers; a file that fails to decode comes back as a record
 with an `error`, never as an exception, so one bad file does not kill a worker or the run.
+
+One row never aborts the run: any exception while checking or preparing a row, foreseen or not, makes that row
+a bad row with its reason (the exception's type and message for the unforeseen ones, "unexpected_error").
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ BAD_ROW_REASONS = (
     "unsafe_path",
     "missing_file",
     "unreadable_image",
+    "invalid_text",
+    "invalid_path",
+    "unexpected_error",
 )
 
 CropMode = Literal["center", "random"]
@@ -50,7 +56,9 @@ class Row:
 @dataclass(frozen=True)
 class BadRow:
     """A skipped sample; `reason` is one of BAD_ROW_REASONS (extract adds "missing_llm_feature" with a feature
-    file, and "non_finite_feature" for a NaN or inf feature), `detail` says what exactly was wrong."""
+    file, and "non_finite_feature" for a NaN or inf feature), `detail` says what exactly was wrong.
+
+    `file_name` is None when the row has none that can be written as UTF-8 (the detail then shows it escaped)."""
 
     line: int
     file_name: str | None
@@ -85,13 +93,23 @@ def read_metadata(
         for line, raw in enumerate(f):
             if not raw.strip():
                 continue
-            parsed = _parse_row(raw, line, root, columns)
+            parsed = _checked_row(raw, line, root, columns)
             (rows if isinstance(parsed, Row) else bad).append(parsed)
     return rows, bad
 
 
-def _parse_row(raw: bytes, line: int, root: Path, columns: tuple[str, str, str]) -> Row | BadRow:
-    image_column, text_column, prompt_column = columns
+def _checked_row(raw: bytes, line: int, root: Path, columns: tuple[str, str, str]) -> Row | BadRow:
+    """`_parse_row`, with any exception it did not foresee turned into this row's "unexpected_error"."""
+    record = _parse_json(raw, line)
+    if isinstance(record, BadRow):
+        return record
+    try:
+        return _parse_row(record, line, root, columns)
+    except Exception as error:  # noqa: BLE001 - one row's failure is that row's bad row, never the run's
+        return BadRow(line, _file_name(record, columns[0]), "unexpected_error", f"{type(error).__name__}: {error}")
+
+
+def _parse_json(raw: bytes, line: int) -> dict | BadRow:
     try:  # a byte-order mark is tolerated on the first line only, where editors put it
         record = json.loads(raw.decode("utf-8-sig" if line == 0 else "utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -100,22 +118,52 @@ def _parse_row(raw: bytes, line: int, root: Path, columns: tuple[str, str, str])
         return BadRow(
             line, None, "malformed_json", f"line {line}: expected a JSON object, found {type(record).__name__}"
         )
-    file_name = record.get(image_column)
-    file_name = file_name if isinstance(file_name, str) else None
+    return record
+
+
+def _parse_row(record: dict, line: int, root: Path, columns: tuple[str, str, str]) -> Row | BadRow:
+    image_column, text_column, prompt_column = columns
+    file_name = _file_name(record, image_column)
     for column in columns:
         value = record.get(column)
         if not isinstance(value, str):
             found = "no such key" if column not in record else f"a {type(value).__name__}"
             return BadRow(line, file_name, "missing_column", f"column {column!r}: expected a string, found {found}")
+        if not _is_unicode(value):  # JSON's "\ud800" escape parses, but no tokenizer, hash or file system takes it
+            detail = (
+                f"column {column!r} holds {value!r}: a lone UTF-16 surrogate is not text; fix the line's \\u escape"
+            )
+            return BadRow(line, file_name, "invalid_text", detail)
     for column in (text_column, prompt_column):
         if not record[column].strip():
             return BadRow(line, file_name, "empty_prompt", f"column {column!r} is empty or whitespace")
-    path = _safe_path(root, file_name)
+    if "\x00" in file_name:
+        return BadRow(line, file_name, "invalid_path", f"{file_name!r} holds a NUL byte, which no file name can")
+    try:  # a symlink loop, a name longer than the file system allows (Errno 36), no permission to look it up
+        path = _safe_path(root, file_name)
+        is_file = not isinstance(path, str) and path.is_file()
+    except (OSError, RuntimeError) as error:  # Python 3.11 raises RuntimeError for a symlink loop
+        return BadRow(line, file_name, "invalid_path", f"{file_name!r}: {type(error).__name__}: {error}")
     if isinstance(path, str):
         return BadRow(line, file_name, "unsafe_path", path)
-    if not path.is_file():
+    if not is_file:
         return BadRow(line, file_name, "missing_file", f"{path} does not exist or is not a file")
     return Row(line, file_name, path, record[text_column], record[prompt_column])
+
+
+def _file_name(record: dict, image_column: str) -> str | None:
+    """The row's file name for its bad-row record, if it is a string that can be written as UTF-8."""
+    file_name = record.get(image_column)
+    return file_name if isinstance(file_name, str) and _is_unicode(file_name) else None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (it has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _safe_path(root: Path, file_name: str) -> Path | str:
@@ -227,7 +275,8 @@ class ImageDataset(torch.utils.data.Dataset):
       pixels_flipped  the horizontally mirrored pixels (only with `flip=True`)
       crop_offset     int64 [2]: (top, left) of the crop in the resized image
       image_sha256    uint8 [32]: sha256 of the file's bytes (zeros if the file could not be read)
-      error           "" when fine, else "unreadable_image: <detail>"
+      error           "" when fine, else "unreadable_image: <detail>" (the file cannot be read or decoded) or
+                      "unexpected_error: <detail>" (any other failure preparing it)
     """
 
     def __init__(self, rows: list[Row], resolution: int, crop: CropMode = "center", seed: int = 0, flip: bool = False):
@@ -244,16 +293,18 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         row = self.rows[position]
-        item = {"position": position, "line": row.line}
+        item = {"position": position, "line": row.line, "image_sha256": torch.zeros(32, dtype=torch.uint8)}
+        pixels, offset = torch.zeros(3, self.resolution, self.resolution), (0, 0)
+        reason = "unreadable_image"  # reading and decoding; any failure after that was not foreseen
         try:
             data = row.path.read_bytes()
             item["image_sha256"] = torch.from_numpy(digest_array(hashlib.sha256(data).digest()))
-            pixels, offset = preprocess(load_image(data), self.resolution, self.crop, crop_seed(self.seed, row.line))
+            image = load_image(data)
+            reason = "unexpected_error"
+            pixels, offset = preprocess(image, self.resolution, self.crop, crop_seed(self.seed, row.line))
             error = ""
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a bad row, reported, not raised
-            item.setdefault("image_sha256", torch.zeros(32, dtype=torch.uint8))
-            pixels, offset = torch.zeros(3, self.resolution, self.resolution), (0, 0)
-            error = f"unreadable_image: {row.file_name}: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure is this row's bad row, reported, not raised
+            error = f"{reason}: {row.file_name}: {type(exc).__name__}: {exc}"
         item["pixels"] = pixels
         if self.flip:
             item["pixels_flipped"] = pixels.flip(-1)

@@ -1,5 +1,6 @@
 """SURD reading: every kind of bad row with its reason, mode conversion, crop geometry, per-line random crops."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sur_cache import dataset
 from sur_cache.dataset import (
     BAD_ROW_REASONS,
     ImageDataset,
@@ -97,6 +99,93 @@ def test_image_dataset_returns_decode_failures_as_records(messy_dataset):
     batch = torch.utils.data.default_collate(list(items.values()))
     assert batch["pixels"].shape == (4, 3, 16, 16)
     assert batch["image_sha256"].shape == (4, 32) and batch["image_sha256"].dtype == torch.uint8
+
+
+def _os_refused_dataset(tmp_path):
+    """Rows whose text is not Unicode or whose file name the OS cannot look up, between two good rows."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "images" / "good.png")
+    (data / "images" / "loop_a").symlink_to("loop_b")
+    (data / "images" / "loop_b").symlink_to("loop_a")
+    lines = [
+        _row("images/good.png"),  # 0
+        '{"file_name": "images/good.png", "text": "a lone \\ud800 surrogate", "prompt": "p"}',  # 1: valid JSON
+        '{"file_name": "images/good.png", "text": "t", "prompt": "\\udfff"}',  # 2
+        '{"file_name": "images/\\ud800.png", "text": "t", "prompt": "p"}',  # 3
+        _row("images/loop_a"),  # 4: a symlink loop
+        _row("images/go\x00od.png"),  # 5: a NUL byte
+        _row("images/" + "a" * 300 + ".png"),  # 6: longer than any file-system name (Errno 36)
+        _row("images/good.png"),  # 7
+    ]
+    _write_metadata(data, lines)
+    return data
+
+
+def test_text_that_is_not_unicode_and_paths_the_os_refuses_are_bad_rows(tmp_path):
+    rows, bad = read_metadata(_os_refused_dataset(tmp_path))
+    assert [r.line for r in rows] == [0, 7]
+    assert [(b.line, b.reason) for b in bad] == [
+        (1, "invalid_text"),
+        (2, "invalid_text"),
+        (3, "invalid_text"),
+        (4, "invalid_path"),
+        (5, "invalid_path"),
+        (6, "invalid_path"),
+    ]
+    details = {b.line: b.detail for b in bad}
+    assert "'text'" in details[1] and "'prompt'" in details[2] and "'file_name'" in details[3]
+    assert "surrogate" in details[1]
+    assert "loop" in details[4].lower() and "NUL" in details[5] and "too long" in details[6]
+    assert all(b.reason in BAD_ROW_REASONS for b in bad)
+    # every record can be written as UTF-8 JSON (skipped.jsonl) and printed: no lone surrogate survives in it
+    for b in bad:
+        json.dumps(dataclasses.asdict(b), ensure_ascii=False).encode("utf-8")
+
+
+def test_an_unexpected_error_in_one_row_skips_that_row_only(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(data / name)
+    _write_metadata(data, [_row("a.png"), _row("b.png")])
+    real_safe_path = dataset._safe_path
+
+    def fails_on_b(root, file_name):
+        if file_name == "b.png":
+            raise TypeError("an unforeseen failure")
+        return real_safe_path(root, file_name)
+
+    monkeypatch.setattr(dataset, "_safe_path", fails_on_b)
+    rows, bad = read_metadata(data)
+    assert [r.line for r in rows] == [0]
+    assert [(b.line, b.file_name, b.reason, b.detail) for b in bad] == [
+        (1, "b.png", "unexpected_error", "TypeError: an unforeseen failure")
+    ]
+
+
+def test_image_dataset_returns_an_unexpected_error_as_a_record(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(data / name)
+    _write_metadata(data, [_row("a.png"), _row("b.png")])
+    rows, _ = read_metadata(data)
+    real_preprocess = dataset.preprocess
+
+    def fails_on_blue(image, *args, **kwargs):
+        if image.size == (9, 9):
+            raise TypeError("an unforeseen failure")
+        return real_preprocess(image, *args, **kwargs)
+
+    Image.new("RGB", (9, 9), "blue").save(data / "b.png")
+    monkeypatch.setattr(dataset, "preprocess", fails_on_blue)
+    items = list(ImageDataset(rows, resolution=8, flip=True))
+    assert items[0]["error"] == ""
+    assert items[1]["error"] == "unexpected_error: b.png: TypeError: an unforeseen failure"
+    assert torch.equal(items[1]["pixels"], torch.zeros(3, 8, 8))
+    assert bytes(items[1]["image_sha256"].tolist()) == hashlib.sha256((data / "b.png").read_bytes()).digest()
+    assert torch.utils.data.default_collate(items)["pixels_flipped"].shape == (2, 3, 8, 8)
 
 
 def test_invalid_utf8_is_a_malformed_line_and_a_leading_bom_is_tolerated(tmp_path):
