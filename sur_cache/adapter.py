@@ -19,6 +19,7 @@ never the tokens of a prompt. sur-cache attends across tokens; `reference_compat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pickle
@@ -29,7 +30,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from sur_cache.config import ImportReferenceConfig
@@ -38,6 +40,7 @@ ATTENTION_BACKENDS = ("eager", "sdpa", "fused")
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+_REPAIR = "pass another copy of the adapter (RUN_DIR/adapter or a checkpoint's adapter/ folder) or train it again"
 
 
 @dataclass(frozen=True)
@@ -170,29 +173,89 @@ class SURAdapter(nn.Module):
         return self.llm_proj(llm)
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write `model.safetensors` (all weights, the LLM projection included) and `config.json` into `folder`."""
+        """Write `model.safetensors` (all weights, the LLM projection included) and `config.json` into `folder`.
+
+        `config.json` records the weights file's sha256, so a flipped byte in it is refused on load.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        config = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self.config)}
+        weights = save(tensors, metadata={"format": "pt"})
+        (folder / WEIGHTS_FILE).write_bytes(weights)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            **dataclasses.asdict(self.config),
+        }
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, attention: str | None = None) -> SURAdapter:
-        """Load a folder written by `save_pretrained`, in eval mode on the CPU; `attention` overrides the backend."""
-        config = read_adapter_config(folder)
+        """Load a folder written by `save_pretrained`, in eval mode on the CPU; `attention` overrides the backend.
+
+        Raises ValueError, naming the file and the fix, for weights that are not a safetensors file, that differ
+        from the sha256 `config.json` recorded, that do not fit `config.json`, or that hold a NaN or inf.
+        """
+        folder = Path(folder)
+        config, weights_sha256 = _read_saved_config(folder)
         if attention is not None:
             config = dataclasses.replace(config, attention=attention)
         adapter = cls(config)
-        adapter.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+        tensors = _read_weights(folder / WEIGHTS_FILE, weights_sha256)
+        problems = _state_dict_problems(adapter.state_dict(), tensors)
+        if problems:
+            raise ValueError(
+                f"{folder / WEIGHTS_FILE} does not fit the adapter {folder / CONFIG_FILE} describes "
+                f"({len(problems)} problems): the two files come from different adapters; {_REPAIR}.\n  "
+                + "\n  ".join(problems)
+            )
+        non_finite = [
+            f"{name} ({int((~tensor.isfinite()).sum())} of {tensor.numel()})"
+            for name, tensor in ((name, tensors[name]) for name in adapter.state_dict())
+            if not tensor.isfinite().all()
+        ]
+        if non_finite:
+            raise ValueError(
+                f"{folder / WEIGHTS_FILE}: weights are not finite (NaN or inf) in {', '.join(non_finite)}: the run "
+                f"that saved them diverged, and every image would be noise or black; {_REPAIR} (with a lower --lr)."
+            )
+        adapter.load_state_dict(tensors)
         return adapter.eval()
+
+
+def _read_weights(path: Path, weights_sha256: str | None) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, read once and checked against the sha256 recorded at save time."""
+    data = path.read_bytes()
+    if weights_sha256 is not None and hashlib.sha256(data).hexdigest() != weights_sha256:
+        raise ValueError(
+            f"{path}: its sha256 differs from the one {CONFIG_FILE} recorded when the adapter was saved, so the "
+            f"file is corrupt or was replaced; {_REPAIR}."
+        )
+    try:
+        return load(data)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); {_REPAIR}.") from error
+
+
+def _state_dict_problems(expected: dict[str, Tensor], found: dict[str, Tensor]) -> list[str]:
+    """One line per key missing from `found`, unknown to `expected`, or of another shape."""
+    lines = [f"missing: {name}" for name in sorted(set(expected) - set(found))]
+    lines += [f"unknown: {name}" for name in sorted(set(found) - set(expected))]
+    return lines + [
+        f"wrong shape: {name}: expected {tuple(expected[name].shape)}, found {tuple(found[name].shape)}"
+        for name in sorted(set(found) & set(expected))
+        if found[name].shape != expected[name].shape
+    ]
 
 
 def read_adapter_config(folder: str | Path) -> AdapterConfig:
     """Read and validate `config.json` of an adapter folder, with errors that say what to pass instead."""
-    folder = Path(folder)
+    return _read_saved_config(Path(folder))[0]
+
+
+def _read_saved_config(folder: Path) -> tuple[AdapterConfig, str | None]:
+    """`config.json`'s AdapterConfig and the weights' sha256 it recorded (None: saved by an older sur-cache)."""
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(
@@ -204,6 +267,7 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
     except json.JSONDecodeError as error:
         raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON ({error}); re-save the adapter.") from error
     version = raw.pop("format_version", None)
+    weights_sha256 = raw.pop("weights_sha256", None)
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{folder / CONFIG_FILE}: adapter format_version {version!r} is not supported "
@@ -216,7 +280,7 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
         raise ValueError(
             f"{folder / CONFIG_FILE} does not match AdapterConfig: unknown keys {unknown}, missing keys {missing}."
         )
-    return AdapterConfig(**raw)
+    return AdapterConfig(**raw), weights_sha256
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,16 +339,8 @@ def adapter_from_reference(state_dict: dict[str, Tensor], config: AdapterConfig)
     adapter = SURAdapter(config)
     expected = {name: tensor for name, tensor in adapter.state_dict().items() if not name.startswith("llm_proj.")}
     used = {name: tensor for name, tensor in state_dict.items() if not name.startswith(REFERENCE_IGNORED_PREFIXES)}
-    missing = sorted(set(expected) - set(used))
-    unknown = sorted(set(used) - set(expected))
-    wrong_shape = [
-        f"{name}: expected {tuple(expected[name].shape)}, found {tuple(used[name].shape)}"
-        for name in sorted(set(used) & set(expected))
-        if used[name].shape != expected[name].shape
-    ]
-    if missing or unknown or wrong_shape:
-        lines = [f"missing: {name}" for name in missing] + [f"unknown: {name}" for name in unknown]
-        lines += [f"wrong shape: {line}" for line in wrong_shape]
+    lines = _state_dict_problems(expected, used)
+    if lines:
         raise ReferenceCheckpointError(
             f"the checkpoint does not match a reference adapter of width {config.width}, {config.num_layers} "
             f"layers, feed-forward {config.feedforward} ({len(lines)} problems):\n  " + "\n  ".join(lines)

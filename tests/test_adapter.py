@@ -1,6 +1,7 @@
 """SURAdapter: shapes, init, gradients, attention backends, reference-compat mode, save/load, reference import."""
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -277,7 +278,8 @@ def test_save_load_round_trip_is_exact(tmp_path, reference_compat):
     folder = adapter.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     saved = json.loads((folder / "config.json").read_text())
-    assert saved == {"format_version": 1, **dataclasses.asdict(config)}
+    weights_sha256 = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert saved == {"format_version": 1, "weights_sha256": weights_sha256, **dataclasses.asdict(config)}
 
     loaded = SURAdapter.from_pretrained(folder)
     assert loaded.config == config and not loaded.training
@@ -302,6 +304,75 @@ def test_from_pretrained_errors_name_the_problem(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         read_adapter_config(folder)
+
+
+def _saved_adapter(folder, seed=0) -> Path:
+    return _randomize(SURAdapter(_config()), seed).save_pretrained(folder)
+
+
+def _drop_weights_checksum(folder: Path) -> None:
+    """Make `folder` look saved by a sur-cache that did not record the weights' sha256 yet."""
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["weights_sha256"]
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    ("damage", "checksum", "found"),
+    [
+        ("garbage", True, "sha256 differs"),
+        ("truncated", True, "sha256 differs"),
+        ("flipped_byte", True, "sha256 differs"),
+        ("garbage", False, "not a readable safetensors file"),
+        ("truncated", False, "not a readable safetensors file"),
+    ],
+)
+def test_from_pretrained_refuses_corrupt_weights_naming_the_file(tmp_path, damage, checksum, found):
+    folder = _saved_adapter(tmp_path / "adapter")
+    if not checksum:
+        _drop_weights_checksum(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "garbage":
+        data = bytearray(b"not a safetensors file at all")
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # inside the tensor data: safetensors itself cannot notice, the weights would load silently wrong
+        data[-5] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{weights}.*{found}.*another copy of the adapter .* or train it again"):
+        SURAdapter.from_pretrained(folder)
+
+
+def test_from_pretrained_accepts_an_adapter_saved_without_a_weights_checksum(tmp_path):
+    """Folders written before config.json recorded the weights' sha256 still load (there is nothing to check)."""
+    folder = _saved_adapter(tmp_path / "adapter")
+    _drop_weights_checksum(folder)
+    assert SURAdapter.from_pretrained(folder).config == _config()
+
+
+def test_from_pretrained_refuses_weights_that_do_not_fit_the_config(tmp_path):
+    folder = _saved_adapter(tmp_path / "adapter")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "num_layers": 3, "feedforward": 128}))
+    with pytest.raises(ValueError) as caught:
+        SURAdapter.from_pretrained(folder)
+    message = str(caught.value)
+    assert str(folder / "model.safetensors") in message and str(folder / "config.json") in message
+    assert "missing: transformer_encoder.layers.2.linear1.weight" in message
+    assert "wrong shape: transformer_encoder.layers.0.linear1.weight: expected (128, 32), found (64, 32)" in message
+
+
+def test_from_pretrained_refuses_non_finite_weights_naming_the_tensor(tmp_path):
+    adapter = _randomize(SURAdapter(_config()))
+    with torch.no_grad():
+        adapter.attention.key_layer.weight[3, 1] = float("nan")
+        adapter.fc.bias[0] = float("inf")
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(
+        ValueError, match=r"not finite.*attention\.key_layer\.weight \(1 of 1024\), fc\.bias \(1 of 32\)"
+    ):
+        SURAdapter.from_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
