@@ -55,8 +55,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def read_prompts_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One prompt per line; blank lines are skipped. The file must be UTF-8 (a ValueError names the first bad line)."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"--prompts-file {path}: line {line} is not UTF-8 ({error.reason} at byte {error.start}, "
+            f"{data[error.start : error.start + 1]!r}); prompts files are read as UTF-8: save the file as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`)."
+        ) from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def load_pipeline(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -72,8 +82,14 @@ def load_adapter(folder: Path, pipe, attention: str = "auto") -> SURAdapter:
     """Load a trained adapter for `pipe` (float32, eval mode, on the pipeline's device); refuse a width mismatch.
 
     `attention` picks the calibration backend (`auto`: the fused kernel on CUDA, eager elsewhere).
+    `SURAdapter.from_pretrained` refuses a corrupt, mismatched or non-finite adapter folder.
     """
     adapter = SURAdapter.from_pretrained(folder, attention=resolve_attention(attention, pipe.device))
+    return fit_to_pipeline(adapter, folder, pipe)
+
+
+def fit_to_pipeline(adapter: SURAdapter, folder: Path, pipe) -> SURAdapter:
+    """`adapter` (loaded from `folder`) in float32 eval mode on the pipeline's device, if its width fits."""
     clip_width = pipe.text_encoder.config.hidden_size
     if adapter.config.width != clip_width:
         raise ValueError(
@@ -165,13 +181,16 @@ def plan_outputs(prompts: Sequence[str], seeds: Sequence[int], out: Path, compar
 def run_generate(config: GenerateConfig) -> list[PlannedImage]:
     """Load the pipeline and adapter, write one image (or one comparison) per prompt and seed, and say where.
 
-    Returns the written images. Raises ValueError for an `--out` that cannot hold the images or an adapter whose
-    width does not match the pipeline's text encoder.
+    Returns the written images. Raises ValueError for an `--out` that cannot hold the images, an adapter folder
+    that is corrupt, mismatched or not finite (checked before the pipeline is built), or an adapter whose width
+    does not match the pipeline's text encoder.
     """
+    _refuse_undecodable_prompts(config)
     planned = plan_outputs(config.prompts, config.seeds, config.out, config.compare)
     device = resolve_device(config.device)
+    adapter = SURAdapter.from_pretrained(config.adapter, attention=resolve_attention(config.attention, device))
     pipe = load_pipeline(config.sd, device=device, dtype=resolve_dtype(config.dtype, device))
-    adapter = load_adapter(config.adapter, pipe, config.attention)
+    adapter = fit_to_pipeline(adapter, config.adapter, pipe)
     settings = dict(
         negative_prompt=config.negative_prompt,
         steps=config.steps,
@@ -193,6 +212,19 @@ def run_generate(config: GenerateConfig) -> list[PlannedImage]:
     if len(planned) > 1:
         _write_index(config, planned)
     return planned
+
+
+def _refuse_undecodable_prompts(config: GenerateConfig) -> None:
+    """A prompt from the command line holds raw bytes (a lone surrogate) when the shell's encoding is not UTF-8."""
+    named = [("--prompt", prompt) for prompt in config.prompts] + [("--negative-prompt", config.negative_prompt)]
+    for option, text in named:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"{option} {text!r} is not UTF-8 text (bytes the shell could not decode, at character {error.start}); "
+                "pass the prompt in UTF-8 (set a UTF-8 locale, e.g. LANG=C.UTF-8) or put it in a UTF-8 --prompts-file."
+            ) from error
 
 
 def _write_index(config: GenerateConfig, planned: list[PlannedImage]) -> None:

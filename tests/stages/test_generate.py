@@ -11,6 +11,7 @@ from PIL import Image
 from sur_cache.adapter import AdapterConfig, SURAdapter
 from sur_cache.cli import main
 from sur_cache.models import encode_clip
+from sur_cache.stages import generate as generate_stage
 from sur_cache.stages.generate import (
     generate,
     load_adapter,
@@ -187,3 +188,62 @@ def test_cuda_defaults_float16_pipeline_with_the_fused_adapter(tiny_models, adap
     torch.testing.assert_close(positive, prompt_embeddings(pipe, eager, PROMPT)[0], atol=2e-3, rtol=2e-3)
     image = generate(pipe, fused, PROMPT, seeds=[0], **FAST)[0]
     assert image.size == (TINY_RESOLUTION, TINY_RESOLUTION)
+
+
+def _generate_args(tiny_models, adapter, out) -> list[str]:
+    return ["generate", "--sd", str(tiny_models.sd), "--adapter", str(adapter), "--steps", "1", "--out", str(out)]
+
+
+def _pipeline_must_not_load(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was built although the adapter is unusable")
+
+    monkeypatch.setattr(generate_stage, "load_pipeline", refuse)
+
+
+def test_an_adapter_with_non_finite_weights_is_refused_before_the_pipeline_is_built(tiny_models, tmp_path, monkeypatch):
+    adapter = SURAdapter.from_pretrained(_save_adapter(tmp_path / "adapter"))
+    with torch.no_grad():
+        adapter.fc.weight[0, 0] = float("nan")
+    folder = adapter.save_pretrained(tmp_path / "nan_adapter")
+    _pipeline_must_not_load(monkeypatch)
+    out = tmp_path / "image.png"
+    result = CliRunner().invoke(main, [*_generate_args(tiny_models, folder, out), "--prompt", PROMPT])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.startswith(f"Error: {folder / 'model.safetensors'}: weights are not finite (NaN or inf) in")
+    assert "fc.weight (1 of 1024)" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "config_of_another_adapter"])
+def test_a_broken_adapter_folder_is_one_error_naming_the_file(tiny_models, tmp_path, monkeypatch, damage):
+    folder = _save_adapter(tmp_path / "adapter")
+    if damage == "truncated_weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        expected = f"Error: {weights}: its sha256 differs"
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "num_layers": 1}))
+        expected = f"Error: {folder / 'model.safetensors'} does not fit the adapter {folder / 'config.json'} describes"
+    _pipeline_must_not_load(monkeypatch)
+    result = CliRunner().invoke(main, [*_generate_args(tiny_models, folder, tmp_path / "x.png"), "--prompt", PROMPT])
+    assert result.exit_code == 1 and result.output.startswith(expected), result.output
+    assert "or train it again" in result.output and "Traceback" not in result.output
+
+
+def test_a_prompts_file_that_is_not_utf8_names_the_file_line_and_encoding(tiny_models, adapter_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a cat\nun caf\u00e9 au soleil\n".encode("latin-1"))
+    args = [*_generate_args(tiny_models, adapter_dir, tmp_path / "images"), "--prompts-file", str(prompts)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith(f"Error: --prompts-file {prompts}: line 2 is not UTF-8"), result.output
+    assert "save the file as UTF-8" in result.output
+
+
+def test_a_prompt_the_shell_could_not_decode_is_refused_naming_the_option(tiny_models, adapter_dir, tmp_path):
+    """Python decodes undecodable argv bytes to lone surrogates ('caf\\udce9'), which no tokenizer accepts."""
+    args = [*_generate_args(tiny_models, adapter_dir, tmp_path / "x.png"), "--prompt", "caf\udce9"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: --prompt 'caf\\udce9' is not UTF-8 text"), result.output
