@@ -80,29 +80,14 @@ class _Shapes:
 # ------------------------------------------------------------------------------------------------------------ setup
 
 
-def load_llm_features(path: Path, max_inflation: float = 4.0) -> dict[str, torch.Tensor]:
+def load_llm_features(path: Path) -> dict[str, torch.Tensor]:
     """A reference prompt2vec file `{simple prompt: tensor[D]}`, loaded with `weights_only=True`; checks the widths.
 
-    Before torch unpacks anything, a zip archive (torch.save's format) whose entries declare more than
-    `max_inflation` times the file's size is refused: torch.save stores its entries uncompressed, so a real file
-    declares about 1x, while a small deflated file can unpack to gigabytes of memory before any key is checked.
+    A zip archive declaring far more bytes than its size is refused before torch unpacks it (`sur_cache.torch_files`).
     """
-    import zipfile  # the archive's central directory: its declared sizes bound what torch would allocate
+    from sur_cache.torch_files import refuse_inflating_archive
 
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                declared = sum(entry.file_size for entry in archive.infolist())
-        except zipfile.BadZipFile as error:
-            raise ValueError(f"--llm-features {path}: not a readable torch.save zip archive ({error})") from error
-        size = max(path.stat().st_size, 1)
-        if declared > max_inflation * size:
-            raise ValueError(
-                f"--llm-features {path}: its zip archive declares {declared:,} bytes of entries in a {size:,}-byte "
-                f"file ({declared / size:,.0f}x, at most {max_inflation:g}x accepted); torch.save stores its entries "
-                "uncompressed, so this file was recompressed or built to exhaust memory, and it is refused before "
-                "anything is unpacked. If you trust it, re-save it uncompressed: torch.save(table, path)."
-            )
+    refuse_inflating_archive(path, "--llm-features")
     try:
         table = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as error:  # KeyError: not a torch file at all

@@ -35,6 +35,7 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from sur_cache.config import ImportReferenceConfig
+from sur_cache.torch_files import refuse_inflating_archive
 
 ATTENTION_BACKENDS = ("eager", "sdpa", "fused")
 FORMAT_VERSION = 1
@@ -353,6 +354,7 @@ def import_reference(config: ImportReferenceConfig) -> Path:
     """`sur-cache import-reference`: reference `.pt` checkpoint -> sur-cache adapter folder in compat mode."""
     if config.out.exists() and any(config.out.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{config.out} exists and is not empty; choose another --out or pass --overwrite.")
+    refuse_inflating_archive(config.checkpoint, "CHECKPOINT")
     try:
         state_dict = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
