@@ -27,12 +27,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sur_cache.store import FeatureStore, ManifestMismatchError
+from sur_cache.store import FeatureStore, ManifestMismatchError, StoreFormatError
 
 TEXT_ARRAYS = ("clip_simple", "clip_complex", "llm")
 LATENT_ARRAYS = ("latent_mean", "latent_logvar")
 FLIPPED_ARRAYS = ("latent_mean_flipped", "latent_logvar_flipped")
 DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
+_FINISH_EXTRACTION = "re-run the `sur-cache extract` command that wrote it (it resumes where it stopped)"
 
 
 # ------------------------------------------------------------------------------------------------------ order
@@ -61,11 +62,11 @@ def read_units(shard_ranges: list[tuple[int, int]], complete: np.ndarray, world_
             if len(samples):
                 units.append(ReadUnit(int(a), int(b), samples))
     if not units:
-        raise ValueError("the store has no complete sample: finish the extraction (`sur-cache extract --resume`)")
+        raise ValueError("the store has no complete sample: " + _FINISH_EXTRACTION)
     if len(units) < world_size:
         raise ValueError(
             f"the store has {len(complete)} complete samples in {len(units)} readable parts, fewer than the "
-            f"{world_size} processes: run fewer processes, or finish the extraction (`sur-cache extract --resume`)"
+            f"{world_size} processes: run fewer processes, or {_FINISH_EXTRACTION}"
         )
     return units
 
@@ -216,10 +217,15 @@ class _UnitReads(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.units)
 
-    def __getitem__(self, unit: int) -> tuple[int, dict[str, np.ndarray]]:
+    def __getitem__(self, unit: int) -> tuple[int, dict[str, np.ndarray] | str]:
+        """`(unit, arrays)`, or `(unit, message)` when the store is damaged: the training process raises it as a
+        StoreFormatError of its own, instead of a reader-process traceback."""
         if self._store is None:
             self._store = FeatureStore.open(self.url, mode="r")
-        return unit, self._store.read(self.names, self.units[unit].start, self.units[unit].stop)
+        try:
+            return unit, self._store.read(self.names, self.units[unit].start, self.units[unit].stop)
+        except StoreFormatError as error:
+            return unit, str(error)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None}  # each process opens its own handle
@@ -307,6 +313,8 @@ class StoreSource:
     def _next_streamed(self, unit: int) -> dict[str, np.ndarray]:
         # The reader hands tensors over in shared memory; .numpy() views them without a copy.
         streamed, block = next(self._stream)
+        if isinstance(block, str):
+            raise StoreFormatError(block)
         if streamed != unit:
             raise RuntimeError(f"reader out of order: expected unit {unit}, got {streamed}; call plan() first")
         return {name: tensor.numpy() for name, tensor in block.items()}

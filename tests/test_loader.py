@@ -73,7 +73,7 @@ def test_units_follow_shards_and_skip_incomplete_samples():
     assert [(u.start, u.stop) for u in split] == [(0, 3), (3, 7), (7, 10)]
     with pytest.raises(ValueError, match="fewer than the 3 processes"):
         read_units([(0, 2)], np.array([0]), world_size=3)
-    with pytest.raises(ValueError, match="no complete sample: finish the extraction"):
+    with pytest.raises(ValueError, match=r"no complete sample: re-run the `sur-cache extract` command"):
         read_units([(0, 4)], np.array([], dtype=np.int64))
 
 
@@ -207,3 +207,25 @@ def test_manifest_is_checked_against_the_sd_configs(tiny_models, tmp_path):
     assert sd_shape_facts(str(configs_only)) == facts
     vae_config = json.loads((configs_only / "vae" / "config.json").read_text())
     assert facts["vae_scaling_factor"] == vae_config["scaling_factor"]
+
+
+@pytest.mark.parametrize("readers", [0, 1], ids=["in-loop", "reader-process"])
+def test_a_damaged_shard_is_named_by_array_and_samples_never_read_as_zeros(store, tmp_path, readers):
+    from sur_cache.store import StoreFormatError
+
+    (tmp_path / "s.zarr" / "llm" / "c" / "1" / "0").unlink()  # samples 4..7, all but 5 complete
+    corrupt = tmp_path / "s.zarr" / "clip_complex" / "c" / "3" / "0" / "0"  # samples 12..15
+    data = bytearray(corrupt.read_bytes())
+    data[200] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    loader = _loader(store, readers=readers)
+    with pytest.raises(StoreFormatError) as error:
+        for _ in zip(loader.batches(), range(4 * loader.batches_per_epoch(0)), strict=False):
+            pass
+    loader.close()
+    message = str(error.value)
+    assert "Traceback" not in message and "DataLoader worker" not in message
+    assert ("array 'llm', samples 4..7: its shard file is missing" in message) or (
+        "array 'clip_complex', samples 12..15: cannot be decoded" in message
+    )
+    assert f"sur-cache verify {store.url}" in message

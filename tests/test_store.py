@@ -110,7 +110,7 @@ def test_create_refuses_existing_store_unless_overwrite(store):
 def test_create_never_wipes_a_folder_that_is_not_a_store(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match="not a Zarr store"):
+        with pytest.raises(FileExistsError, match=r"holds a folder that is not a store \(notes.txt\)"):
             FeatureStore.create(tmp_path, MANIFEST, num_samples=2, shard_rows=2, overwrite=overwrite)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
@@ -215,3 +215,217 @@ def test_identity_is_kept_by_a_copy_and_changed_by_a_commit_or_a_new_store(store
     assert committed["store_id"] == first["store_id"] and committed["fingerprint"] != first["fingerprint"]
     again = FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1, overwrite=True)
     assert again.identity["store_id"] != first["store_id"] and again.identity["fingerprint"] != first["fingerprint"]
+
+
+def _write_all(store: FeatureStore) -> None:
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        store.write_shard(shard, _random_rows(store, start, stop, seed=shard), np.full(stop - start, DONE, np.uint8))
+
+
+def test_overwrite_removes_only_what_the_store_owns(store, tmp_path):
+    root = tmp_path / "s.zarr"
+    _write_all(store)
+    store.write_skipped(None, [{"line": 0, "file_name": None, "reason": "empty_prompt", "detail": ""}])
+    store.write_skipped_report()
+    (root / "NOTES.md").write_text("mine")
+    (root / "run1").mkdir()
+    (root / "run1" / "log.txt").write_text("mine too")
+    (root / "llm" / "mine.txt").write_text("inside an array folder")
+    with pytest.raises(FileExistsError) as refused:
+        FeatureStore.create(root, MANIFEST, num_samples=10, shard_rows=4)
+    message = str(refused.value)
+    assert "--overwrite removes the store's clip_simple, " in message and "zarr.json, skipped, skipped.jsonl" in message
+    assert "it keeps NOTES.md, run1" in message
+    fresh = FeatureStore.create(root, {**MANIFEST, "flip_variants": False}, num_samples=6, shard_rows=4, overwrite=True)
+    assert (root / "NOTES.md").read_text() == "mine" and (root / "run1" / "log.txt").read_text() == "mine too"
+    assert (root / "llm" / "mine.txt").exists() and not (root / "latent_mean_flipped").exists()
+    assert not (root / "skipped.jsonl").exists() and not (root / "skipped").exists()
+    assert fresh.num_samples == 6 and fresh.pending_shards() == [0, 1]
+    assert FeatureStore.open(root).read(["llm"], 0, 4)["llm"].tolist() == np.zeros((4, 40)).tolist()
+
+
+def test_overwrite_refuses_a_zarr_group_that_is_not_a_sur_cache_store(tmp_path):
+    import zarr
+
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array("x", shape=(2,), dtype="int8")
+    (tmp_path / "g.zarr" / "README").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(
+            FileExistsError, match=r"a Zarr group that is not a sur-cache store \(README, x, zarr.json\)"
+        ):
+            FeatureStore.create(tmp_path / "g.zarr", MANIFEST, num_samples=2, shard_rows=2, overwrite=overwrite)
+    assert (tmp_path / "g.zarr" / "README").read_text() == "keep" and (tmp_path / "g.zarr" / "x" / "zarr.json").exists()
+    assert not FeatureStore.exists(tmp_path / "g.zarr")
+
+
+def test_reading_a_written_sample_whose_shard_file_is_missing_fails(store, tmp_path):
+    store.write_shard(1, _random_rows(store, 4, 8, seed=1), np.full(4, DONE, np.uint8))
+    (tmp_path / "s.zarr" / "llm" / "c" / "1" / "0").unlink()
+    with pytest.raises(
+        StoreFormatError, match=r"array 'llm', samples 4..7: its shard file is missing.*sur-cache verify"
+    ):
+        store.read(["clip_simple", "llm"], 4, 8)
+    assert not store.read(["llm"], 0, 4)["llm"].any()  # a pending shard was never written: nothing is missing
+
+
+def test_a_corrupt_chunk_read_names_the_array_and_samples(store, tmp_path):
+    store.write_shard(1, _random_rows(store, 4, 8, seed=1), np.full(4, DONE, np.uint8))
+    shard_file = tmp_path / "s.zarr" / "clip_complex" / "c" / "1" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[100] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreFormatError, match=r"array 'clip_complex', samples 4..7: cannot be decoded: .*checksum"):
+        store.read(["clip_complex"], 4, 8)
+
+
+def test_a_deleted_status_shard_is_damage_not_pending(store, tmp_path):
+    _write_all(store)
+    (tmp_path / "s.zarr" / "status" / "c" / "1").unlink()
+    corrupt = store.verify()
+    assert ("status", 4, 8, "shard file missing") in [(c.array, c.start, c.stop, c.error) for c in corrupt]
+    with pytest.raises(StoreFormatError, match=r"the status of samples 4..7 is missing"):
+        store.status()
+    assert FeatureStore.exists(store.url)  # features were written: damage to report, not a creation to redo
+    with pytest.raises(FileExistsError, match="already holds a sur-cache store"):
+        FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1)
+
+
+def test_verify_names_non_finite_complete_samples(store):
+    rows = _random_rows(store, 4, 8, seed=1)
+    rows["llm"][1, 3] = np.nan
+    rows["latent_mean"][2, 0, 0, 0] = np.inf
+    rows["llm"][3, 0] = np.nan  # a skipped sample: its features are never read
+    store.write_shard(1, rows, np.array([DONE, DONE, DONE, SKIPPED], np.uint8))
+    corrupt = [(c.array, c.start, c.stop, c.error) for c in store.verify()]
+    assert corrupt == [
+        ("latent_mean", 6, 7, "NaN or inf in a complete sample"),
+        ("llm", 5, 6, "NaN or inf in a complete sample"),
+    ]
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    metadata = json.loads((root / "zarr.json").read_text())
+    edit(metadata["attributes"])
+    (root / "zarr.json").write_text(json.dumps(metadata))
+
+
+def test_an_edited_manifest_is_refused_naming_the_file_and_field(store, tmp_path):
+    root = tmp_path / "s.zarr"
+    _edit_manifest(root, lambda attributes: attributes.update(llm_layer=0))
+    with pytest.raises(StoreFormatError, match=r"s.zarr/zarr.json: the manifest was changed .*llm_layer \(its value"):
+        FeatureStore.open(root)
+    _edit_manifest(root, lambda attributes: attributes.update(llm_layer=2))
+    FeatureStore.open(root)  # restored: accepted again
+    _edit_manifest(root, lambda attributes: attributes.pop("num_samples"))
+    with pytest.raises(StoreFormatError, match=r"zarr.json: the manifest was changed .*num_samples \(absent\)"):
+        FeatureStore.open(root)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"zarr_format": 3}', "expected the metadata of a Zarr v3 group"),
+        ("", "is not valid JSON"),
+    ],
+    ids=["invalid", "incomplete", "empty"],
+)
+def test_an_unreadable_zarr_json_is_named(text, expected, store, tmp_path):
+    (tmp_path / "s.zarr" / "zarr.json").write_text(text)
+    with pytest.raises(StoreFormatError, match=rf"s.zarr/zarr.json:? {expected}"):
+        FeatureStore.open(tmp_path / "s.zarr")
+    with pytest.raises(StoreFormatError, match=rf"s.zarr/zarr.json:? {expected}"):
+        FeatureStore.create(tmp_path / "s.zarr", MANIFEST, num_samples=10, shard_rows=4, overwrite=True)
+    assert (tmp_path / "s.zarr" / "llm" / "zarr.json").exists()  # not recognisable: nothing removed
+
+
+def test_an_unreadable_array_metadata_is_named(store, tmp_path):
+    (tmp_path / "s.zarr" / "llm" / "zarr.json").write_text("{")
+    with pytest.raises(StoreFormatError, match=r"s.zarr/llm/zarr.json cannot be read as the metadata of array 'llm'"):
+        FeatureStore.open(tmp_path / "s.zarr")
+
+
+def test_a_commit_into_a_replaced_store_is_refused(store):
+    replacement = FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1, overwrite=True)
+    with pytest.raises(StoreFormatError, match="no longer the store this run opened"):
+        store.write_shard(0, _random_rows(store, 0, 4, seed=0), np.full(4, DONE, np.uint8))
+    with pytest.raises(StoreFormatError, match="no longer the store this run opened"):
+        store.commit_shard(0, np.full(4, DONE, np.uint8))
+    assert replacement.pending_shards() == [0, 1, 2] and not replacement.read(["llm"], 0, 4)["llm"].any()
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    created = FeatureStore.create(f"file://{tmp_path}/f.zarr", MANIFEST, num_samples=4, shard_rows=4)
+    assert created.url == f"{tmp_path}/f.zarr"
+    created.write_skipped(None, [{"line": 0, "file_name": None, "reason": "empty_prompt", "detail": ""}])
+    assert Path(created.write_skipped_report()).is_file()
+    assert FeatureStore.open(tmp_path / "f.zarr").identity == created.identity
+
+
+def test_an_s3_url_without_s3fs_names_the_extra(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed")
+    for call in (FeatureStore.open, FeatureStore.exists):
+        with pytest.raises(ValueError, match=r"s3://bucket/s.zarr: s3:// URLs need .*pip install 'sur-cache\[s3\]'"):
+            call("s3://bucket/s.zarr")
+
+
+_HOLDER = """
+import sys, time
+from sur_cache.store import writer_lock
+with writer_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_writer_lock_names_a_live_holder_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from sur_cache.store import LOCK_FILE, StoreLockedError, writer_lock
+
+    out = tmp_path / "s.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(StoreLockedError, match=rf"process {holder.pid} on host {socket.gethostname()} \(since "):
+            with writer_lock(out):
+                pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert str(holder.pid) in (out / LOCK_FILE).read_text()  # its record is still there, its flock is gone
+    with writer_lock(f"file://{out}"):
+        assert f'"pid": {os.getpid()}' in (out / LOCK_FILE).read_text()
+    assert (out / LOCK_FILE).read_text() == ""
+
+
+def test_the_writer_lock_of_an_object_store_is_an_exclusive_file(monkeypatch):
+    import fsspec
+
+    from sur_cache.store import LOCK_FILE, StoreLockedError, writer_lock
+
+    url = f"memory://sur-cache-lock-{uuid.uuid4().hex}/s.zarr"
+    fs, root = fsspec.core.url_to_fs(url)
+    with writer_lock(url):
+        with pytest.raises(StoreLockedError, match=rf"if that process is gone, delete .*{LOCK_FILE}"):
+            with writer_lock(url):
+                pass
+    assert not fs.exists(f"{root}/{LOCK_FILE}")  # removed on release
+    import socket
+
+    fs.pipe_file(
+        f"{root}/{LOCK_FILE}", json.dumps({"host": socket.gethostname(), "pid": 2**22 + 1, "since": "x"}).encode()
+    )
+    with writer_lock(url):  # that pid does not exist on this host: a stale lock, taken over
+        assert json.loads(fs.cat_file(f"{root}/{LOCK_FILE}"))["pid"] != 2**22 + 1
+    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"host": "elsewhere", "pid": 1, "since": "x"}).encode())
+    with pytest.raises(StoreLockedError, match="process 1 on host elsewhere"):
+        with writer_lock(url):
+            pass
