@@ -9,8 +9,12 @@ resume after a crash at any point (unfinished shards are recomputed whole, at th
 result is bit-identical to an uninterrupted run), a reference `{simple prompt: vector}` file instead of an LLM.
 The LLM is loaded after CLIP and the VAE are freed, unless `llm_alongside` keeps all three in memory for one pass.
 
-Raises ValueError for bad options or data (no usable row, `strict` with a bad row, a wrong LLM feature file) and
-ManifestMismatchError when `--out` holds a store made with other settings.
+One writer per store: the main process holds the store's writer lock for the whole run (the other processes of the
+same launch share it); a second extract on the same `--out` is refused naming the holder.
+
+Raises ValueError for bad options or data (no usable row, `strict` with a bad row, a wrong LLM feature file, a
+`memory://` `--out`), ManifestMismatchError when `--out` holds a store made with other settings, FileExistsError
+when it holds something that is not a sur-cache store, StoreLockedError when another run writes it.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from sur_cache.models import (
     naming_the_source,
     resolve_llm,
 )
-from sur_cache.store import DONE, SKIPPED, FeatureStore
+from sur_cache.store import DONE, SKIPPED, FeatureStore, StoreURLError, in_process_only, writer_lock
 
 _IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
 
@@ -494,17 +498,30 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     from accelerate import PartialState
 
     started = time.perf_counter()
+    if in_process_only(config.out):
+        raise StoreURLError(
+            f"--out {config.out}: a memory:// store lives inside this process and is gone when extract exits; pass "
+            "a folder or a URL that outlives it (file://..., s3://...)"
+        )
     # accelerate only forms a CPU process group (gloo) when told the processes are CPU ones
     state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
     device = _resolve_device(config.device, state)
     llm_table = load_llm_features(config.llm_features) if config.llm_features is not None else None
     rows, bad = _read_rows(config, llm_table)
-    if state.is_main_process:  # the main process alone writes the manifest; the others open what it wrote
-        manifest = build_manifest(config, rows, _model_shapes(config, llm_table), device)
+    if not state.is_main_process:
+        return _write_store(config, state, rows, device, llm_table, started)
+    manifest = build_manifest(config, rows, _model_shapes(config, llm_table), device)
+    FeatureStore.refuse_foreign(config.out)  # before the lock file goes in: never into a folder that is not ours
+    with writer_lock(config.out):  # the main process holds it for the whole run; the other ranks share it
         store = _open_store(config, manifest, len(rows))
         store.write_skipped(None, [asdict(b) for b in bad])
+        return _write_store(config, state, rows, device, llm_table, started, store)
+
+
+def _write_store(config, state, rows, device, llm_table, started, store=None) -> dict[str, Any]:
+    """Every process's part, once the main process has created or resumed `store` (the others open it)."""
     state.wait_for_everyone()
-    if not state.is_main_process:
+    if store is None:
         store = FeatureStore.open(config.out, mode="r+")
     pending = store.pending_shards()
     mine = [shard for shard in pending if shard % state.num_processes == state.process_index]

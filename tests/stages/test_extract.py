@@ -1,5 +1,5 @@
 """Stage one end to end on the tiny models: stored values, layer/pooling, resume after kill -9, bad rows, manifest
-refusal, two-process equality, the reference LLM-feature file, memory:// stores."""
+refusal, two-process equality, the reference LLM-feature file, store URLs, creation killed, the writer lock."""
 
 from __future__ import annotations
 
@@ -22,7 +22,16 @@ from sur_cache.dataset import ImageDataset, read_metadata
 from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
 from sur_cache.stages import extract
 from sur_cache.stages.extract import load_llm_features, run_extract
-from sur_cache.store import DONE, PENDING, SKIPPED, FeatureStore, ManifestMismatchError
+from sur_cache.store import (
+    DONE,
+    PENDING,
+    SKIPPED,
+    FeatureStore,
+    ManifestMismatchError,
+    StoreLockedError,
+    StoreURLError,
+    writer_lock,
+)
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_WIDTH, TINY_RESOLUTION
 
 VENV_BIN = Path(sys.executable).parent
@@ -376,14 +385,51 @@ def test_a_feature_file_that_is_not_a_tensor_dict_is_refused_by_name(tmp_path):
             load_llm_features(tmp_path / name)
 
 
-def test_memory_url_store(tiny_models, demo_dataset):
+def test_memory_url_is_refused_and_a_file_url_is_its_folder(reference, tiny_models, demo_dataset, tmp_path):
     url = f"memory://sur-cache-extract-{uuid.uuid4().hex}/store.zarr"
-    summary = run_extract(_config(demo_dataset, url, tiny_models, flip_variants=False, llm_per_token=False))
-    assert summary["complete"] == 12
-    store = FeatureStore.open(url)
-    assert store.array("clip_simple").shape == (12, 77, TINY_CLIP_WIDTH)
-    assert store.array("clip_simple").dtype == np.float32
-    assert store.verify() == []
+    with pytest.raises(StoreURLError, match=r"--out memory://.* gone when extract exits"):
+        run_extract(_config(demo_dataset, url, tiny_models))
+    out = tmp_path / "store.zarr"
+    summary = run_extract(_config(demo_dataset, f"file://{out}", tiny_models))
+    assert summary["complete"] == 12 and Path(summary["report"]).is_file()
+    _assert_same_store(out, reference[0])
+
+
+class _Killed(Exception):
+    """Stands in for kill -9: nothing after the raise runs, so the files are left as a kill would leave them."""
+
+
+@pytest.mark.parametrize("arrays_created", [3, 15], ids=["mid-arrays", "before-status"])
+def test_a_run_killed_while_creating_the_store_resumes(
+    arrays_created, reference, tiny_models, demo_dataset, tmp_path, monkeypatch
+):
+    import zarr
+
+    real, calls = zarr.Group.create_array, []
+
+    def dying(self, *args, **kwargs):
+        if len(calls) == arrays_created:
+            raise _Killed
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    out = tmp_path / "store.zarr"
+    monkeypatch.setattr(zarr.Group, "create_array", dying)
+    with pytest.raises(_Killed):
+        run_extract(_config(demo_dataset, out, tiny_models))
+    monkeypatch.undo()
+    assert (out / "zarr.json").is_file() and not (out / "status" / "c").exists()
+    assert run_extract(_config(demo_dataset, out, tiny_models))["complete"] == 12  # the same command, no --overwrite
+    _assert_same_store(out, reference[0])
+
+
+def test_a_second_writer_is_refused_naming_the_holder(reference, tiny_models, demo_dataset, tmp_path):
+    out = tmp_path / "store.zarr"
+    shutil.copytree(reference[0], out)
+    with writer_lock(out):
+        with pytest.raises(StoreLockedError, match=rf"being written by process {os.getpid()} on host "):
+            run_extract(_config(demo_dataset, out, tiny_models))
+    assert run_extract(_config(demo_dataset, out, tiny_models))["computed_now"] == 0  # released: resumes
 
 
 def test_llm_alongside_gives_the_same_store(reference, tiny_models, demo_dataset, tmp_path):
