@@ -200,7 +200,9 @@ def _seeds(seeds: tuple[int, ...], num_seeds: int | None) -> tuple[int, ...]:
     help="SURD dataset folder: images plus metadata.jsonl.",
 )
 @click.option(
-    "--out", required=True, help="Feature store to write or resume: a folder or an fsspec URL (memory://...)."
+    "--out",
+    required=True,
+    help="Feature store to write or resume: a folder or a file:// or fsspec URL (s3://... with the s3 extra).",
 )
 @click.option(
     "--sd", required=True, help="Stable Diffusion folder or hub id (tokenizer/, text_encoder/, vae/ are used)."
@@ -316,7 +318,7 @@ def inspect_command(store: str, as_json: bool) -> None:
     """Show a feature store: manifest, arrays (shape, dtype, chunks, shards), completion, skipped rows, bytes."""
     import json
 
-    from sur_cache.store import FeatureStore
+    from sur_cache.store import FIELD_SHA256, FeatureStore
 
     description = FeatureStore.open(store).describe()
     if as_json:
@@ -324,6 +326,7 @@ def inspect_command(store: str, as_json: bool) -> None:
         return
     manifest = dict(description["manifest"])
     file_names = manifest.pop("file_names", [])
+    manifest.pop(FIELD_SHA256, None)  # a checksum per field, verified on open; --json shows them
     click.echo(f"store     {description['url']}")
     click.echo(
         f"samples   {description['num_samples']}: {description['complete']} complete, {description['pending']} pending"
@@ -346,7 +349,8 @@ def inspect_command(store: str, as_json: bool) -> None:
 @main.command("verify")
 @click.argument("store")
 def verify_command(store: str) -> None:
-    """Read every chunk of a feature store back and check its crc32c checksum; exit code 1 if any is corrupt."""
+    """Read every chunk of a feature store back: crc32c checksums, missing shard files (status included), NaN or inf
+    in complete samples; exit code 1 if anything is wrong."""
     from sur_cache.store import FeatureStore
 
     opened = FeatureStore.open(store)
@@ -361,7 +365,10 @@ def verify_command(store: str) -> None:
             err=True,
         )
         raise SystemExit(1)
-    click.echo(f"ok: {checked} arrays, {opened.num_samples} samples, every chunk's checksum matches")
+    click.echo(
+        f"ok: {checked} arrays, {opened.num_samples} samples, every chunk's checksum matches, "
+        "every complete sample is finite"
+    )
 
 
 @main.command("demo-assets")

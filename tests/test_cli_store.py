@@ -88,3 +88,62 @@ def test_inspect_and_verify_explain_a_missing_store(tmp_path):
     for command in ("inspect", "verify"):
         result = CliRunner().invoke(main, [command, str(tmp_path / "none")])
         assert result.exit_code == 1 and "no sur-cache store" in result.output
+
+
+def test_inspect_and_verify_name_an_unreadable_zarr_json(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    (copy / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {')
+    for command in ("inspect", "verify"):
+        result = CliRunner().invoke(main, [command, str(copy)])
+        assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+        assert f"Error: {copy}/zarr.json is not valid JSON" in result.output and "Traceback" not in result.output
+
+
+def test_verify_fails_when_the_status_shard_is_deleted_and_names_non_finite_samples(store, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    (copy / "status" / "c" / "1").unlink()
+    result = CliRunner().invoke(main, ["verify", str(copy)])
+    assert result.exit_code == 1 and "corrupt   status samples 4..7: shard file missing" in result.output
+    shutil.rmtree(copy)
+    shutil.copytree(store, copy)
+    from sur_cache.store import FeatureStore
+
+    opened = FeatureStore.open(copy, mode="r+")
+    llm = opened.array("llm")[8:12]
+    llm[2, 0] = np.nan  # a valid checksum over a NaN
+    opened.write_arrays(2, {"llm": llm})
+    result = CliRunner().invoke(main, ["verify", str(copy)])
+    assert result.exit_code == 1 and "corrupt   llm samples 10..10: NaN or inf in a complete sample" in result.output
+
+
+def test_extract_never_deletes_a_folder_that_is_not_its_store(tiny_models, demo_dataset, tmp_path):
+    import zarr
+
+    out = tmp_path / "theirs.zarr"
+    zarr.open_group(str(out), mode="w")
+    (out / "README").write_text("keep")
+    result = _extract(demo_dataset, out, tiny_models, "--overwrite")
+    assert result.exit_code == 1 and "a Zarr group that is not a sur-cache store (README, zarr.json)" in result.output
+    assert (out / "README").read_text() == "keep" and not (out / "writer.lock").exists()
+
+
+def test_extract_refuses_a_memory_url(tiny_models, demo_dataset):
+    result = _extract(demo_dataset, "memory://m.zarr", tiny_models)
+    assert result.exit_code == 1 and "Error: --out memory://m.zarr: a memory:// store lives inside this process" in (
+        result.output
+    )
+
+
+def test_extract_without_overwrite_says_what_overwrite_removes(store, tiny_models, demo_dataset):
+    result = _extract(demo_dataset, store, tiny_models, "--resolution", "16")
+    assert result.exit_code == 1
+    assert "--overwrite removes the store's clip_simple, clip_complex," in result.output
+    assert "status, zarr.json" in result.output
