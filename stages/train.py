@@ -16,14 +16,21 @@ images by stage one's code, to prove the cache exact or to measure what it saves
 Never loads the LLM, the CLIP text encoder or the VAE unless `--online`: the SD model is read for its UNet, its noise
 scheduler, and three config.json files.
 
-Raises ValueError for bad options, ManifestMismatchError for a store that does not fit --sd, FileNotFoundError for
-a missing store or checkpoint.
+Trust: the run folder is marked as sur-cache's (sur-cache-run.json) before anything else is written into it, and a
+non-empty folder without the mark is refused; checkpoints are safetensors and JSON only, checksummed, verified
+before use (sur_cache/checkpoint.py); a resume refuses every setting that would change the run's meaning; the run
+stops at the first non-finite loss or gradient, and a non-finite adapter is never saved.
+
+Raises ValueError for bad options, a foreign --out, a changed setting on resume or a non-finite step;
+ManifestMismatchError for a store that does not fit --sd; CheckpointError (a ValueError) for a damaged checkpoint;
+FileNotFoundError for a missing store or checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,15 +40,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sur_cache import __version__
+from sur_cache import __version__, checkpoint
 from sur_cache.adapter import AdapterConfig, SURAdapter, resolve_attention
+from sur_cache.checkpoint import POSITION_FILE, Position
 from sur_cache.config import TrainConfig
 from sur_cache.loader import (
     FeatureLoader,
     LoaderSettings,
     PreloadedSource,
+    ReadUnit,
     StoreSource,
     array_names,
+    batches_per_epoch,
     check_manifest,
     read_units,
 )
@@ -50,11 +60,28 @@ from sur_cache.store import FeatureStore
 from sur_cache.train_log import StepLog, plot_losses
 
 CHECKPOINTS = "checkpoints"
-POSITION_FILE = "position.json"  # written last: a checkpoint folder without it is incomplete and ignored
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
-# What must not change across a resume: the data position and the per-batch random draws depend on them.
-RESUME_INVARIANTS = ("batch_size", "gradient_accumulation", "seed", "buffer_shards", "world_size", "store")
+RUN_MARKER = "sur-cache-run.json"  # written first: a folder holding it is a sur-cache run, safe to write into
+RUN_KIND = "sur-cache train run"
+# The settings a resume may change: how long the run goes, how often it checkpoints, how the store is read. None
+# changes a number computed for a step that both runs share. Every other TrainConfig field is compared with the
+# checkpoint's, some by what they resolve to (RESOLVED_SETTINGS).
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "read_workers", "preload")
+# Compared by what they resolve to, not as typed: the store by its identity (a copy resumes), --cpu by the device,
+# --attention by the backend it picks. Keys of the recorded settings -> how a refusal names them.
+RESOLVED_SETTINGS = {
+    "store_identity": "store (--store, by its store_id and content fingerprint)",
+    "device": "device (--cpu)",
+    "attention_backend": "attention backend (--attention)",
+    "processes": "processes (torchrun / accelerate launch)",
+    "lr_schedule_steps": "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear)",
+}
+_NOT_COMPARED_AS_TYPED = ("store", "cpu", "attention", "out", "resume")
+
+
+class NonFiniteError(ValueError):
+    """A loss, a gradient or the adapter's weights went NaN or infinite."""
 
 
 @dataclass
@@ -62,6 +89,7 @@ class TrainingRun:
     """Everything `setup` builds and `train` uses."""
 
     config: TrainConfig
+    settings: dict[str, Any]  # what this run means; recorded in every checkpoint, compared on resume
     accelerator: Any
     loader: FeatureLoader
     adapter: torch.nn.Module  # prepared (DDP-wrapped when distributed)
@@ -108,11 +136,9 @@ def setup(config: TrainConfig) -> TrainingRun:
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
     out = Path(config.out)
-    if not config.resume and any((out / CHECKPOINTS).glob("step_*")):
-        raise ValueError(
-            f"--out {out} holds the checkpoints of an earlier run; continue it with --resume latest, "
-            "or pass a new --out"
-        )
+    _check_out(out, config.resume)
+    resumed = find_checkpoint(out, config.resume) if config.resume else None
+    position = checkpoint.read_position(resumed) if resumed else None
     store = FeatureStore.open(config.store, mode="r")
     manifest = store.manifest
     check_manifest(manifest, config.sd, store.url)
@@ -120,9 +146,15 @@ def setup(config: TrainConfig) -> TrainingRun:
         raise ValueError(
             f"--random-flip: {store.url} holds no flipped latents; extract with --flip-variants or drop --random-flip"
         )
+    units = read_units(store.shard_ranges(), store.complete_indices(), accelerator.num_processes)
+    total_steps = _total_steps(config, units, accelerator.num_processes)
+    settings = _run_settings(config, store, accelerator, total_steps)
+    if resumed:  # before anything loads: a refused resume costs nothing
+        _check_settings(resumed, position.settings, settings)
+        checkpoint.verify(resumed, position, _checkpoint_files(accelerator))
     if config.features_only:
         accelerator.print("features-only: --denoise-weight 0, so the UNet is not loaded and no latent is read")
-    loader = _build_loader(config, store, accelerator)
+    loader = _build_loader(config, store, accelerator, units)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         adapter = SURAdapter(_adapter_config(config, manifest, accelerator.device)).train()
@@ -130,15 +162,15 @@ def setup(config: TrainConfig) -> TrainingRun:
     trainable = [p for p in adapter.parameters() if p.requires_grad]
     fused = accelerator.device.type == "cuda"  # one kernel for all parameters (the adapter's step is launch-bound)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-    total_steps = _total_steps(config, loader)
+    # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per process.
     lr_scheduler = _lr_scheduler(config, optimizer, total_steps)
     adapter, optimizer = accelerator.prepare(adapter, optimizer)
-    # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per process.
-    accelerator.register_for_checkpointing(lr_scheduler)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_MARKER).write_text(json.dumps({"kind": RUN_KIND, "sur_cache_version": __version__}) + "\n")
     run = TrainingRun(
         config,
+        settings,
         accelerator,
         loader,
         adapter,
@@ -151,8 +183,8 @@ def setup(config: TrainConfig) -> TrainingRun:
     )
     # Seeded last, so that nothing setup loads (online models, the UNet) shifts the dropout stream.
     set_seed(config.seed)
-    if config.resume:
-        _restore(run, find_checkpoint(out, config.resume))
+    if resumed:
+        _restore(run, resumed, position)
     elif accelerator.is_main_process:
         (out / LOG_FILE).unlink(missing_ok=True)
     if accelerator.is_main_process:
@@ -161,9 +193,63 @@ def setup(config: TrainConfig) -> TrainingRun:
     return run
 
 
-def _build_loader(config: TrainConfig, store: FeatureStore, accelerator) -> FeatureLoader:
+def _check_out(out: Path, resume: str | None) -> None:
+    """--out is empty, new, or a sur-cache run (marked); a run with checkpoints is only continued by --resume."""
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if found and not (out / RUN_MARKER).is_file():
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ValueError(
+            f"--out {out} is not empty ({shown}) and holds no sur-cache run ({RUN_MARKER} missing), so train would "
+            "overwrite files it did not write; pass a new or empty --out"
+        )
+    if not resume and any((out / CHECKPOINTS).glob("step_*")):
+        raise ValueError(
+            f"--out {out} holds the checkpoints of an earlier run; continue it with --resume latest, "
+            "or pass a new --out"
+        )
+
+
+def _run_settings(config: TrainConfig, store: FeatureStore, accelerator, total_steps: int) -> dict[str, Any]:
+    """What the run means, as JSON values: every TrainConfig field but RESUME_MAY_CHANGE, and RESOLVED_SETTINGS."""
+    typed = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(config)
+        if field.name not in RESUME_MAY_CHANGE + _NOT_COMPARED_AS_TYPED
+    }
+    for name in ("sd", "data"):  # a local folder by its absolute path, so `./sd` and `/abs/sd` compare equal
+        if typed[name] is not None and Path(typed[name]).exists():
+            typed[name] = str(Path(typed[name]).resolve())
+    resolved = {
+        "store_identity": store.identity,
+        "device": accelerator.device.type,
+        "attention_backend": resolve_attention(config.attention, accelerator.device),
+        "processes": accelerator.num_processes,
+        # cosine and linear decay over the run's length; the constant schedules do not depend on it
+        "lr_schedule_steps": total_steps if config.lr_schedule != "constant" else None,
+    }
+    return json.loads(json.dumps({**typed, **resolved}, default=str))
+
+
+def _check_settings(folder: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
+    keys = list(now) + [key for key in recorded if key not in now]
+    changed = [
+        f"{RESOLVED_SETTINGS.get(key, '--' + key.replace('_', '-'))}: checkpoint {recorded.get(key)!r}, "
+        f"now {now.get(key)!r}"
+        for key in keys
+        if recorded.get(key) != now.get(key)
+    ]
+    if changed:
+        may_change = [f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE]
+        raise ValueError(
+            f"--resume {folder}: these settings differ from the checkpoint's, so the resumed run would not be the "
+            "same run:\n  " + "\n  ".join(changed) + "\nRun with the checkpoint's settings (its "
+            f"{POSITION_FILE} lists them), or start a new --out; only {', '.join(may_change[:-1])} and "
+            f"{may_change[-1]} may change on a resume."
+        )
+
+
+def _build_loader(config: TrainConfig, store: FeatureStore, accelerator, units: list[ReadUnit]) -> FeatureLoader:
     world, rank = accelerator.num_processes, accelerator.process_index
-    units = read_units(store.shard_ranges(), store.complete_indices(), world)
     names = array_names(latents=not config.features_only, flips=config.random_flip)
     if config.online:
         from sur_cache.online import OnlineSource
@@ -221,18 +307,28 @@ def _load_unet(config: TrainConfig, accelerator):
     return unet, DDPMScheduler.from_pretrained(config.sd, subfolder="scheduler")
 
 
-def _total_steps(config: TrainConfig, loader: FeatureLoader) -> int:
+def _total_steps(config: TrainConfig, units: list[ReadUnit], world_size: int) -> int:
     """--max-steps; or the optimizer steps in --epochs epochs (both: whichever ends first; neither: 5000)."""
+
+    def micro_batches(epoch: int) -> int:
+        return batches_per_epoch(
+            units,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            world_size=world_size,
+            buffer_units=config.buffer_shards,
+        )
+
     caps = []
     if config.total_steps_cap is not None:
         caps.append(config.total_steps_cap)
     if config.epochs is not None:
-        micro = sum(loader.batches_per_epoch(e) for e in range(config.epochs))
-        caps.append(micro // config.gradient_accumulation)
+        caps.append(sum(micro_batches(e) for e in range(config.epochs)) // config.gradient_accumulation)
     steps = min(caps)
     if steps < 1:
         raise ValueError(
-            f"--epochs {config.epochs} gives {loader.batches_per_epoch(0)} micro-batches per epoch, fewer than one "
+            f"--epochs {config.epochs} gives {micro_batches(0)} micro-batches per epoch, fewer than one "
             f"optimizer step of --gradient-accumulation {config.gradient_accumulation}; raise --epochs or lower it"
         )
     return steps
@@ -299,9 +395,13 @@ def train(run: TrainingRun) -> None:
 
 
 def optimizer_step(run: TrainingRun, batches) -> tuple[dict[str, float | None], float]:
-    """`gradient_accumulation` micro-batches, one clipped AdamW step; returns the mean loss terms over processes."""
+    """`gradient_accumulation` micro-batches, one clipped AdamW step; returns the mean loss terms over processes.
+
+    Raises NonFiniteError at a non-finite loss (on any process) or gradient norm, naming the step and the samples.
+    """
     config, accelerator = run.config, run.accelerator
     sums: dict[str, torch.Tensor] = {}
+    finite, samples = [], []  # per micro-batch; the flags are read only when the step's loss is not finite
     for micro in range(config.gradient_accumulation):
         batch, run.lookahead = run.lookahead or next(batches), None
         last = micro == config.gradient_accumulation - 1
@@ -312,11 +412,15 @@ def optimizer_step(run: TrainingRun, batches) -> tuple[dict[str, float | None], 
         for name, value in vars(terms).items():
             if value is not None:
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / config.gradient_accumulation
+        finite.append(torch.isfinite(terms.total.detach()))
+        samples.append(batch.samples)
         run.epoch, run.batch = batch.epoch, batch.index + 1
     trainable = [p for p in run.adapter.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
     run.optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:
+    # fp16's loss scaler skips a step whose gradient overflowed (and lowers the scale): expected, not a fault
+    skipped = accelerator.optimizer_step_was_skipped
+    if not skipped:
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     # Fetch the next micro-batch before the sync below, so its host work (reads, gather, copies) overlaps this
@@ -328,7 +432,28 @@ def optimizer_step(run: TrainingRun, batches) -> tuple[dict[str, float | None], 
     values = torch.stack([sums[name] for name in names] + [torch.as_tensor(grad_norm, device=sums["total"].device)])
     values = accelerator.reduce(values.float(), reduction="mean").tolist()
     means = dict(zip(names, values, strict=False))
+    if not math.isfinite(means["total"]) or not (math.isfinite(values[-1]) or skipped):
+        raise NonFiniteError(_non_finite(run, means["total"], values[-1], finite, samples))
     return {name: means.get(name) for name in ("denoise", "distill", "align", "total")}, values[-1]
+
+
+def _non_finite(run: TrainingRun, loss: float, grad_norm: float, finite: list[torch.Tensor], samples: list) -> str:
+    """Which micro-batch of this process went non-finite (the mean over processes tells every process to stop)."""
+    flags, process = torch.stack(finite).tolist(), run.accelerator.process_index
+    bad = [i for i, ok in enumerate(flags) if not ok]
+    if bad:
+        where = "; ".join(f"micro-batch {i + 1} of {len(flags)}: samples {samples[i].tolist()}" for i in bad)
+        what = f"the loss is not finite on process {process} ({where})"
+    elif not math.isfinite(loss):
+        what = f"the loss is not finite on another process than {process} (its own error names the samples)"
+    else:
+        every = [int(i) for batch in samples for i in batch]
+        what = f"the gradient norm is {grad_norm} though every loss is finite (samples {every} on process {process})"
+    return (
+        f"step {run.step + 1}: {what}. Stopped before saving anything of this step; the last checkpoint holds "
+        "finite weights. A sample's features may be NaN or infinite, or the training diverged (start a new --out "
+        "with a lower --lr, or --mixed-precision bf16 rather than fp16)."
+    )
 
 
 def compute_losses(run: TrainingRun, batch) -> LossTerms:
@@ -366,31 +491,40 @@ def _unwrap(run: TrainingRun) -> SURAdapter:
 
 
 def save_checkpoint(run: TrainingRun) -> Path:
-    """`<out>/checkpoints/step_NNNNNNN/`: adapter/ (safetensors + config.json), state/ (accelerate: optimizer,
-    lr schedule, RNG), position.json (written last, by the main process, once everything else is on disk)."""
+    """`<out>/checkpoints/step_NNNNNNN/` as sur_cache/checkpoint.py describes: the main process writes the adapter,
+    optimizer and lr schedule, every process its RNG states, and the main process position.json last."""
     accelerator = run.accelerator
     folder = Path(run.config.out) / CHECKPOINTS / f"step_{run.step:07d}"
-    accelerator.wait_for_everyone()
+    _require_finite(run, f"checkpoint {folder}")
     if accelerator.is_main_process:
         # A run resumed from an older checkpoint rewrites the later ones: incomplete until rewritten whole.
         (folder / POSITION_FILE).unlink(missing_ok=True)
-        _unwrap(run).save_pretrained(folder / "adapter")
-    accelerator.save_state(str(folder / "state"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        position = {"step": run.step, "epoch": run.epoch, "batch": run.batch, **_invariants(run)}
-        (folder / POSITION_FILE).write_text(json.dumps(position, indent=2) + "\n")
+        checkpoint.save_training_state(folder, _unwrap(run), run.optimizer, run.lr_scheduler, accelerator.scaler)
+    checkpoint.save_rng_state(folder, accelerator.process_index, accelerator.device)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = checkpoint.checksums(folder, _checkpoint_files(accelerator))
+        checkpoint.seal(folder, Position(run.step, run.epoch, run.batch, run.settings, files))
     accelerator.wait_for_everyone()
     return folder
 
 
-def _invariants(run: TrainingRun) -> dict[str, Any]:
-    config = run.config
-    values = {name: getattr(config, name) for name in RESUME_INVARIANTS if hasattr(config, name)}
-    values["world_size"] = run.accelerator.num_processes
-    store = str(config.store)  # a local store by its absolute path, so `./s.zarr` and `/abs/s.zarr` compare equal
-    values["store"] = store if "://" in store else str(Path(store).resolve())
-    return values
+def _checkpoint_files(accelerator) -> list[str]:
+    return checkpoint.expected_files(accelerator.num_processes, scaler=accelerator.scaler is not None)
+
+
+def _require_finite(run: TrainingRun, what: str) -> None:
+    """Refuse to save an adapter with a NaN or infinite weight (every process checks: they hold the same weights)."""
+    weights = _unwrap(run).state_dict()
+    finite = torch.stack([torch.isfinite(w).all() for w in weights.values()]).tolist()
+    bad = [name for name, ok in zip(weights, finite, strict=True) if not ok]
+    if bad:
+        raise NonFiniteError(
+            f"step {run.step}: the adapter's weights are not finite ({', '.join(bad)}), so {what} is not written; "
+            "the last checkpoint holds finite weights (--resume latest)"
+        )
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:
@@ -409,21 +543,14 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     return complete[-1]
 
 
-def _restore(run: TrainingRun, folder: Path) -> None:
-    position = json.loads((folder / POSITION_FILE).read_text())
-    now = _invariants(run)
-    changed = [
-        f"{key}: checkpoint {position.get(key)!r}, now {now[key]!r}" for key in now if position.get(key) != now[key]
-    ]
-    if changed:
-        raise ValueError(
-            f"--resume {folder}: these settings differ from the checkpoint's, so the data position would not "
-            "carry over:\n  " + "\n  ".join(changed) + "\nRun with the checkpoint's settings, or start a new --out."
-        )
-    run.accelerator.load_state(str(folder / "state"))
-    run.step, run.epoch, run.batch = position["step"], position["epoch"], position["batch"]
+def _restore(run: TrainingRun, folder: Path, position: Position) -> None:
+    """Load a verified checkpoint whose settings match (setup checked both before building anything)."""
+    accelerator = run.accelerator
+    checkpoint.load_training_state(folder, _unwrap(run), run.optimizer, run.lr_scheduler, accelerator.scaler)
+    checkpoint.load_rng_state(folder, accelerator.process_index, accelerator.device)
+    run.step, run.epoch, run.batch = position.step, position.epoch, position.batch
     run.log.truncate_after(run.step)
-    run.accelerator.print(f"resumed from {folder} at step {run.step} (epoch {run.epoch}, batch {run.batch})")
+    accelerator.print(f"resumed from {folder} at step {run.step} (epoch {run.epoch}, batch {run.batch})")
 
 
 # ---------------------------------------------------------------------------------------------------------- cleanup
@@ -434,6 +561,7 @@ def cleanup(run: TrainingRun) -> Path:
     accelerator = run.accelerator
     final = Path(run.config.out) / "adapter"
     accelerator.wait_for_everyone()
+    _require_finite(run, f"the final adapter {final}")
     if accelerator.is_main_process:
         _unwrap(run).save_pretrained(final)
         log_path = Path(run.config.out) / LOG_FILE

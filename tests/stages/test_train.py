@@ -130,17 +130,18 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(store, tiny_models, 
     run_train(_config(store, tiny_models, broken, random_flip=True, max_steps=2))
     with open(broken / "train_log.jsonl", "a") as log:  # a step the crash left behind, after the checkpoint
         log.write(json.dumps({"step": 3, "denoise": 0, "distill": 0, "align": 0, "total": 0}) + "\n")
-    run_train(_config(store, tiny_models, broken, random_flip=True, resume="latest"))
+    # what may change on a resume changes no number: another reader, another checkpoint interval
+    allowed = {"preload": "cpu", "checkpoint_every": 3}
+    run_train(_config(store, tiny_models, broken, random_flip=True, resume="latest", **allowed))
     assert _losses(broken) == _losses(whole)  # exactly: same batches, draws, dropout, optimizer state
     a, b = (SURAdapter.from_pretrained(folder / "adapter").state_dict() for folder in (whole, broken))
     assert all(torch.equal(a[name], b[name]) for name in a)
-    with pytest.raises(ValueError, match="batch_size: checkpoint 2, now 1"):
+    with pytest.raises(ValueError, match="--batch-size: checkpoint 2, now 1"):
         run_train(_config(store, tiny_models, broken, random_flip=True, resume="latest", batch_size=1))
 
 
 def test_a_rewritten_checkpoint_is_incomplete_until_written_whole(store, tiny_models, tmp_path, monkeypatch):
-    from accelerate import Accelerator
-
+    from sur_cache import checkpoint
     from sur_cache.stages.train import find_checkpoint
 
     out, options = tmp_path / "run", {"max_steps": 4, "denoise_weight": 0.0, "preload": "cpu"}
@@ -149,7 +150,7 @@ def test_a_rewritten_checkpoint_is_incomplete_until_written_whole(store, tiny_mo
     def crash(*args, **kwargs):
         raise RuntimeError("crash while saving")
 
-    monkeypatch.setattr(Accelerator, "save_state", crash)
+    monkeypatch.setattr(checkpoint, "save_rng_state", crash)
     with pytest.raises(RuntimeError, match="crash while saving"):  # resumed at step 2, crashes rewriting step 4
         run_train(_config(store, tiny_models, out, resume=str(out / "checkpoints" / "step_0000002"), **options))
     assert find_checkpoint(out, "latest").name == "step_0000002"
@@ -299,25 +300,34 @@ def test_bad_options_are_reported_together(store, tiny_models, tmp_path):
         _config(store, tiny_models, tmp_path / "r", denoise_weight=0.0, random_flip=True)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str]) -> None:
+    """`torchrun --nproc_per_node 2 $(which sur-cache) ...`: the console script itself, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    result = subprocess.run(command + [str(VENV_BIN / "sur-cache"), *args], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(store, tiny_models, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # torchrun runs the console script itself (a Python file), as a user would: `torchrun ... $(which sur-cache) train`
-    command = [
-        str(VENV_BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29613",
-        str(VENV_BIN / "sur-cache"),
-    ]
     out = tmp_path / "two"
-    args = _cli(store, tiny_models, out, "--max-steps", "2", "--checkpoint-every", "2", "--dropout", "0")
-    result = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    options = ["--max-steps", "2", "--checkpoint-every", "1", "--dropout", "0"]
+    _torchrun(_cli(store, tiny_models, out, *options))
     run_record = json.loads((out / "run.json").read_text())
     assert run_record["world_size"] == 2 and run_record["samples_per_step"] == 8
-    assert (out / "checkpoints" / "step_0000002" / "state" / "random_states_1.pkl").is_file()
+    assert (out / "checkpoints" / "step_0000002" / "rng" / "process_1.json").is_file()
+    # Resumed under two processes (each verifies the checkpoint and restores its own RNG file): the same step 2.
+    resumed = tmp_path / "resumed"
+    _torchrun(_cli(store, tiny_models, resumed, *options, "--resume", str(out / "checkpoints" / "step_0000001")))
+    assert _losses(resumed) == _losses(out)[1:]
     # Step 1 is fully determined by the data split: the mean over both ranks' two micro-batches, computed here with
     # one process playing each rank in turn (rank r reads its own disjoint shards).
     run = setup(_config(store, tiny_models, tmp_path / "one", dropout=0.0))
@@ -380,3 +390,185 @@ def test_v_prediction_and_min_snr_follow_the_scheduler_config(store, tiny_models
         per_sample = ((pred - scheduler.get_velocity(latents, noise, timesteps)) ** 2).flatten(1).mean(1)
     assert scheduler.config.prediction_type == "v_prediction"
     assert denoise.item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-5)
+
+
+FEATURES_ONLY = {"denoise_weight": 0.0, "preload": "cpu"}  # no UNet: the checkpoint holds the same files, faster
+# Every file accelerate's load_state reads that is or may be a pickle, as it names them.
+ACCELERATE_PICKLES = (
+    "custom_checkpoint_0.pkl",
+    "random_states_0.pkl",
+    "optimizer.bin",
+    "scheduler.bin",
+    "pytorch_model.bin",
+    "scaler.pt",
+    "sampler.bin",
+    "dl_state_dict.bin",
+)
+
+
+class _Planted:
+    """A pickle that creates a file when it is unpickled."""
+
+    def __init__(self, target) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_resume_never_unpickles_a_file_planted_in_the_run_folder(store, tiny_models, tmp_path, monkeypatch):
+    import pickle
+
+    from sur_cache import checkpoint
+
+    out, sentinel = tmp_path / "run", tmp_path / "pwned"
+    run_train(_config(store, tiny_models, out, max_steps=2, **FEATURES_ONLY))
+    folder = out / "checkpoints" / "step_0000002"
+    planted = pickle.dumps(_Planted(sentinel))
+    for where in (folder / "state", folder, folder / "adapter", folder / "rng"):
+        where.mkdir(exist_ok=True)
+        for name in ACCELERATE_PICKLES:
+            (where / name).write_bytes(planted)
+    loads = []
+    torch_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or torch_load(*a, **k))
+    run_train(_config(store, tiny_models, out, max_steps=3, resume="latest", **FEATURES_ONLY))
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3] and not loads
+    # One of sur-cache's own files replaced by the pickle, position.json rewritten to match (as an adversary could):
+    # each is refused by its reader, never unpickled.
+    position = checkpoint.read_position(folder)
+    for name in position.files:
+        original = (folder / name).read_bytes()
+        (folder / name).write_bytes(planted)
+        checkpoint.seal(folder, dataclasses.replace(position, files=checkpoint.checksums(folder, list(position.files))))
+        config = _config(store, tiny_models, out, max_steps=3, resume=str(folder), **FEATURES_ONLY)
+        if name.endswith("config.json"):  # the adapter's config is read by `generate` only, as JSON
+            run_train(config)
+        else:
+            with pytest.raises(ValueError, match=f"checkpoint file {folder / name}: not"):
+                run_train(config)
+        (folder / name).write_bytes(original)
+    assert not sentinel.exists() and not loads
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_fix(store, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run_train(_config(store, tiny_models, out, max_steps=2, **FEATURES_ONLY))
+    folder = out / "checkpoints" / "step_0000002"
+    args = _cli(store, tiny_models, out, "--max-steps", "3", "--denoise-weight", "0", "--preload", "cpu")
+    args += ["--checkpoint-every", "2", "--resume", "latest"]
+
+    def flip(data: bytes) -> bytes:
+        return data[:-9] + bytes([data[-9] ^ 1]) + data[-8:]
+
+    damages = [
+        ("adapter/model.safetensors", flip, "its sha256 differs"),
+        ("optimizer.safetensors", flip, "its sha256 differs"),
+        ("optimizer.safetensors", lambda data: data[: len(data) // 2], "its sha256 differs"),
+        ("position.json", lambda data: data[: len(data) // 2], "not valid JSON"),
+    ]
+    for name, damage, problem in damages:
+        original = (folder / name).read_bytes()
+        (folder / name).write_bytes(damage(original))
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and result.output.startswith(f"Error: checkpoint file {folder / name}: {problem}")
+        assert "another checkpoint (--resume" in result.output and "start a new --out" in result.output
+        (folder / name).write_bytes(original)
+    assert CliRunner().invoke(main, args).exit_code == 0
+
+
+def test_out_holding_files_of_no_sur_cache_run_is_refused(store, tiny_models, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text("my own notes\n")
+    for resume in (None, "latest"):
+        with pytest.raises(ValueError, match="holds no sur-cache run") as error:
+            run_train(_config(store, tiny_models, out, max_steps=1, resume=resume, **FEATURES_ONLY))
+        assert "train_log.jsonl" in str(error.value) and "sur-cache-run.json" in str(error.value)
+    assert [p.name for p in out.iterdir()] == ["train_log.jsonl"]
+    assert (out / "train_log.jsonl").read_text() == "my own notes\n"
+    run = tmp_path / "run"  # a run folder is marked first; the same run may start over while it has no checkpoint
+    run_train(_config(store, tiny_models, run, max_steps=1, checkpoint_every=5, **FEATURES_ONLY))
+    assert json.loads((run / "sur-cache-run.json").read_text())["kind"] == "sur-cache train run"
+    shutil.rmtree(run / "checkpoints")
+    run_train(_config(store, tiny_models, run, max_steps=1, checkpoint_every=5, **FEATURES_ONLY))
+
+
+def _poison(run, sample: int) -> None:
+    """Make `sample`'s LLM feature NaN whenever the run fetches it."""
+    fetch = run.loader.source.fetch
+
+    def poisoned(indices, flipped):
+        rows = fetch(indices, flipped)
+        if sample in indices:
+            rows["llm"] = rows["llm"].clone()
+            rows["llm"][list(indices).index(sample)] = float("nan")
+        return rows
+
+    run.loader.source.fetch = poisoned
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_and_saves_nothing_of_it(store, tiny_models, tmp_path):
+    from sur_cache.stages.train import cleanup, find_checkpoint, save_checkpoint, train
+
+    out = tmp_path / "run"
+    run = setup(_config(store, tiny_models, out, max_steps=4, checkpoint_every=1, **FEATURES_ONLY))
+    batches = [b.samples.tolist() for b, _ in zip(run.loader.batches(), range(6), strict=False)]
+    _poison(run, batches[5][1])  # step 3's second micro-batch (each sample comes once per epoch)
+    with pytest.raises(ValueError, match=r"step 3: the loss is not finite") as error:
+        train(run)
+    assert f"micro-batch 2 of 2: samples {batches[5]}" in str(error.value)
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
+    # the weights the failed step left in memory are NaN: neither a checkpoint nor the final adapter takes them
+    for save in (save_checkpoint, cleanup):
+        with pytest.raises(ValueError, match="not finite"):
+            save(run)
+    assert find_checkpoint(out, "latest").name == "step_0000002"  # still complete: resume continues from it
+    assert not (out / "adapter").exists() and not (out / "checkpoints" / "step_0000003").exists()
+    run.loader.close()
+
+
+def test_a_non_finite_gradient_stops_the_run(store, tiny_models, tmp_path):
+    from sur_cache.stages.train import train
+
+    run = setup(_config(store, tiny_models, tmp_path / "run", max_steps=2, **FEATURES_ONLY))
+    run.accelerator.unwrap_model(run.adapter).fc.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(ValueError, match=r"step 1: the gradient norm is (inf|nan) though every loss is finite"):
+        train(run)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    run.loader.close()
+
+
+def test_resume_refuses_each_changed_setting_before_loading_anything(store, tiny_models, tmp_path, monkeypatch):
+    import diffusers
+
+    out = tmp_path / "run"
+    run_train(_config(store, tiny_models, out, max_steps=2, lr_schedule="cosine"))
+    _forbid(monkeypatch, (diffusers.UNet2DConditionModel, "from_pretrained"))
+    changed = {"lr": 1e-2, "adapter_weight": 0.2, "denoise_weight": 0.5, "num_layers": 3, "max_steps": 3}
+    with pytest.raises(ValueError) as error:
+        run_train(_config(store, tiny_models, out, resume="latest", lr_schedule="cosine", **changed))
+    for difference in (
+        "--lr: checkpoint 1e-05, now 0.01",
+        "--adapter-weight: checkpoint 0.1, now 0.2",
+        "--denoise-weight: checkpoint 1.0, now 0.5",
+        "--num-layers: checkpoint 2, now 3",
+        "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear): checkpoint 2, now 3",
+    ):
+        assert difference in str(error.value)
+    assert "--max-steps, --epochs, --checkpoint-every, --read-workers and --preload may change" in str(error.value)
+    monkeypatch.undo()
+    copy = tmp_path / "elsewhere" / "store.zarr"  # the store is compared by its identity, not its path
+    shutil.copytree(store, copy)
+    run_train(_config(copy, tiny_models, out, resume="latest", max_steps=2, lr_schedule="cosine"))
+
+
+def test_every_setting_a_refusal_can_name_is_a_real_train_option():
+    from sur_cache.stages.train import _NOT_COMPARED_AS_TYPED, RESOLVED_SETTINGS, RESUME_MAY_CHANGE
+
+    options = {option for param in main.commands["train"].params for option in param.opts}
+    compared = {field.name for field in dataclasses.fields(TrainConfig)} - set(_NOT_COMPARED_AS_TYPED)
+    named = {f"--{name.replace('_', '-')}" for name in compared | set(RESUME_MAY_CHANGE)}
+    named |= {word.strip("(),") for label in RESOLVED_SETTINGS.values() for word in label.split() if "--" in word}
+    assert named <= options, named - options
