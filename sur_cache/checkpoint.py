@@ -6,14 +6,15 @@
       optimizer.json                                   its param_groups and any state that is not a tensor
       scheduler.json                                   the lr scheduler's state_dict
       scaler.json                                      the fp16 GradScaler's state_dict (fp16 on CUDA only)
-      rng/process_R.json                               process R's Python, NumPy, torch CPU and CUDA RNG states
+      rng/process_R.json                               process R's Python, NumPy, torch CPU (and its CUDA device's)
+                                                       RNG states
       position.json                                    step, epoch, next batch, the run's settings and the sha256
                                                        of every file above; written last, atomically
 
 Only safetensors and JSON, read without `torch.load` or `pickle`: a shared or downloaded run folder is data, not code.
 accelerate's `save_state`/`load_state` are not used: they pickle the lr scheduler (`custom_checkpoint_0.pkl`, read
 back with `weights_only=False`) and the RNG states, and a failed RNG load is only logged. A folder without
-position.json is incomplete; a file whose size or sha256 differs from position.json's is refused by name before
+position.json is incomplete; a file whose sha256 differs from the one in position.json is refused by name before
 anything is read from it, and so is a file that does not parse as what its name says.
 """
 

@@ -397,7 +397,7 @@ def demo_assets_command(out, num_samples, llm) -> None:
     "--out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Run folder: adapter/, checkpoints/, train_log.jsonl, loss.png, run.json.",
+    help="Run folder, new or empty or an earlier run's: adapter/, checkpoints/, train_log.jsonl, loss.png, run.json.",
 )
 @click.option("--batch-size", type=int, default=1, help="Samples per micro-batch per process (reference: 1).")
 @click.option("--gradient-accumulation", type=int, default=4, help="Micro-batches per optimizer step (reference: 4).")
@@ -487,7 +487,10 @@ def demo_assets_command(out, num_samples, llm) -> None:
 @click.option("--seed", type=int, default=0, help="Seed of the data order, the noise, dropout and the LLM projection.")
 @click.option("--checkpoint-every", type=int, default=500, help="Write a checkpoint folder every N optimizer steps.")
 @click.option(
-    "--resume", default=None, help="Continue from a checkpoint folder, or 'latest' (the newest under OUT/checkpoints)."
+    "--resume",
+    default=None,
+    help="Continue from a checkpoint folder, or 'latest' (the newest under OUT/checkpoints); a setting that changes "
+    "the run's meaning must match the checkpoint's (docs/train.md lists what may change).",
 )
 @click.option("--cpu", is_flag=True, help="Train on the CPU even if a GPU is available.")
 def train_command(**options) -> None:

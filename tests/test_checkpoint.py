@@ -46,11 +46,20 @@ def _trained(steps: int, seed: int = 0):
     return adapter, optimizer, scheduler
 
 
+def _scaler(growth_tracker: int) -> torch.amp.GradScaler:
+    """fp16's loss scaler (on the CPU here; the run uses accelerate's on CUDA), after some steps without overflow."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0, "_growth_tracker": growth_tracker})
+    return scaler
+
+
 def test_training_state_round_trips_exactly(tmp_path):
     adapter, optimizer, scheduler = _trained(3)
-    save_training_state(tmp_path, adapter, optimizer, scheduler, None)
+    save_training_state(tmp_path, adapter, optimizer, scheduler, _scaler(growth_tracker=3))
     restored, restored_optimizer, restored_scheduler = _trained(0, seed=1)
-    load_training_state(tmp_path, restored, restored_optimizer, restored_scheduler, None)
+    restored_scaler = _scaler(growth_tracker=0)
+    load_training_state(tmp_path, restored, restored_optimizer, restored_scheduler, restored_scaler)
+    assert restored_scaler.state_dict() == _scaler(growth_tracker=3).state_dict()
     assert all(torch.equal(a, b) for a, b in zip(adapter.parameters(), restored.parameters(), strict=True))
     assert restored_scheduler.state_dict() == scheduler.state_dict()
     a, b = optimizer.state_dict(), restored_optimizer.state_dict()
