@@ -23,16 +23,16 @@ class StepLog:
 
     def truncate_after(self, step: int) -> None:
         """Keep only the records of steps <= `step` (the last checkpoint's), dropping what a crash left behind:
-        later records, and a last line the crash cut short."""
+        later records, a last line the crash cut short, and any line that is no step record."""
         if not self.enabled or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record["step"] <= step:
+            if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step:
                 kept.append(record)
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 

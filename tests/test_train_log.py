@@ -14,6 +14,7 @@ def test_resume_truncation_keeps_the_checkpointed_steps(tmp_path):
     for step in range(1, 6):
         log.write(_record(step, 0.5))
     with log.path.open("a") as f:
+        f.write('[4]\n{"loss": 1}\n{"step": "2"}\n')  # hand-edited lines that are no step record
         f.write('{"step": 6, "denoise": 0.')  # the crash cut this line short
     log.truncate_after(3)
     assert [r["step"] for r in read_log(log.path)] == [1, 2, 3]
