@@ -293,7 +293,11 @@ def _seeds(seeds: tuple[int, ...], num_seeds: int | None) -> tuple[int, ...]:
 @click.option("--prompt-column", default="prompt", help="metadata.jsonl key of the complex prompt.")
 @click.option("--image-column", default="file_name", help="metadata.jsonl key of the image file name.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad row instead of skipping and reporting it.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the sur-cache store at --out instead of resuming it (only the store's own files are removed).",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar with samples/s.")
 def extract_command(**options) -> None:
     """Run the frozen CLIP, VAE and LLM once over a SURD dataset and write a feature store.
