@@ -39,7 +39,9 @@ freeze:
 
 # The demo (README's first command): the whole pipeline on bundled data and tiny models, on the CPU, in minutes.
 # scripts/demo.sh echoes each real `sur-cache` command before running it; DEMO_* variables shrink it (tests/test_demo.py).
+# demo_out is the demo's own folder (never a user's: DEMO_OUT moves it), so a second `make demo` starts it afresh.
 demo: install
+	$(if $(DEMO_OUT),,rm -rf demo_out)
 	SUR_CACHE=$(BIN)/sur-cache bash scripts/demo.sh
 
 # Benchmarks, not tests: each prints a table and upserts CSV rows under bench/results/ (named after the device).

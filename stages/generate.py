@@ -29,6 +29,7 @@ from sur_cache.models import DTYPES, encode_clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 COMPARE_LABELS = ("base", "with adapter")
+INDEX_FILE = "index.jsonl"
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ def run_generate(config: GenerateConfig) -> list[PlannedImage]:
     """
     _refuse_undecodable_prompts(config)
     planned = plan_outputs(config.prompts, config.seeds, config.out, config.compare)
+    if not config.overwrite:
+        _refuse_existing_outputs(config, planned)
     device = resolve_device(config.device)
     adapter = SURAdapter.from_pretrained(config.adapter, attention=resolve_attention(config.attention, device))
     pipe = load_pipeline(config.sd, device=device, dtype=resolve_dtype(config.dtype, device))
@@ -209,7 +212,7 @@ def run_generate(config: GenerateConfig) -> list[PlannedImage]:
             output.path.parent.mkdir(parents=True, exist_ok=True)
             image.save(output.path)
             print(f"{output.path}  (seed {output.seed}: {prompt!r})")
-    if len(planned) > 1:
+    if _index_path(config, planned) is not None:
         _write_index(config, planned)
     return planned
 
@@ -227,6 +230,22 @@ def _refuse_undecodable_prompts(config: GenerateConfig) -> None:
             ) from error
 
 
+def _index_path(config: GenerateConfig, planned: list[PlannedImage]) -> Path | None:
+    return config.out / INDEX_FILE if len(planned) > 1 else None
+
+
+def _refuse_existing_outputs(config: GenerateConfig, planned: list[PlannedImage]) -> None:
+    """Never replace a file that is already there (an earlier run's image, or the user's own) unless --overwrite."""
+    paths = [p.path for p in planned] + [path for path in [_index_path(config, planned)] if path is not None]
+    existing = [str(path) for path in paths if path.exists()]
+    if existing:
+        listing = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise ValueError(
+            f"--out {config.out}: {len(existing)} of the files this run writes already exist ({listing}); "
+            "pass --overwrite to replace them, or choose a new --out"
+        )
+
+
 def _write_index(config: GenerateConfig, planned: list[PlannedImage]) -> None:
     """`index.jsonl` beside the images: file name, prompt, seed and settings of each, since names are shortened."""
     rows = [
@@ -241,8 +260,9 @@ def _write_index(config: GenerateConfig, planned: list[PlannedImage]) -> None:
         }
         for p in planned
     ]
-    (config.out / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    print(f"{config.out / 'index.jsonl'}  (prompt and seed of each image)")
+    path = _index_path(config, planned)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    print(f"{path}  (prompt and seed of each image)")
 
 
 def _slug(prompt: str, max_length: int = 40) -> str:

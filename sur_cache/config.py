@@ -102,6 +102,7 @@ class GenerateConfig:
     dtype: str = "auto"
     attention: str = "auto"
     compare: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         problems = []

@@ -34,6 +34,7 @@ BAD_ROW_REASONS = (
     "unsafe_path",
     "missing_file",
     "unreadable_image",
+    "unusable_image",
     "invalid_text",
     "invalid_path",
     "unexpected_error",
@@ -227,6 +228,22 @@ def crop_seed(seed: int, line: int) -> int:
     return int(np.random.SeedSequence([seed, line]).generate_state(1)[0])
 
 
+def resized_long_side(size: tuple[int, int], resolution: int) -> int:
+    """The long side after resizing the short side to `resolution`; refuses a resize PIL would not decode either.
+
+    A 20000 x 2 strip decodes fine but would resize to gigabytes of pixels before the crop throws them away.
+    """
+    width, height = size
+    # torchvision's arithmetic exactly: `int(height * (resolution / width))` is one pixel short for e.g. 49 x 98
+    long_side = int(resolution * max(width, height) / min(width, height))
+    if resolution * long_side > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"a {width} x {height} image resizes to {resolution} x {long_side} pixels before the crop, over PIL's "
+            f"limit of {Image.MAX_IMAGE_PIXELS:,}: its aspect ratio is too extreme for --resolution {resolution}"
+        )
+    return long_side
+
+
 def preprocess(
     image: Image.Image, resolution: int, crop: CropMode = "center", seed: int = 0
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -238,8 +255,7 @@ def preprocess(
     """
     image = to_rgb(image)
     width, height = image.size
-    # torchvision's arithmetic exactly: `int(height * (resolution / width))` is one pixel short for e.g. 49 x 98
-    long_side = int(resolution * max(width, height) / min(width, height))
+    long_side = resized_long_side(image.size, resolution)
     size = (resolution, long_side) if width <= height else (long_side, resolution)
     image = image.resize(size, Image.Resampling.BILINEAR)
     top, left = _crop_offset(size, resolution, crop, seed)
@@ -295,11 +311,13 @@ class ImageDataset(torch.utils.data.Dataset):
         row = self.rows[position]
         item = {"position": position, "line": row.line, "image_sha256": torch.zeros(32, dtype=torch.uint8)}
         pixels, offset = torch.zeros(3, self.resolution, self.resolution), (0, 0)
-        reason = "unreadable_image"  # reading and decoding; any failure after that was not foreseen
+        reason = "unreadable_image"  # reading and decoding; any failure after the size check was not foreseen
         try:
             data = row.path.read_bytes()
             item["image_sha256"] = torch.from_numpy(digest_array(hashlib.sha256(data).digest()))
             image = load_image(data)
+            reason = "unusable_image"  # decodes, but cannot be resized to this resolution
+            resized_long_side(image.size, self.resolution)
             reason = "unexpected_error"
             pixels, offset = preprocess(image, self.resolution, self.crop, crop_seed(self.seed, row.line))
             error = ""

@@ -330,3 +330,14 @@ def test_hashes(demo_dataset, tmp_path):
 def test_unknown_crop_mode_is_refused():
     with pytest.raises(ValueError, match="crop must be"):
         ImageDataset([], resolution=8, crop="middle")
+
+
+def test_an_extreme_strip_is_refused_before_it_is_resized_to_gigabytes(tmp_path):
+    strip = Image.new("RGB", (40000, 2), (10, 20, 30))  # 512 px tall after the resize: 512 x 10,240,000 pixels
+    with pytest.raises(ValueError, match=r"40000 x 2 image resizes to 512 x 10240000 pixels"):
+        preprocess(strip, 512)
+    strip.save(tmp_path / "strip.png")
+    row = Row(0, "strip.png", tmp_path / "strip.png", "a strip", "a long strip")
+    item = ImageDataset([row], 512)[0]
+    assert item["error"].startswith("unusable_image: strip.png: ValueError: a 40000 x 2 image resizes")
+    assert not item["pixels"].any()

@@ -247,3 +247,22 @@ def test_a_prompt_the_shell_could_not_decode_is_refused_naming_the_option(tiny_m
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: --prompt 'caf\\udce9' is not UTF-8 text"), result.output
+
+
+def test_existing_images_are_never_replaced_without_overwrite(tiny_models, adapter_dir, tmp_path, monkeypatch):
+    out = tmp_path / "images"
+    out.mkdir()
+    planned = plan_outputs([PROMPT], [0, 1], out)
+    planned[1].path.write_bytes(b"the user's own file")
+    (out / "index.jsonl").write_text("the user's notes\n")
+    _pipeline_must_not_load(monkeypatch)
+    args = [*_generate_args(tiny_models, adapter_dir, out), "--prompt", PROMPT, "--num-seeds", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "2 of the files this run writes already exist" in result.output and "--overwrite" in result.output
+    assert planned[1].path.read_bytes() == b"the user's own file" and not planned[0].path.exists()
+    assert (out / "index.jsonl").read_text() == "the user's notes\n"
+    monkeypatch.undo()
+    replaced = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert Image.open(planned[1].path).size == (TINY_RESOLUTION, TINY_RESOLUTION)
