@@ -128,6 +128,9 @@ def import_reference_command(checkpoint, adapter_weight, out, llm_width, llm_pro
 )
 @click.option("--compare", is_flag=True, help="Write base | with-adapter side by side, from the same seed, labelled.")
 @click.option(
+    "--overwrite", is_flag=True, help="Replace images (and index.jsonl) already at --out; without it they are refused."
+)
+@click.option(
     "--out",
     required=True,
     type=click.Path(path_type=Path),
@@ -149,6 +152,7 @@ def generate_command(
     dtype,
     attention,
     compare,
+    overwrite,
     out,
 ) -> None:
     """Generate images from prompts with the stock diffusers StableDiffusionPipeline and a trained adapter.
@@ -175,6 +179,7 @@ def generate_command(
         dtype=dtype,
         attention=attention,
         compare=compare,
+        overwrite=overwrite,
     )
     run_generate(config)
 
