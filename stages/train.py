@@ -77,6 +77,7 @@ RESOLVED_SETTINGS = {
     "processes": "processes (torchrun / accelerate launch)",
     "lr_schedule_steps": "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear)",
 }
+# Left out of the typed settings: compared through RESOLVED_SETTINGS, or naming where the run is, not what it means.
 _NOT_COMPARED_AS_TYPED = ("store", "cpu", "attention", "out", "resume")
 
 
