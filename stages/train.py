@@ -452,8 +452,9 @@ def _non_finite(run: TrainingRun, loss: float, grad_norm: float, finite: list[to
         what = f"the gradient norm is {grad_norm} though every loss is finite (samples {every} on process {process})"
     return (
         f"step {run.step + 1}: {what}. Stopped before saving anything of this step; the last checkpoint holds "
-        "finite weights. A sample's features may be NaN or infinite, or the training diverged (start a new --out "
-        "with a lower --lr, or --mixed-precision bf16 rather than fp16)."
+        f"finite weights. A sample's features may be NaN or infinite (`sur-cache verify {run.config.store}` names "
+        "them), or the training diverged (start a new --out with a lower --lr, or --mixed-precision bf16 rather "
+        "than fp16)."
     )
 
 
