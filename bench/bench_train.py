@@ -168,9 +168,9 @@ def make_run(source, units, shapes, unet, scheduler, attention, device, batch_si
         mixed_precision="bf16" if device.type == "cuda" else "no",
         denoise_weight=1.0 if unet is not None else 0.0,
         attention=attention,
-        cpu=device.type != "cuda",
+        device=device.type,
     )
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
     adapter_config = AdapterConfig(
         width=shapes.clip["hidden_size"], llm_width=shapes.llm_width, attention=attention, llm_proj_seed=0
     )

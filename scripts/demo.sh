@@ -29,7 +29,7 @@ step "stage one: run CLIP, VAE and the LLM once over the dataset into a feature 
 step "read the store's manifest and arrays back" \
     "$SUR_CACHE" inspect "$OUT/features.zarr"
 step "stage two: train an adapter from the store (only the frozen UNet is loaded)" \
-    "$SUR_CACHE" train --store "$OUT/features.zarr" --sd "$OUT/models/sd" --out "$OUT/run" --cpu \
+    "$SUR_CACHE" train --store "$OUT/features.zarr" --sd "$OUT/models/sd" --out "$OUT/run" --device cpu \
     --max-steps "$TRAIN_STEPS" --batch-size 4 --gradient-accumulation 1 --lr 1e-3
 step "generate: the same seed without and with the adapter, side by side" \
     "$SUR_CACHE" generate --sd "$OUT/models/sd" --adapter "$OUT/run/adapter" \

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sur_cache.adapter import SURAdapter, resolve_attention
 from sur_cache.config import GenerateConfig
+from sur_cache.devices import resolve_device, resolve_dtype
 from sur_cache.models import DTYPES, encode_clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -41,18 +42,17 @@ class PlannedImage:
     path: Path
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> the first CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` -> float16 on a GPU, float32 on the CPU (where half precision is slow or unsupported)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+def seeds_from_options(seeds: tuple[int, ...], num_seeds: int | None) -> tuple[int, ...]:
+    """The `--seed` values, or `--num-seeds` consecutive seeds from the one `--seed` given (or the default's first)."""
+    if num_seeds is None:
+        return seeds or GenerateConfig.seeds
+    if len(seeds) > 1:
+        raise ValueError(
+            f"--num-seeds {num_seeds} counts up from one --seed, but {len(seeds)} were given; "
+            "pass several --seed or --num-seeds, not both"
+        )
+    start = seeds[0] if seeds else GenerateConfig.seeds[0]
+    return tuple(range(start, start + num_seeds))
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -192,7 +192,7 @@ def run_generate(config: GenerateConfig) -> list[PlannedImage]:
         _refuse_existing_outputs(config, planned)
     device = resolve_device(config.device)
     adapter = SURAdapter.from_pretrained(config.adapter, attention=resolve_attention(config.attention, device))
-    pipe = load_pipeline(config.sd, device=device, dtype=resolve_dtype(config.dtype, device))
+    pipe = load_pipeline(config.sd, device=device, dtype=DTYPES[resolve_dtype(config.dtype, device)])
     adapter = fit_to_pipeline(adapter, config.adapter, pipe)
     settings = dict(
         negative_prompt=config.negative_prompt,

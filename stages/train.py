@@ -44,6 +44,7 @@ from sur_cache import __version__, checkpoint
 from sur_cache.adapter import AdapterConfig, SURAdapter, resolve_attention
 from sur_cache.checkpoint import POSITION_FILE, Position
 from sur_cache.config import TrainConfig
+from sur_cache.devices import resolve_device
 from sur_cache.loader import (
     FeatureLoader,
     LoaderSettings,
@@ -68,17 +69,21 @@ RUN_KIND = "sur-cache train run"
 # changes a number computed for a step that both runs share. Every other TrainConfig field is compared with the
 # checkpoint's, some by what they resolve to (RESOLVED_SETTINGS).
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "read_workers", "preload")
-# Compared by what they resolve to, not as typed: the store by its identity (a copy resumes), --cpu by the device,
-# --attention by the backend it picks. Keys of the recorded settings -> how a refusal names them.
+# Compared by what they resolve to, not as typed: the store by its identity (a copy resumes), --device by the device
+# type it resolves to (`auto` on a CPU machine resumes a `cpu` run), --attention by the backend it picks. Keys of
+# the recorded settings -> how a refusal names them.
 RESOLVED_SETTINGS = {
     "store_identity": "store (--store, by its store_id and content fingerprint)",
-    "device": "device (--cpu)",
+    "device": "device type (--device)",
     "attention_backend": "attention backend (--attention)",
     "processes": "processes (torchrun / accelerate launch)",
     "lr_schedule_steps": "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear)",
 }
 # Left out of the typed settings: compared through RESOLVED_SETTINGS, or naming where the run is, not what it means.
-_NOT_COMPARED_AS_TYPED = ("store", "cpu", "attention", "out", "resume")
+_NOT_COMPARED_AS_TYPED = ("store", "device", "attention", "out", "resume")
+# Recorded by checkpoints of an older sur-cache and compared no more: the `--cpu` flag, which `--device` replaced
+# (the device type it resolved to is recorded as `device` and compared).
+_RETIRED_SETTINGS = ("cpu",)
 
 
 class NonFiniteError(ValueError):
@@ -135,7 +140,8 @@ def setup(config: TrainConfig) -> TrainingRun:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    device = resolve_device(config.device)  # builds accelerate's process state for it, before the Accelerator
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
     out = Path(config.out)
     _check_out(out, config.resume)
     resumed = find_checkpoint(out, config.resume) if config.resume else None
@@ -232,7 +238,7 @@ def _run_settings(config: TrainConfig, store: FeatureStore, accelerator, total_s
 
 
 def _check_settings(folder: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
-    keys = list(now) + [key for key in recorded if key not in now]
+    keys = list(now) + [key for key in recorded if key not in now and key not in _RETIRED_SETTINGS]
     changed = [
         f"{RESOLVED_SETTINGS.get(key, '--' + key.replace('_', '-'))}: checkpoint {recorded.get(key)!r}, "
         f"now {now.get(key)!r}"

@@ -10,10 +10,11 @@ Math (DESIGN.md section 3), for the simple-prompt CLIP embedding `x [B, L, d]`:
 `h` is returned too: the distillation loss pulls it towards the projected LLM feature (`project_llm`).
 
 Parameter names follow the reference implementation's state dict, so a reference checkpoint imports by a plain
-key check (`import_reference`). The one behavioural difference is the transformer's layout: the reference builds its
-layers with `batch_first=False` but feeds them `[B, L, d]`, so their self-attention mixes the samples of a batch and
-never the tokens of a prompt. sur-cache attends across tokens; `reference_compat=True` reproduces the reference
-(at batch 1, as in the reference run, every token then passes through the encoder on its own).
+key check (`sur_cache.stages.import_reference`). The one behavioural difference is the transformer's layout: the
+reference builds its layers with `batch_first=False` but feeds them `[B, L, d]`, so their self-attention mixes the
+samples of a batch and never the tokens of a prompt. sur-cache attends across tokens; `reference_compat=True`
+reproduces the reference (at batch 1, as in the reference run, every token then passes through the encoder on its
+own).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -34,10 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
-from sur_cache.config import ImportReferenceConfig
-from sur_cache.torch_files import refuse_inflating_archive
-
 ATTENTION_BACKENDS = ("eager", "sdpa", "fused")
+ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)  # the commands' --attention; `resolve_attention` maps auto
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,11 +86,11 @@ class AdapterOutput(NamedTuple):
 
 
 def resolve_attention(choice: str, device: torch.device | str) -> str:
-    """Map the CLI's `auto` to a backend: the fused kernel on CUDA, eager elsewhere; other names pass through."""
+    """Map the commands' `auto` to a backend: the fused kernel on CUDA, eager elsewhere; other names pass through."""
     if choice == "auto":
         return "fused" if torch.device(device).type == "cuda" else "eager"
     if choice not in ATTENTION_BACKENDS:
-        raise ValueError(f"--attention must be auto or one of {', '.join(ATTENTION_BACKENDS)}, got {choice!r}")
+        raise ValueError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
     return choice
 
 
@@ -204,7 +201,7 @@ class SURAdapter(nn.Module):
             config = dataclasses.replace(config, attention=attention)
         adapter = cls(config)
         tensors = _read_weights(folder / WEIGHTS_FILE, weights_sha256)
-        problems = _state_dict_problems(adapter.state_dict(), tensors)
+        problems = state_dict_problems(adapter.state_dict(), tensors)
         if problems:
             raise ValueError(
                 f"{folder / WEIGHTS_FILE} does not fit the adapter {folder / CONFIG_FILE} describes "
@@ -239,7 +236,7 @@ def _read_weights(path: Path, weights_sha256: str | None) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({error}); {_REPAIR}.") from error
 
 
-def _state_dict_problems(expected: dict[str, Tensor], found: dict[str, Tensor]) -> list[str]:
+def state_dict_problems(expected: dict[str, Tensor], found: dict[str, Tensor]) -> list[str]:
     """One line per key missing from `found`, unknown to `expected`, or of another shape."""
     lines = [f"missing: {name}" for name in sorted(set(expected) - set(found))]
     lines += [f"unknown: {name}" for name in sorted(set(found) - set(expected))]
@@ -282,96 +279,3 @@ def _read_saved_config(folder: Path) -> tuple[AdapterConfig, str | None]:
             f"{folder / CONFIG_FILE} does not match AdapterConfig: unknown keys {unknown}, missing keys {missing}."
         )
     return AdapterConfig(**raw), weights_sha256
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reference checkpoints (`adapter_checkpoint*.pt` of the reference training script)
-
-# Present in reference checkpoints but unused by the reference forward: the template layer that
-# nn.TransformerEncoder deep-copies, and the value projection.
-REFERENCE_IGNORED_PREFIXES = ("encoder_layer.", "attention.value_layer.")
-_LAYER_KEY = re.compile(r"^transformer_encoder\.layers\.(\d+)\.")
-
-
-class ReferenceCheckpointError(ValueError):
-    """A reference checkpoint whose keys or shapes do not match the reference adapter."""
-
-
-def reference_adapter_config(
-    state_dict: dict[str, Tensor], *, adapter_weight: float, llm_width: int, llm_proj_seed: int, num_heads: int = 8
-) -> AdapterConfig:
-    """The compat-mode config of a reference state dict: width, depth and feed-forward read from the shapes.
-
-    The head count is not visible in the weights (the packed in-projection is `[3d, d]` for any count); the
-    reference hard-codes 8.
-    """
-    width_keys = ("fc.weight", "attention.query_layer.weight", "attention.key_layer.weight")
-    width = next((state_dict[key].shape[-1] for key in width_keys if key in state_dict), None)
-    layers = {int(match.group(1)) for key in state_dict if (match := _LAYER_KEY.match(key))}
-    if width is None or not layers:
-        raise ReferenceCheckpointError(
-            "not a reference SUR-adapter state dict: cannot infer the width (none of "
-            f"{', '.join(width_keys)}) or the depth (no transformer_encoder.layers.N.* keys); "
-            f"found keys: {sorted(state_dict)[:20]}"
-        )
-    ff_key = "transformer_encoder.layers.0.linear1.weight"
-    feedforward = state_dict[ff_key].shape[0] if ff_key in state_dict else 2048
-    try:
-        return AdapterConfig(
-            width=width,
-            llm_width=llm_width,
-            num_layers=max(layers) + 1,
-            num_heads=num_heads,
-            feedforward=feedforward,
-            adapter_weight=adapter_weight,
-            reference_compat=True,
-            freeze_llm_proj=True,
-            llm_proj_seed=llm_proj_seed,
-        )
-    except ValueError as error:  # an option that does not fit the checkpoint (--num-heads, --llm-width)
-        raise ReferenceCheckpointError(f"{error}; fix --num-heads or --llm-width") from error
-
-
-def adapter_from_reference(state_dict: dict[str, Tensor], config: AdapterConfig) -> SURAdapter:
-    """Build a compat-mode adapter holding a reference state dict; one error lists every bad key.
-
-    The reference never saved its LLM projection, so `llm_proj` keeps its fresh, seeded initialisation.
-    """
-    adapter = SURAdapter(config)
-    expected = {name: tensor for name, tensor in adapter.state_dict().items() if not name.startswith("llm_proj.")}
-    used = {name: tensor for name, tensor in state_dict.items() if not name.startswith(REFERENCE_IGNORED_PREFIXES)}
-    lines = _state_dict_problems(expected, used)
-    if lines:
-        raise ReferenceCheckpointError(
-            f"the checkpoint does not match a reference adapter of width {config.width}, {config.num_layers} "
-            f"layers, feed-forward {config.feedforward} ({len(lines)} problems):\n  " + "\n  ".join(lines)
-        )
-    adapter.load_state_dict({name: tensor.float() for name, tensor in used.items()}, strict=False)
-    return adapter.eval()
-
-
-def import_reference(config: ImportReferenceConfig) -> Path:
-    """`sur-cache import-reference`: reference `.pt` checkpoint -> sur-cache adapter folder in compat mode."""
-    if config.out.exists() and any(config.out.iterdir()) and not config.overwrite:
-        raise FileExistsError(f"{config.out} exists and is not empty; choose another --out or pass --overwrite.")
-    refuse_inflating_archive(config.checkpoint, "CHECKPOINT")
-    try:
-        state_dict = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ReferenceCheckpointError(
-            f"{config.checkpoint} cannot be read as a weights-only PyTorch checkpoint ({error}); "
-            "pass an adapter_checkpoint<step>.pt written by the reference training script."
-        ) from error
-    if not isinstance(state_dict, dict) or not all(isinstance(value, Tensor) for value in state_dict.values()):
-        raise ReferenceCheckpointError(
-            f"{config.checkpoint} does not hold a state dict of tensors (found {type(state_dict).__name__}); "
-            "pass an adapter_checkpoint<step>.pt written by the reference training script."
-        )
-    adapter_config = reference_adapter_config(
-        state_dict,
-        adapter_weight=config.adapter_weight,
-        llm_width=config.llm_width,
-        llm_proj_seed=config.llm_proj_seed,
-        num_heads=config.num_heads,
-    )
-    return adapter_from_reference(state_dict, adapter_config).save_pretrained(config.out)

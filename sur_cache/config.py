@@ -7,6 +7,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, get_args
+
+from sur_cache.adapter import ATTENTION_CHOICES, AdapterConfig
+from sur_cache.dataset import CropMode
+from sur_cache.devices import AUTO, DTYPE_CHOICES
+from sur_cache.models import DTYPES, LLM_ALIASES, Pooling
+from sur_cache.store import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
+
+# The choices of the stages' options, each defined once here or by the module that owns the idea; the CLI offers
+# exactly these (tests/test_cli.py checks every click.Choice against its config's CHOICES).
+LLM_POOLINGS = get_args(Pooling)  # how models.encode_llm pools a layer's states
+CROP_MODES = get_args(CropMode)  # how dataset.preprocess crops
+LLM_DTYPES = tuple(DTYPES)
+STORE_DTYPES = ("float16", "float32")  # fp16 by default: half the bytes, every feature checked to fit (docs/store.md)
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PRELOAD = ("none", "cpu", "device")
+REFERENCE_MAX_STEPS = 5000  # the reference run's length, used when neither --max-steps nor --epochs is given
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice_problems(config, choices: dict[str, tuple[str, ...]]) -> list[str]:
+    """One line per field of `config` whose value is not among its choices."""
+    return [
+        f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}"
+        for name, allowed in choices.items()
+        if getattr(config, name) not in allowed
+    ]
 
 
 @dataclass(frozen=True)
@@ -21,8 +52,8 @@ class ExtractConfig:
     resolution: int = 512
     batch_size: int = 16
     llm_batch_size: int = 64
-    device: str = "auto"
-    sd_dtype: str = "auto"
+    device: str = AUTO
+    sd_dtype: str = AUTO
     llm_layer: int = -1
     llm_pooling: str = "mean"
     llm_per_token: bool = False
@@ -34,9 +65,9 @@ class ExtractConfig:
     seed: int = 0
     flip_variants: bool = False
     store_dtype: str = "float16"
-    shard_rows: int = 256
-    chunk_rows: int = 16
-    compression: str = "none"
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    compression: str = DEFAULT_COMPRESSION
     num_workers: int | None = None
     text_column: str = "text"
     prompt_column: str = "prompt"
@@ -44,6 +75,15 @@ class ExtractConfig:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "llm_pooling": LLM_POOLINGS,
+        "crop": CROP_MODES,
+        "store_dtype": STORE_DTYPES,
+        "llm_dtype": LLM_DTYPES,
+        "sd_dtype": DTYPE_CHOICES,
+        "compression": COMPRESSIONS,
+    }
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,20 +93,10 @@ class ExtractConfig:
             problems.append("--llm-per-token needs --llm: a --llm-features file holds one pooled vector per prompt")
         for name in ("resolution", "batch_size", "llm_batch_size", "shard_rows", "chunk_rows"):
             if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         if self.num_workers is not None and self.num_workers < 0:
             problems.append(f"--num-workers must be >= 0, got {self.num_workers}")
-        choices = {
-            "llm_pooling": ("mean", "last"),
-            "crop": ("center", "random"),
-            "store_dtype": ("float16", "float32"),
-            "llm_dtype": ("float16", "bfloat16", "float32"),
-            "sd_dtype": ("auto", "float16", "bfloat16", "float32"),
-            "compression": ("none", "zstd", "blosc"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                problems.append(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
+        problems += _choice_problems(self, self.CHOICES)
         if problems:
             raise ValueError("invalid extract options: " + "; ".join(problems))
 
@@ -78,9 +108,9 @@ class ImportReferenceConfig:
     checkpoint: Path
     out: Path
     adapter_weight: float
-    llm_width: int = 5120
+    llm_width: int = LLM_ALIASES["llama-13b"][1]  # the reference's teacher
     llm_proj_seed: int = 0
-    num_heads: int = 8
+    num_heads: int = AdapterConfig.num_heads  # the reference's, which its checkpoints do not record
     overwrite: bool = False
 
 
@@ -98,14 +128,16 @@ class GenerateConfig:
     seeds: tuple[int, ...] = (0,)
     height: int | None = None
     width: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attention: str = "auto"
+    device: str = AUTO
+    dtype: str = AUTO
+    attention: str = AUTO
     compare: bool = False
     overwrite: bool = False
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"dtype": DTYPE_CHOICES, "attention": ATTENTION_CHOICES}
+
     def __post_init__(self) -> None:
-        problems = []
+        problems = _choice_problems(self, self.CHOICES)
         if not self.prompts:
             problems.append("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
         if self.steps < 1:
@@ -118,12 +150,6 @@ class GenerateConfig:
                 problems.append(f"--{name} must be a positive multiple of 8, got {size}")
         if problems:
             raise ValueError("invalid generate options: " + "; ".join(problems))
-
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-PRELOAD = ("none", "cpu", "device")
-REFERENCE_MAX_STEPS = 5000  # the reference run's length, used when neither --max-steps nor --epochs is given
 
 
 @dataclass(frozen=True)
@@ -150,13 +176,13 @@ class TrainConfig:
     online: bool = False
     data: Path | None = None
     llm: str | None = None
-    # adapter
-    adapter_weight: float = 0.1
-    num_layers: int = 2
-    num_heads: int = 8
-    feedforward: int = 2048
-    dropout: float = 0.1
-    attention: str = "auto"
+    # adapter (its hyper-parameters' defaults are AdapterConfig's)
+    adapter_weight: float = AdapterConfig.adapter_weight
+    num_layers: int = AdapterConfig.num_layers
+    num_heads: int = AdapterConfig.num_heads
+    feedforward: int = AdapterConfig.feedforward
+    dropout: float = AdapterConfig.dropout
+    attention: str = AUTO
     reference_compat: bool = False
     freeze_llm_proj: bool = False
     # objective
@@ -176,34 +202,33 @@ class TrainConfig:
     # run
     checkpoint_every: int = 500
     resume: str | None = None
-    cpu: bool = False
+    device: str = AUTO
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention": ATTENTION_CHOICES,
+        "lr_schedule": LR_SCHEDULES,
+        "mixed_precision": MIXED_PRECISION,
+        "preload": PRELOAD,
+    }
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("batch_size", "gradient_accumulation", "buffer_shards", "checkpoint_every"):
             if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         if self.read_workers < 0:
             problems.append(f"--read-workers must be >= 0, got {self.read_workers}")
         for name in ("max_steps", "epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("denoise_weight", "llm_weight", "align_weight", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                problems.append(f"{_option(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.max_grad_norm <= 0:
             problems.append(f"--lr and --max-grad-norm must be > 0, got {self.lr} and {self.max_grad_norm}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append(f"--snr-gamma must be > 0, got {self.snr_gamma}")
-        for name, allowed in (
-            ("lr_schedule", LR_SCHEDULES),
-            ("mixed_precision", MIXED_PRECISION),
-            ("preload", PRELOAD),
-        ):
-            if getattr(self, name) not in allowed:
-                problems.append(
-                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
+        problems += _choice_problems(self, self.CHOICES)
         if self.online and self.data is None:
             problems.append("--online computes the features from the images: pass --data DATASET_DIR")
         if not self.online and (self.data is not None or self.llm is not None):

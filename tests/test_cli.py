@@ -1,18 +1,25 @@
 """The CLI's messages stay true: every `sur-cache <command>` and `--option` named in a string of the package's source
 exists in the real command line (an option inside a backticked `sur-cache <command> ...` on that command), and
-every option explains itself in --help."""
+every option explains itself in --help. Every default and choice list is its config's (or owner's), one --device
+option serves every command, and only the command group turns errors into messages."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import inspect
 import re
+import typing
 from pathlib import Path
 from typing import NamedTuple
 
 import click
 import pytest
+from click.testing import CliRunner
 
+from sur_cache import demo
 from sur_cache.cli import main
+from sur_cache.config import ExtractConfig, GenerateConfig, ImportReferenceConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("sur_cache", "stages", "kernels")
@@ -104,3 +111,130 @@ def test_every_option_of_every_command_has_help(name):
     assert command.help, f"`sur-cache {name}` has no docstring"
     missing = [param.opts[0] for param in command.params if isinstance(param, click.Option) and not param.help]
     assert not missing, f"`sur-cache {name}`: options without a --help text: {missing}"
+
+
+# ------------------------------------------------------------------------------------ every option defined once
+
+# The config dataclass each command turns its options into, and the options it turns into something else first.
+CONFIGS = {
+    "extract": (ExtractConfig, ()),
+    "train": (TrainConfig, ()),
+    "generate": (GenerateConfig, ("prompts", "prompts_file", "seed", "num_seeds")),
+    "import-reference": (ImportReferenceConfig, ()),
+}
+
+
+def _click_options(command: click.Command) -> list[click.Option]:
+    return [param for param in command.params if isinstance(param, click.Option) and param.name != "help"]
+
+
+def _default(command: click.Command, option: click.Option):
+    """The value click passes when the option is not given (a flag's is False)."""
+    return option.get_default(click.Context(command))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_option_default_is_its_config_default(name):
+    config, converted = CONFIGS[name]
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    unmapped = [o.name for o in _click_options(main.commands[name]) if o.name not in fields and o.name not in converted]
+    assert not unmapped, f"`sur-cache {name}` options that feed no {config.__name__} field: {unmapped}"
+    command = main.commands[name]
+    drifted = [
+        f"--{o.name.replace('_', '-')}: click {_default(command, o)!r}, {config.__name__} {fields[o.name].default!r}"
+        for o in _click_options(command)
+        if o.name in fields
+        and fields[o.name].default is not dataclasses.MISSING
+        and _default(command, o) != fields[o.name].default
+    ]
+    assert not drifted, f"`sur-cache {name}` defaults that differ from the dataclass: {drifted}"
+
+
+def test_demo_assets_defaults_are_build_demo_assets_defaults():
+    parameters = inspect.signature(demo.build_demo_assets).parameters
+    command = main.commands["demo-assets"]
+    for option in _click_options(command):
+        if option.name != "out":
+            assert _default(command, option) == parameters[option.name].default, option.name
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_choice_is_its_config_choice(name):
+    config, _ = CONFIGS[name]
+    offered = {
+        o.name: tuple(o.type.choices) for o in _click_options(main.commands[name]) if isinstance(o.type, click.Choice)
+    }
+    assert offered == getattr(config, "CHOICES", {})
+
+
+def test_each_choice_list_is_its_owners():
+    """The configs' choice tuples are the owning modules' own: the store's compressions, the LLM encoder's poolings,
+    the preprocessing's crops, the model dtypes, the adapter's backends, the one `auto` dtype resolver's."""
+    from sur_cache import adapter, dataset, models, store
+    from sur_cache.devices import DTYPE_CHOICES
+
+    extract = ExtractConfig.CHOICES
+    assert extract["compression"] is store.COMPRESSIONS
+    assert extract["llm_pooling"] == typing.get_args(models.Pooling) == ("mean", "last")
+    assert extract["crop"] == typing.get_args(dataset.CropMode) == ("center", "random")
+    assert extract["llm_dtype"] == tuple(models.DTYPES)
+    assert extract["sd_dtype"] is GenerateConfig.CHOICES["dtype"] is DTYPE_CHOICES
+    assert DTYPE_CHOICES == ("auto", *models.DTYPES)
+    assert TrainConfig.CHOICES["attention"] is GenerateConfig.CHOICES["attention"] is adapter.ATTENTION_CHOICES
+    assert adapter.ATTENTION_CHOICES == ("auto", *adapter.ATTENTION_BACKENDS)
+    choices = next(o.type.choices for o in main.commands["demo-assets"].params if o.name == "llm")
+    assert tuple(choices) == demo.LLM_CHOICES
+
+
+def test_layout_and_adapter_defaults_are_their_owners():
+    from sur_cache import store
+    from sur_cache.adapter import AdapterConfig
+
+    assert (ExtractConfig.shard_rows, ExtractConfig.chunk_rows, ExtractConfig.compression) == (
+        store.DEFAULT_SHARD_ROWS,
+        store.DEFAULT_CHUNK_ROWS,
+        store.DEFAULT_COMPRESSION,
+    )
+    for name in ("adapter_weight", "num_layers", "num_heads", "feedforward", "dropout"):
+        assert getattr(TrainConfig, name) == getattr(AdapterConfig, name), name
+    assert ImportReferenceConfig.num_heads == AdapterConfig.num_heads
+
+
+# ------------------------------------------------------------------------------------ one device option
+
+
+def test_every_computing_command_takes_the_same_device_option():
+    from sur_cache.devices import DEVICE_HELP
+
+    with_device = {name for name, command in main.commands.items() if "device" in {p.name for p in command.params}}
+    assert {"extract", "train", "generate"} <= with_device
+    for name in with_device:
+        (option,) = [o for o in _click_options(main.commands[name]) if o.name == "device"]
+        assert option.opts == ["--device"] and option.help == DEVICE_HELP, name
+        assert _default(main.commands[name], option) == "auto", name
+    every = {opt for command in main.commands.values() for param in command.params for opt in param.opts}
+    assert "--cpu" not in every
+
+
+# ------------------------------------------------------------------------------------ one place for errors
+
+
+def test_only_the_command_group_turns_errors_into_messages():
+    """No command catches an error itself or raises a click error: ValueError / OSError become `Error: ...` in
+    `_Commands.invoke` alone."""
+    tree = ast.parse((ROOT / "sur_cache" / "cli.py").read_text(encoding="utf-8"))
+    invoke = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "invoke")
+    inside = {id(node) for node in ast.walk(invoke)}
+    outside = [node for node in ast.walk(tree) if id(node) not in inside]
+    catches = [node.lineno for node in outside if isinstance(node, ast.Try)]
+    click_errors = [
+        node.lineno
+        for node in outside
+        if isinstance(node, ast.Attribute) and node.attr in ("ClickException", "UsageError", "BadParameter")
+    ]
+    assert not catches and not click_errors, f"sur_cache/cli.py lines {catches + click_errors}"
+
+
+def test_a_user_error_is_one_line_with_exit_code_1(tmp_path):
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "missing.zarr")])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output

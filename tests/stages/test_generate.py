@@ -10,6 +10,7 @@ from PIL import Image
 
 from sur_cache.adapter import AdapterConfig, SURAdapter
 from sur_cache.cli import main
+from sur_cache.config import GenerateConfig
 from sur_cache.models import encode_clip
 from sur_cache.stages import generate as generate_stage
 from sur_cache.stages.generate import (
@@ -18,6 +19,7 @@ from sur_cache.stages.generate import (
     load_pipeline,
     plan_outputs,
     prompt_embeddings,
+    seeds_from_options,
     side_by_side,
 )
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_RESOLUTION
@@ -158,9 +160,26 @@ def test_cli_reports_bad_options(tiny_models, adapter_dir, tmp_path):
     no_prompt = CliRunner().invoke(main, args)
     assert no_prompt.exit_code != 0 and "--prompt TEXT" in no_prompt.output
     both = CliRunner().invoke(main, [*args, "--prompt", "a", "--seed", "1", "--seed", "2", "--num-seeds", "3"])
-    assert both.exit_code != 0 and "--num-seeds" in both.output
+    assert both.exit_code == 1 and both.output.startswith("Error: --num-seeds 3 counts up from one --seed, but 2")
     odd = CliRunner().invoke(main, [*args, "--prompt", "a", "--height", "30"])
     assert odd.exit_code != 0 and "multiple of 8" in odd.output
+
+
+def test_seeds_from_options():
+    assert seeds_from_options((), None) == GenerateConfig.seeds
+    assert seeds_from_options((5, 2), None) == (5, 2)
+    assert seeds_from_options((), 3) == tuple(range(GenerateConfig.seeds[0], GenerateConfig.seeds[0] + 3))
+    assert seeds_from_options((7,), 2) == (7, 8)
+
+
+def test_device_is_resolved_by_the_one_resolver_before_anything_loads(tiny_models, adapter_dir, tmp_path, monkeypatch):
+    _pipeline_must_not_load(monkeypatch)
+    args = [*_generate_args(tiny_models, adapter_dir, tmp_path / "x.png"), "--prompt", PROMPT]
+    bogus = CliRunner().invoke(main, [*args, "--device", "gpu0"])
+    assert bogus.exit_code == 1 and bogus.output.startswith("Error: --device 'gpu0' is not a torch device")
+    if not torch.cuda.is_available():
+        missing = CliRunner().invoke(main, [*args, "--device", "cuda"])
+        assert missing.exit_code == 1 and "--device cuda: this machine has no cuda device" in missing.output
 
 
 def test_prompts_file_adds_one_prompt_per_line(tiny_models, adapter_dir, tmp_path):

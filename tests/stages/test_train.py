@@ -74,7 +74,7 @@ def _config(store, tiny_models, out, **overrides) -> TrainConfig:
         "gradient_accumulation": 2,
         "max_steps": 4,
         "checkpoint_every": 2,
-        "cpu": True,
+        "device": "cpu",
         "read_workers": 0,  # the CLI test runs the default reader process
         **SMALL_ADAPTER,
     }
@@ -82,7 +82,7 @@ def _config(store, tiny_models, out, **overrides) -> TrainConfig:
 
 
 def _cli(store, tiny_models, out, *extra) -> list[str]:
-    args = ["train", "--store", str(store), "--sd", str(tiny_models.sd), "--out", str(out), "--cpu"]
+    args = ["train", "--store", str(store), "--sd", str(tiny_models.sd), "--out", str(out), "--device", "cpu"]
     args += ["--batch-size", "2", "--gradient-accumulation", "2", "--feedforward", "64", "--num-heads", "4"]
     args += ["--read-workers", "0"]
     return args + list(extra)
@@ -347,7 +347,7 @@ def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(s
 def test_gpu_bf16_fused_run_resumes_to_the_same_losses(store, tiny_models, tmp_path):
     """The CUDA-only paths: bf16 autocast and UNet, the fused kernel (attention auto), fused AdamW, pinned copies,
     device-side draws, the reader process; resume matches to rounding (cuDNN backward may not be bitwise stable)."""
-    options = {"cpu": False, "mixed_precision": "bf16", "attention": "auto", "read_workers": 1, "random_flip": True}
+    options = {"device": "cuda", "mixed_precision": "bf16", "attention": "auto", "read_workers": 1, "random_flip": True}
     whole = tmp_path / "whole"
     run_train(_config(store, tiny_models, whole, **options))
     assert json.loads((whole / "run.json").read_text())["attention"] == "fused"
@@ -572,3 +572,21 @@ def test_every_setting_a_refusal_can_name_is_a_real_train_option():
     named = {f"--{name.replace('_', '-')}" for name in compared | set(RESUME_MAY_CHANGE)}
     named |= {word.strip("(),") for label in RESOLVED_SETTINGS.values() for word in label.split() if "--" in word}
     assert named <= options, named - options
+
+
+def test_resume_compares_the_device_type_the_device_option_resolves_to(store, tiny_models, tmp_path):
+    from sur_cache.stages.train import _check_settings
+
+    out = tmp_path / "run"
+    run_train(_config(store, tiny_models, out, max_steps=2, **FEATURES_ONLY))
+    resume = _config(store, tiny_models, out, max_steps=3, resume="latest", device="auto", **FEATURES_ONLY)
+    if torch.cuda.is_available():  # auto is the GPU here: another device type than the checkpoint's
+        with pytest.raises(ValueError, match=r"device type \(--device\): checkpoint 'cpu', now 'cuda'"):
+            run_train(resume)
+    else:  # auto is the CPU here: the same run as --device cpu
+        run_train(resume)
+        assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]
+    now = json.loads((out / "checkpoints" / "step_0000002" / "position.json").read_text())["settings"]
+    _check_settings(out, {**now, "cpu": True}, now)  # an older checkpoint's --cpu flag, now compared as the device
+    with pytest.raises(ValueError, match=r"device type \(--device\): checkpoint 'cuda', now 'cpu'"):
+        _check_settings(out, {**now, "device": "cuda"}, now)
