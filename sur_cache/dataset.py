@@ -3,10 +3,12 @@
 A SURD dataset is a folder holding images and a `metadata.jsonl` with one JSON object per line,
 `{"file_name": ..., "text": <simple prompt>, "prompt": <complex prompt>}` (column names configurable).
 
-Validation is split in two on purpose. `read_metadata` does the cheap checks (JSON, columns, prompts, path
-safety, file existence) in the main process. Decoding an image is the expensive check, so it happens in
-`ImageDataset.__getitem__`, inside the DataLoader workers; a file that fails to decode comes back as a record
-with an `error`, never as an exception, so one bad file does not kill a worker or the run.
+Validation is split in two on purpose. `read_metadata` streams the file once and does the checks that need no file
+system: JSON, columns, text, and the file name's own form (empty, absolute, `..`, NUL), a few microseconds a row.
+Everything that touches the file system is left to `ImageDataset.__getitem__`, inside the DataLoader workers, as
+they reach each shard's rows: where the name resolves (symlinks outside the folder), whether the file exists, and
+decoding it. A row failing there comes back as a record with an `error` (its reason and detail), never as an
+exception, so one bad file does not kill a worker or the run; extract marks the sample skipped.
 
 One row never aborts the run: any exception while checking or preparing a row, foreseen or not, makes that row
 a bad row with its reason (the exception's type and message for the unforeseen ones, "unexpected_error").
@@ -45,13 +47,18 @@ CropMode = Literal["center", "random"]
 
 @dataclass(frozen=True)
 class Row:
-    """One usable sample. `line` is its 0-based line in metadata.jsonl: the sample's stable identity."""
+    """One sample that passed the metadata checks. `line` is its 0-based line in metadata.jsonl: the sample's stable
+    identity. `root` is the dataset folder (resolved); whether the file is there is checked when it is read."""
 
     line: int
     file_name: str
-    path: Path
+    root: Path
     text: str
     prompt: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.file_name
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,11 @@ def read_metadata(
     prompt_column: str = "prompt",
     image_column: str = "file_name",
 ) -> tuple[list[Row], list[BadRow]]:
-    """Parse `data_dir/metadata.jsonl` into usable rows and bad rows (with reasons); blank lines are ignored.
+    """Parse `data_dir/metadata.jsonl` into rows and bad rows (with reasons), in one pass; blank lines are ignored.
 
-    Images are not decoded here (see `ImageDataset`); a row whose file exists but cannot be decoded is reported
-    later as "unreadable_image".
+    No file is looked at here (see `ImageDataset`): a row whose file is missing, resolves outside the folder or
+    cannot be decoded is a row here and a bad row when its image is read ("missing_file", "unsafe_path",
+    "invalid_path", "unreadable_image", "unusable_image").
     """
     data_dir = Path(data_dir)
     metadata = data_dir / METADATA_FILE
@@ -104,8 +112,8 @@ def _checked_row(raw: bytes, line: int, root: Path, columns: tuple[str, str, str
     record = _parse_json(raw, line)
     if isinstance(record, BadRow):
         return record
-    try:
-        return _parse_row(record, line, root, columns)
+    try:  # a lone surrogate can only come from a \u escape: strict UTF-8 decoding refuses an encoded one
+        return _parse_row(record, line, root, columns, escaped=b"\\u" in raw)
     except Exception as error:  # noqa: BLE001 - one row's failure is that row's bad row, never the run's
         return BadRow(line, _file_name(record, columns[0]), "unexpected_error", f"{type(error).__name__}: {error}")
 
@@ -122,7 +130,7 @@ def _parse_json(raw: bytes, line: int) -> dict | BadRow:
     return record
 
 
-def _parse_row(record: dict, line: int, root: Path, columns: tuple[str, str, str]) -> Row | BadRow:
+def _parse_row(record: dict, line: int, root: Path, columns: tuple[str, str, str], *, escaped: bool) -> Row | BadRow:
     image_column, text_column, prompt_column = columns
     file_name = _file_name(record, image_column)
     for column in columns:
@@ -130,7 +138,7 @@ def _parse_row(record: dict, line: int, root: Path, columns: tuple[str, str, str
         if not isinstance(value, str):
             found = "no such key" if column not in record else f"a {type(value).__name__}"
             return BadRow(line, file_name, "missing_column", f"column {column!r}: expected a string, found {found}")
-        if not _is_unicode(value):  # JSON's "\ud800" escape parses, but no tokenizer, hash or file system takes it
+        if escaped and not _is_unicode(value):  # "\ud800" parses, but no tokenizer, hash or file system takes it
             detail = (
                 f"column {column!r} holds {value!r}: a lone UTF-16 surrogate is not text; fix the line's \\u escape"
             )
@@ -140,16 +148,10 @@ def _parse_row(record: dict, line: int, root: Path, columns: tuple[str, str, str
             return BadRow(line, file_name, "empty_prompt", f"column {column!r} is empty or whitespace")
     if "\x00" in file_name:
         return BadRow(line, file_name, "invalid_path", f"{file_name!r} holds a NUL byte, which no file name can")
-    try:  # a symlink loop, a name longer than the file system allows (Errno 36), no permission to look it up
-        path = _safe_path(root, file_name)
-        is_file = not isinstance(path, str) and path.is_file()
-    except (OSError, RuntimeError) as error:  # Python 3.11 raises RuntimeError for a symlink loop
-        return BadRow(line, file_name, "invalid_path", f"{file_name!r}: {type(error).__name__}: {error}")
-    if isinstance(path, str):
-        return BadRow(line, file_name, "unsafe_path", path)
-    if not is_file:
-        return BadRow(line, file_name, "missing_file", f"{path} does not exist or is not a file")
-    return Row(line, file_name, path, record[text_column], record[prompt_column])
+    unsafe = _unsafe_name(file_name)
+    if unsafe is not None:
+        return BadRow(line, file_name, "unsafe_path", unsafe)
+    return Row(line, file_name, root, record[text_column], record[prompt_column])
 
 
 def _file_name(record: dict, image_column: str) -> str | None:
@@ -167,19 +169,37 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _safe_path(root: Path, file_name: str) -> Path | str:
-    """The file's path if it stays inside `root` (symlinks resolved), else a message saying why not."""
-    relative = Path(file_name)
+def _unsafe_name(file_name: str) -> str | None:
+    """Why the name alone could leave the dataset folder (empty, absolute, `..`), or None; no file system call."""
     if not file_name.strip():
         return "file name is empty"
-    if relative.is_absolute():
+    if file_name.startswith("/"):
         return f"{file_name!r} is absolute; file names must be relative to the dataset folder"
-    if ".." in relative.parts:
+    if ".." in file_name.split("/"):
         return f"{file_name!r} contains '..'; file names must stay inside the dataset folder"
-    resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root):
-        return f"{file_name!r} resolves to {resolved}, outside the dataset folder {root} (symlink?)"
-    return root / relative
+    return None
+
+
+def file_problem(row: Row) -> tuple[str, str] | None:
+    """`(reason, detail)` when the row's file cannot be read safely, else None: the file-system half of the checks,
+    made by the worker about to read the file.
+
+    "unsafe_path": it resolves (through symlinks) outside the dataset folder; "missing_file": it does not exist or
+    is not a regular file; "invalid_path": the OS cannot look it up (a symlink loop, a name longer than the file
+    system allows, no permission).
+    """
+    try:
+        resolved = row.path.resolve()
+        if not resolved.is_relative_to(row.root):
+            return (
+                "unsafe_path",
+                f"{row.file_name!r} resolves to {resolved}, outside the dataset folder {row.root} (symlink?)",
+            )
+        if not row.path.is_file():
+            return "missing_file", f"{row.path} does not exist or is not a file"
+    except (OSError, RuntimeError) as error:  # Python 3.11 raises RuntimeError for a symlink loop
+        return "invalid_path", f"{row.file_name!r}: {type(error).__name__}: {error}"
+    return None
 
 
 def metadata_sha256(data_dir: str | Path) -> str:
@@ -291,8 +311,9 @@ class ImageDataset(torch.utils.data.Dataset):
       pixels_flipped  the horizontally mirrored pixels (only with `flip=True`)
       crop_offset     int64 [2]: (top, left) of the crop in the resized image
       image_sha256    uint8 [32]: sha256 of the file's bytes (zeros if the file could not be read)
-      error           "" when fine, else "unreadable_image: <detail>" (the file cannot be read or decoded) or
-                      "unexpected_error: <detail>" (any other failure preparing it)
+      error           "" when fine, else "<reason>: <detail>": unsafe_path, missing_file or invalid_path
+                      (`file_problem`), unreadable_image (the file cannot be read or decoded), unusable_image
+                      (it cannot be resized to the resolution) or unexpected_error (any other failure)
     """
 
     def __init__(self, rows: list[Row], resolution: int, crop: CropMode = "center", seed: int = 0, flip: bool = False):
@@ -311,8 +332,12 @@ class ImageDataset(torch.utils.data.Dataset):
         row = self.rows[position]
         item = {"position": position, "line": row.line, "image_sha256": torch.zeros(32, dtype=torch.uint8)}
         pixels, offset = torch.zeros(3, self.resolution, self.resolution), (0, 0)
-        reason = "unreadable_image"  # reading and decoding; any failure after the size check was not foreseen
+        reason = "unexpected_error"  # checking the file; then reading and decoding it; then preparing it
         try:
+            problem = file_problem(row)
+            if problem is not None:
+                raise _BadFile(*problem)
+            reason = "unreadable_image"
             data = row.path.read_bytes()
             item["image_sha256"] = torch.from_numpy(digest_array(hashlib.sha256(data).digest()))
             image = load_image(data)
@@ -321,6 +346,8 @@ class ImageDataset(torch.utils.data.Dataset):
             reason = "unexpected_error"
             pixels, offset = preprocess(image, self.resolution, self.crop, crop_seed(self.seed, row.line))
             error = ""
+        except _BadFile as bad:
+            error = f"{bad.reason}: {bad.detail}"
         except Exception as exc:  # noqa: BLE001 - any failure is this row's bad row, reported, not raised
             error = f"{reason}: {row.file_name}: {type(exc).__name__}: {exc}"
         item["pixels"] = pixels
@@ -329,3 +356,11 @@ class ImageDataset(torch.utils.data.Dataset):
         item["crop_offset"] = torch.tensor(offset, dtype=torch.int64)
         item["error"] = error
         return item
+
+
+class _BadFile(Exception):
+    """A row's file failed `file_problem`: its reason and detail, passed to the item's `error`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail

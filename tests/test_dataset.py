@@ -75,30 +75,49 @@ def test_read_metadata_reports_each_bad_row_with_its_reason(messy_dataset):
         3: "empty_prompt",
         4: "unsafe_path",
         5: "unsafe_path",
-        6: "missing_file",
-        7: "unsafe_path",
         12: "malformed_json",
         13: "empty_prompt",
         14: "missing_column",
     }
     assert all(b.reason in BAD_ROW_REASONS and b.detail for b in bad)
     assert "'prompt'" in next(b.detail for b in bad if b.line == 2)
-    assert [r.line for r in rows] == [0, 8, 9, 10]
-    assert rows[0].path == messy_dataset / "images" / "good.png"
+    # the file-system checks are the workers' (below): a missing file or an escaping symlink is a row here
+    assert [r.line for r in rows] == [0, 6, 7, 8, 9, 10]
+    assert rows[0].path == messy_dataset.resolve() / "images" / "good.png"
     assert (rows[0].text, rows[0].prompt) == ("a red circle", "red circle, artstation")
 
 
-def test_image_dataset_returns_decode_failures_as_records(messy_dataset):
+def test_image_dataset_returns_file_and_decode_failures_as_records(messy_dataset):
     rows, _ = read_metadata(messy_dataset)
     items = {item["line"]: item for item in ImageDataset(rows, resolution=16)}
     assert items[0]["error"] == "" and items[10]["error"] == ""
+    assert items[6]["error"].startswith("missing_file: ") and "missing.png does not exist" in items[6]["error"]
+    assert items[7]["error"].startswith("unsafe_path: 'images/escape.png' resolves to ")
+    assert "outside the dataset folder" in items[7]["error"]
     for line in (8, 9):
         assert items[line]["error"].startswith("unreadable_image: images/")
+    for line in (6, 7, 8, 9):
         assert torch.equal(items[line]["pixels"], torch.zeros(3, 16, 16))
+        assert items[line]["error"].split(": ", 1)[0] in BAD_ROW_REASONS
+    assert not items[7]["image_sha256"].any()  # the file outside the folder was never read
     # a mixed batch still collates, so DataLoader workers never die on a bad file
     batch = torch.utils.data.default_collate(list(items.values()))
-    assert batch["pixels"].shape == (4, 3, 16, 16)
-    assert batch["image_sha256"].shape == (4, 32) and batch["image_sha256"].dtype == torch.uint8
+    assert batch["pixels"].shape == (6, 3, 16, 16)
+    assert batch["image_sha256"].shape == (6, 32) and batch["image_sha256"].dtype == torch.uint8
+
+
+def test_the_metadata_pass_makes_no_file_system_call_per_row(messy_dataset, monkeypatch):
+    """Streaming 1M rows must not cost 1M stats and resolves: those checks are made when a worker reads the file."""
+    from pathlib import Path
+
+    calls = []
+    real_resolve, real_is_file = Path.resolve, Path.is_file
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "resolve", lambda self, strict=False: calls.append(self) or real_resolve(self, strict))
+        patch.setattr(Path, "is_file", lambda self: calls.append(self) or real_is_file(self))
+        rows, _ = read_metadata(messy_dataset)
+    assert len(rows) == 6
+    assert calls == [messy_dataset / "metadata.jsonl", messy_dataset]  # the file itself and the folder, once
 
 
 def _os_refused_dataset(tmp_path):
@@ -124,19 +143,21 @@ def _os_refused_dataset(tmp_path):
 
 def test_text_that_is_not_unicode_and_paths_the_os_refuses_are_bad_rows(tmp_path):
     rows, bad = read_metadata(_os_refused_dataset(tmp_path))
-    assert [r.line for r in rows] == [0, 7]
+    assert [r.line for r in rows] == [0, 4, 6, 7]
     assert [(b.line, b.reason) for b in bad] == [
         (1, "invalid_text"),
         (2, "invalid_text"),
         (3, "invalid_text"),
-        (4, "invalid_path"),
         (5, "invalid_path"),
-        (6, "invalid_path"),
     ]
     details = {b.line: b.detail for b in bad}
     assert "'text'" in details[1] and "'prompt'" in details[2] and "'file_name'" in details[3]
-    assert "surrogate" in details[1]
-    assert "loop" in details[4].lower() and "NUL" in details[5] and "too long" in details[6]
+    assert "surrogate" in details[1] and "NUL" in details[5]
+    # the OS's refusals come from the worker that would read the file
+    errors = {item["line"]: item["error"] for item in ImageDataset(rows, resolution=8)}
+    assert errors[0] == errors[7] == ""
+    assert errors[4].startswith("invalid_path: ") and "loop" in errors[4].lower()
+    assert errors[6].startswith("invalid_path: ") and "too long" in errors[6]
     assert all(b.reason in BAD_ROW_REASONS for b in bad)
     # every record can be written as UTF-8 JSON (skipped.jsonl) and printed: no lone surrogate survives in it
     for b in bad:
@@ -149,14 +170,14 @@ def test_an_unexpected_error_in_one_row_skips_that_row_only(tmp_path, monkeypatc
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8)).save(data / name)
     _write_metadata(data, [_row("a.png"), _row("b.png")])
-    real_safe_path = dataset._safe_path
+    real_unsafe_name = dataset._unsafe_name
 
-    def fails_on_b(root, file_name):
+    def fails_on_b(file_name):
         if file_name == "b.png":
             raise TypeError("an unforeseen failure")
-        return real_safe_path(root, file_name)
+        return real_unsafe_name(file_name)
 
-    monkeypatch.setattr(dataset, "_safe_path", fails_on_b)
+    monkeypatch.setattr(dataset, "_unsafe_name", fails_on_b)
     rows, bad = read_metadata(data)
     assert [r.line for r in rows] == [0]
     assert [(b.line, b.file_name, b.reason, b.detail) for b in bad] == [
@@ -250,7 +271,7 @@ def test_saved_files_of_any_mode_decode_to_rgb_pixels(tmp_path, mode):
     # a real 16-bit file spans 0..65535; Pillow's RGB -> I;16 conversion would only copy the 8-bit values
     image = Image.fromarray(np.full((12, 20), 65535, np.uint16)) if mode == "I;16" else white.convert(mode)
     image.save(path)
-    item = ImageDataset([Row(0, path.name, path, "t", "p")], resolution=8)[0]
+    item = ImageDataset([Row(0, path.name, tmp_path.resolve(), "t", "p")], resolution=8)[0]
     assert item["error"] == ""
     assert item["pixels"].shape == (3, 8, 8)
     assert torch.allclose(item["pixels"], torch.ones(3, 8, 8), atol=2 / 255)
@@ -337,7 +358,7 @@ def test_an_extreme_strip_is_refused_before_it_is_resized_to_gigabytes(tmp_path)
     with pytest.raises(ValueError, match=r"40000 x 2 image resizes to 512 x 10240000 pixels"):
         preprocess(strip, 512)
     strip.save(tmp_path / "strip.png")
-    row = Row(0, "strip.png", tmp_path / "strip.png", "a strip", "a long strip")
+    row = Row(0, "strip.png", tmp_path.resolve(), "a strip", "a long strip")
     item = ImageDataset([row], 512)[0]
     assert item["error"].startswith("unusable_image: strip.png: ValueError: a 40000 x 2 image resizes")
     assert not item["pixels"].any()
