@@ -17,22 +17,20 @@ as the reference does with `vae.encode(x).latent_dist.sample() * vae.config.scal
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from sur_cache.store import FeatureStore, ManifestMismatchError, StoreFormatError
+from sur_cache.models import DEFAULT_VAE_SCALING_FACTOR, sd_model_facts
+from sur_cache.store import FeatureStore, Manifest, ManifestMismatchError, StoreFormatError
 
 TEXT_ARRAYS = ("clip_simple", "clip_complex", "llm")
 LATENT_ARRAYS = ("latent_mean", "latent_logvar")
 FLIPPED_ARRAYS = ("latent_mean_flipped", "latent_logvar_flipped")
-DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
 _FINISH_EXTRACTION = "re-run the `sur-cache extract` command that wrote it (it resumes where it stopped)"
 
 
@@ -51,16 +49,17 @@ class ReadUnit:
 def read_units(shard_ranges: list[tuple[int, int]], complete: np.ndarray, world_size: int = 1) -> list[ReadUnit]:
     """The store's shards as read units, each split evenly when there are fewer shards than processes.
 
-    Units without a complete sample are dropped. Raises when fewer units than processes remain.
+    `complete` is ascending, so each unit's samples are one slice of it, found by binary search: linear in the
+    shards plus a log-N search each, and no copy of the samples. Units without a complete sample are dropped.
+    Raises when fewer units than processes remain.
     """
-    pieces = max(1, -(-world_size // max(1, len(shard_ranges))))
-    units = []
-    for start, stop in shard_ranges:
-        bounds = np.linspace(start, stop, min(pieces, stop - start) + 1).round().astype(np.int64)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            samples = complete[(complete >= a) & (complete < b)]
-            if len(samples):
-                units.append(ReadUnit(int(a), int(b), samples))
+    starts, stops = _unit_bounds(shard_ranges, max(1, -(-world_size // max(1, len(shard_ranges)))))
+    first, last = np.searchsorted(complete, starts), np.searchsorted(complete, stops)
+    units = [
+        ReadUnit(int(a), int(b), complete[i:j])
+        for a, b, i, j in zip(starts.tolist(), stops.tolist(), first.tolist(), last.tolist(), strict=True)
+        if j > i
+    ]
     if not units:
         raise ValueError("the store has no complete sample: " + _FINISH_EXTRACTION)
     if len(units) < world_size:
@@ -71,6 +70,17 @@ def read_units(shard_ranges: list[tuple[int, int]], complete: np.ndarray, world_
     return units
 
 
+def _unit_bounds(shard_ranges: list[tuple[int, int]], pieces: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(starts, stops)` of every unit: each shard, or `pieces` even parts of it (fewer if it has fewer rows)."""
+    if pieces == 1:
+        bounds = np.asarray(shard_ranges, dtype=np.int64).reshape(-1, 2)
+        return bounds[:, 0], bounds[:, 1]
+    edges = [
+        np.linspace(start, stop, min(pieces, stop - start) + 1).round().astype(np.int64) for start, stop in shard_ranges
+    ]
+    return np.concatenate([e[:-1] for e in edges]), np.concatenate([e[1:] for e in edges])
+
+
 def epoch_order(
     units: list[ReadUnit], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, buffer_units: int = 4
 ) -> np.ndarray:
@@ -79,8 +89,7 @@ def epoch_order(
     Every process computes the same unit permutation from `(seed, epoch)`; process `rank` takes every
     `world_size`-th unit, so the processes' samples are disjoint and together cover the store.
     """
-    permutation = np.random.default_rng([seed, epoch]).permutation(len(units))
-    mine = permutation[rank::world_size]
+    mine = _unit_permutation(len(units), seed, epoch)[rank::world_size]
     rng = np.random.default_rng([seed, epoch, rank])
     buffers = [
         rng.permutation(np.concatenate([units[u].samples for u in mine[b : b + buffer_units]]))
@@ -89,15 +98,21 @@ def epoch_order(
     return np.concatenate(buffers) if buffers else np.empty(0, dtype=np.int64)
 
 
+def _unit_permutation(count: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
 def batches_per_epoch(
     units: list[ReadUnit], *, batch_size: int, seed: int, epoch: int, world_size: int = 1, buffer_units: int = 4
 ) -> int:
-    """Full batches every process can serve this epoch (the same count on all, so they step together)."""
-    sizes = [
-        len(epoch_order(units, seed=seed, epoch=epoch, rank=r, world_size=world_size, buffer_units=buffer_units))
-        for r in range(world_size)
-    ]
-    return min(sizes) // batch_size
+    """Full batches every process can serve this epoch (the same count on all, so they step together).
+
+    Counted from the units' sizes and the epoch's unit permutation: no process's order is built for it.
+    `buffer_units` does not change the count (a buffer only reorders its units' samples).
+    """
+    sizes = np.fromiter((len(u.samples) for u in units), dtype=np.int64, count=len(units))
+    dealt = sizes[_unit_permutation(len(units), seed, epoch)]
+    return min(int(dealt[rank::world_size].sum()) for rank in range(world_size)) // batch_size
 
 
 FLIP_STREAM, DRAW_STREAM = 0, 1
@@ -118,47 +133,24 @@ def batch_generator(
 # --------------------------------------------------------------------------------------------------- validation
 
 
-def sd_shape_facts(sd: str) -> dict[str, Any]:
-    """What the store must agree with, read from the SD model's config files only (no weights are loaded).
-
-    clip_width: text_encoder hidden_size; latent_channels: unet in_channels; vae_scaling_factor: vae scaling_factor;
-    and the UNet's cross_attention_dim, which must equal the CLIP width the adapter emits.
-    """
-    text = _read_config(sd, "text_encoder")
-    unet = _read_config(sd, "unet")
-    vae = _read_config(sd, "vae")
-    return {
-        "clip_width": int(text["hidden_size"]),
-        "latent_channels": int(unet["in_channels"]),
-        "vae_scaling_factor": float(vae.get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR)),
-        "cross_attention_dim": int(unet["cross_attention_dim"]),
+def check_manifest(manifest: Manifest, sd: str, store_url: str = "the store") -> None:
+    """Refuse a store whose features do not fit the SD model (its config files: `models.sd_model_facts`); one error
+    names every mismatching field. The store's latent channels must be what the UNet takes (its in_channels)."""
+    facts = sd_model_facts(sd)
+    fits = {
+        "clip_width": facts.clip_width,
+        "latent_channels": facts.unet_in_channels,
+        "vae_scaling_factor": facts.vae_scaling_factor,
     }
-
-
-def _read_config(sd: str, subfolder: str) -> dict[str, Any]:
-    """`<sd>/<subfolder>/config.json`, from a local folder or the hub (config file only)."""
-    local = Path(sd) / subfolder / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    if Path(sd).is_dir():
-        raise FileNotFoundError(f"{local} not found: --sd must be a diffusers Stable Diffusion folder or hub id")
-    from huggingface_hub import hf_hub_download
-
-    return json.loads(Path(hf_hub_download(sd, "config.json", subfolder=subfolder)).read_text())
-
-
-def check_manifest(manifest: dict[str, Any], sd: str, store_url: str = "the store") -> None:
-    """Refuse a store whose features do not fit the SD model; one error names every mismatching field."""
-    facts = sd_shape_facts(sd)
     problems = []
-    for field in ("clip_width", "latent_channels", "vae_scaling_factor"):
-        found = manifest.get(field, "<absent>")
-        if found != facts[field] and not (field == "vae_scaling_factor" and _close(found, facts[field])):
-            problems.append(f"{field}: the SD model --sd {sd} has {facts[field]}, {store_url} has {found}")
-    if facts["cross_attention_dim"] != facts["clip_width"]:
+    for field, want in fits.items():
+        found = getattr(manifest, field)
+        if found != want and not (field == "vae_scaling_factor" and _close(found, want)):
+            problems.append(f"{field}: the SD model --sd {sd} has {want}, {store_url} has {found}")
+    if facts.cross_attention_dim != facts.clip_width:
         problems.append(
-            f"cross_attention_dim: the UNet of {sd} expects {facts['cross_attention_dim']}-wide text embeddings, "
-            f"its text encoder gives {facts['clip_width']}"
+            f"cross_attention_dim: the UNet of {sd} expects {facts.cross_attention_dim}-wide text embeddings, "
+            f"its text encoder gives {facts.clip_width}"
         )
     if problems:
         raise ManifestMismatchError(
@@ -208,34 +200,45 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _UnitReads(torch.utils.data.Dataset):
-    """Read unit i -> `(i, its rows of the named arrays)`; the store is opened read-only in the reader process."""
+    """`(unit, slot)` -> read the unit's rows of the named arrays into shared-memory slot `slot`, return `(unit, slot)`.
 
-    def __init__(self, url: str, units: list[ReadUnit], names: list[str]) -> None:
-        self.url, self.units, self.names = url, units, names
+    The slots are allocated once by the training process and shared with the reader at its start, so a unit is
+    handed over by its slot number: no fresh shared memory, page faults or file descriptors per unit. The store is
+    opened read-only in the reader process.
+    """
+
+    def __init__(self, url: str, units: list[ReadUnit], names: list[str], slots: dict[str, torch.Tensor]) -> None:
+        self.url, self.units, self.names, self.slots = url, units, names, slots
         self._store: FeatureStore | None = None
 
     def __len__(self) -> int:
         return len(self.units)
 
-    def __getitem__(self, unit: int) -> tuple[int, dict[str, np.ndarray] | str]:
-        """`(unit, arrays)`, or `(unit, message)` when the store is damaged: the training process raises it as a
+    def __getitem__(self, request: tuple[int, int]) -> tuple[int, int | str]:
+        """`(unit, slot)`, or `(unit, message)` when the store is damaged: the training process raises it as a
         StoreFormatError of its own, instead of a reader-process traceback."""
+        unit, slot = request
         if self._store is None:
             self._store = FeatureStore.open(self.url, mode="r")
+            for slots in self.slots.values():  # map every page once now, not one page fault at a time per unit
+                slots.zero_()
         try:
-            return unit, self._store.read(self.names, self.units[unit].start, self.units[unit].stop)
+            block = self._store.read(self.names, self.units[unit].start, self.units[unit].stop)
         except StoreFormatError as error:
             return unit, str(error)
+        for name, rows in block.items():
+            self.slots[name][slot, : len(rows)].copy_(torch.from_numpy(rows))
+        return unit, slot
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None}  # each process opens its own handle
 
 
 class _UnitSequence(torch.utils.data.Sampler):
-    """The units an epoch needs, in the order it first needs them; replaced at the start of every epoch."""
+    """`(unit, slot)` of the units an epoch needs, in the order it first needs them; replaced every epoch."""
 
     def __init__(self) -> None:
-        self.units: list[int] = []
+        self.units: list[tuple[int, int]] = []
 
     def __iter__(self):
         return iter(self.units)
@@ -251,7 +254,13 @@ class StoreSource:
     means each unit is read once per epoch. With `readers` > 0, reader processes stream the units of the epoch's
     order ahead of the training loop (`plan`); processes, not threads, because zarr's read path is Python-heavy and
     a reader thread would hold the GIL against the loop's kernel launches. With `readers=0` reads are synchronous.
+
+    The readers write into a ring of `capacity + READ_AHEAD * readers` shared-memory slots, unit k of the epoch into
+    slot k modulo the ring. A slot is rewritten only once `capacity` newer units have arrived: by then the unit it
+    held has left the cache (`_forget_overwritten` makes sure), so a served row is never one a reader is replacing.
     """
+
+    READ_AHEAD = 2  # units each reader reads ahead of the loop (the DataLoader's prefetch_factor)
 
     def __init__(
         self, store: FeatureStore, units: list[ReadUnit], names: list[str], capacity: int, readers: int = 0
@@ -263,28 +272,48 @@ class StoreSource:
         self._sequence = _UnitSequence()
         self._stream = None
         self._reader = None
+        self._ring = capacity + self.READ_AHEAD * readers
+        self._received: list[int] = []  # the units streamed this epoch, in order
         if readers:
+            slots = _shared_slots(store, units, names, self._ring)
+            self._slots = {name: slot.numpy() for name, slot in slots.items()}
             self._reader = torch.utils.data.DataLoader(
-                _UnitReads(store.url, units, names),
+                _UnitReads(store.url, units, names, slots),
                 batch_size=None,
                 sampler=self._sequence,
                 num_workers=readers,
                 multiprocessing_context="spawn",  # a forked child would inherit zarr's event loop without its thread
                 persistent_workers=True,
-                prefetch_factor=2,
+                prefetch_factor=self.READ_AHEAD,
             )
 
     def plan(self, indices: np.ndarray) -> None:
         """The samples the next fetches ask for, in order (called at the start of each epoch, or a resume)."""
         if self._reader is not None:
             self._cache.clear()
-            self._sequence.units = list(dict.fromkeys(self._units_of(indices).tolist()))
-            self._stream = iter(self._reader)
+            units = self._units_of(indices)
+            first_use = units[np.sort(np.unique(units, return_index=True)[1])]
+            slots = np.arange(len(first_use)) % self._ring
+            self._sequence.units = list(zip(first_use.tolist(), slots.tolist(), strict=True))
+            self._received = []
+            self._stream = iter(self._reader)  # waits for the readers to finish the previous epoch's reads
 
     def close(self) -> None:
-        """Stop the reader processes now; being persistent, they would otherwise live as long as this source."""
+        """Stop the reader processes now; being persistent, they would otherwise live as long as this source.
+
+        No new read starts, the reads in flight are received, and only then are the readers told to exit: a reader
+        told while it is reading (zarr's event-loop thread busy) or still handing a unit over (its queue's feeder
+        thread in torch's shared-memory code) exits with that thread still running, which can abort the process
+        ("terminate called without an active exception", then "DataLoader worker ... killed by signal: Aborted"
+        raised here). Waiting costs at most the reads already asked for (two units per reader).
+        """
         if self._stream is not None:
-            self._stream._shutdown_workers()
+            self._sequence.units.clear()  # the sampler's iterator reads this list: nothing is asked for any more
+            try:
+                for _ in self._stream:
+                    pass
+            finally:
+                self._stream._shutdown_workers()
         self._stream = self._reader = None
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
@@ -311,13 +340,34 @@ class StoreSource:
         return self.store.read(self.names, self.units[unit].start, self.units[unit].stop)
 
     def _next_streamed(self, unit: int) -> dict[str, np.ndarray]:
-        # The reader hands tensors over in shared memory; .numpy() views them without a copy.
-        streamed, block = next(self._stream)
-        if isinstance(block, str):
-            raise StoreFormatError(block)
+        streamed, slot = next(self._stream)
+        if isinstance(slot, str):
+            raise StoreFormatError(slot)
         if streamed != unit:
             raise RuntimeError(f"reader out of order: expected unit {unit}, got {streamed}; call plan() first")
-        return {name: tensor.numpy() for name, tensor in block.items()}
+        self._received.append(unit)
+        self._forget_overwritten()
+        rows = self.units[unit].stop - self.units[unit].start
+        return {name: slots[slot, :rows] for name, slots in self._slots.items()}  # views of the shared slot
+
+    def _forget_overwritten(self) -> None:
+        """Drop from the cache the unit whose slot a reader may start rewriting now: once n units have arrived, the
+        readers may be writing units up to n - 1 + in-flight, whose slots held units up to n - 1 - capacity. With
+        the buffered order that unit is never asked for again, so this drops nothing needed."""
+        if len(self._received) > self.capacity:
+            self._cache.pop(self._received[-self.capacity - 1], None)
+
+
+def _shared_slots(store: FeatureStore, units: list[ReadUnit], names: list[str], count: int) -> dict[str, torch.Tensor]:
+    """`count` slots of the largest unit's rows per array, in shared memory, allocated and touched once."""
+    rows = max(u.stop - u.start for u in units)
+    return {
+        name: torch.zeros(
+            (count, rows, *store.specs[name].row_shape),
+            dtype=torch.from_numpy(np.empty(0, store.specs[name].dtype)).dtype,
+        ).share_memory_()
+        for name in names
+    }
 
 
 class PreloadedSource:

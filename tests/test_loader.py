@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import multiprocessing
-import shutil
 
 import numpy as np
 import pytest
@@ -23,28 +22,20 @@ from sur_cache.loader import (
     epoch_order,
     read_units,
     sample_latents,
-    sd_shape_facts,
 )
-from sur_cache.store import DONE, SKIPPED, FeatureStore, ManifestMismatchError
+from sur_cache.models import sd_model_facts
+from sur_cache.store import DONE, SKIPPED, FeatureStore, ManifestMismatchError, synthetic_store
 from sur_cache.tiny_models import TINY_CLIP_WIDTH
 
-MANIFEST = {
-    "sur_cache_version": "test",
-    "store_dtype": "float32",
-    "tokenizer_max_length": 77,
-    "clip_width": TINY_CLIP_WIDTH,
-    "llm_width": 6,
-    "latent_channels": 4,
-    "latent_size": 2,
-    "flip_variants": True,
-    "llm_per_token": False,
-    "vae_scaling_factor": 0.18215,
-}
+SHAPES = dict(clip_width=TINY_CLIP_WIDTH, llm_width=6, latent_channels=4, latent_size=2)
+SCALING_FACTOR = 0.18215
 
 
 def make_store(path, num_samples=22, shard_rows=4, skipped=(5, 13)) -> FeatureStore:
     """A store whose every feature of sample i is filled with i (flipped latents with -i), so rows name themselves."""
-    store = FeatureStore.create(path, MANIFEST, num_samples=num_samples, shard_rows=shard_rows)
+    store = synthetic_store(
+        path, num_samples=num_samples, shard_rows=shard_rows, store_dtype="float32", flip_variants=True, **SHAPES
+    )
     for shard, (start, stop) in enumerate(store.shard_ranges()):
         ids = np.arange(start, stop)
         rows = {}
@@ -167,7 +158,7 @@ def test_random_flip_draws_half_flipped_from_the_batch_generator(store):
         flipped = (torch.rand(len(batch.samples), generator=flip_stream) < 0.5).numpy()
         generator = batch_generator(0, batch.epoch, batch.index, stream=DRAW_STREAM)
         rows = loader.source.fetch(batch.samples, flipped)
-        expected = sample_latents(rows["latent_mean"], rows["latent_logvar"], MANIFEST["vae_scaling_factor"], generator)
+        expected = sample_latents(rows["latent_mean"], rows["latent_logvar"], SCALING_FACTOR, generator)
         assert torch.equal(batch.latents, expected)
         flips += flipped.tolist()
     assert 0.3 < np.mean(flips) < 0.7
@@ -192,21 +183,15 @@ def test_too_few_samples_for_a_batch_is_refused(tmp_path):
         _loader(small, batch_size=3)
 
 
-def test_manifest_is_checked_against_the_sd_configs(tiny_models, tmp_path):
-    facts = sd_shape_facts(str(tiny_models.sd))
-    assert facts["clip_width"] == TINY_CLIP_WIDTH and facts["latent_channels"] == 4
-    check_manifest({**MANIFEST, "vae_scaling_factor": facts["vae_scaling_factor"]}, str(tiny_models.sd))
-    bad = {**MANIFEST, "clip_width": 768, "latent_channels": 16, "vae_scaling_factor": 0.13025}
+def test_manifest_is_checked_against_the_sd_configs(tiny_models, store):
+    facts = sd_model_facts(str(tiny_models.sd))
+    fitting = dataclasses.replace(store.manifest, vae_scaling_factor=facts.vae_scaling_factor)
+    check_manifest(fitting, str(tiny_models.sd))
+    bad = dataclasses.replace(store.manifest, clip_width=768, latent_channels=16, vae_scaling_factor=0.13025)
     with pytest.raises(ManifestMismatchError) as error:
         check_manifest(bad, str(tiny_models.sd), "s.zarr")
     for field in ("clip_width: the SD model", "latent_channels", "vae_scaling_factor"):
         assert field in str(error.value)
-    # only config.json files are read: the weights may be missing altogether
-    configs_only = tmp_path / "sd"
-    shutil.copytree(tiny_models.sd, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    assert sd_shape_facts(str(configs_only)) == facts
-    vae_config = json.loads((configs_only / "vae" / "config.json").read_text())
-    assert facts["vae_scaling_factor"] == vae_config["scaling_factor"]
 
 
 @pytest.mark.parametrize("readers", [0, 1], ids=["in-loop", "reader-process"])
@@ -229,3 +214,92 @@ def test_a_damaged_shard_is_named_by_array_and_samples_never_read_as_zeros(store
         "array 'clip_complex', samples 12..15: cannot be decoded" in message
     )
     assert f"sur-cache verify {store.url}" in message
+
+
+def _slow_units(shard_ranges, complete, world_size=1):
+    """The reference: every unit masks the whole completion array (quadratic, kept only to compare against)."""
+    pieces = max(1, -(-world_size // len(shard_ranges)))
+    units = []
+    for start, stop in shard_ranges:
+        bounds = np.linspace(start, stop, min(pieces, stop - start) + 1).round().astype(np.int64)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            samples = complete[(complete >= a) & (complete < b)]
+            if len(samples):
+                units.append((int(a), int(b), samples.tolist()))
+    return units
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_read_units_equal_the_masking_reference_and_view_the_completion_array(seed):
+    rng = np.random.default_rng(seed)
+    num_samples, shard_rows = int(rng.integers(1, 300)), int(rng.integers(1, 40))
+    shards = [(s, min(s + shard_rows, num_samples)) for s in range(0, num_samples, shard_rows)]
+    status = rng.choice([0, 1, 2], num_samples, p=[0.2, 0.6, 0.2])
+    status[rng.integers(num_samples)] = DONE
+    complete = np.flatnonzero(status == DONE).astype(np.int64)
+    for world_size in (1, 3, 2 * len(shards) + 1):
+        expected = _slow_units(shards, complete, world_size)
+        if len(expected) < world_size:
+            continue
+        units = read_units(shards, complete, world_size)
+        assert [(u.start, u.stop, u.samples.tolist()) for u in units] == expected
+        # linear: a unit's samples are a slice of the completion array, never a masked copy of it
+        assert all(np.shares_memory(u.samples, complete) for u in units)
+
+
+def test_batches_per_epoch_counts_unit_sizes_without_shuffling_every_rank(monkeypatch):
+    import sur_cache.loader as loader_module
+
+    units = read_units([(s, s + 10) for s in range(0, 95, 10)], np.delete(np.arange(95), [3, 41, 42]))
+    expected = {
+        world: min(len(epoch_order(units, seed=4, epoch=2, rank=r, world_size=world)) for r in range(world)) // 4
+        for world in (1, 2, 3)
+    }
+
+    def no_order(*args, **kwargs):
+        raise AssertionError("batches_per_epoch built a shuffled order")
+
+    monkeypatch.setattr(loader_module, "epoch_order", no_order)
+    for world, count in expected.items():
+        assert loader_module.batches_per_epoch(units, batch_size=4, seed=4, epoch=2, world_size=world) == count
+
+
+def test_close_while_a_reader_is_busy_with_a_large_read_ends_it_cleanly(tmp_path):
+    """close() right after the first batch, while the reader reads the next units (about 30 MB each): no error, the
+    reader exits by itself (exit code 0, not killed by a signal), nothing keeps running."""
+    store = synthetic_store(
+        tmp_path / "big.zarr",
+        num_samples=192,
+        shard_rows=64,
+        clip_width=768,
+        llm_width=8,
+        latent_channels=4,
+        latent_size=8,
+        store_dtype="float32",
+    )
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        rows = {
+            name: np.ones((stop - start, *spec.row_shape), spec.dtype)
+            for name, spec in store.specs.items()
+            if name != "status"
+        }
+        store.write_shard(shard, rows, np.full(stop - start, DONE, np.uint8))
+    store = FeatureStore.open(tmp_path / "big.zarr")
+    for _ in range(2):
+        loader = _loader(store, readers=1, buffer_units=1)
+        next(loader.batches())
+        readers = multiprocessing.active_children()
+        loader.close()
+        assert [reader.exitcode for reader in readers] == [0] * len(readers)
+        assert loader.source._stream is None
+
+
+def test_a_reader_reusing_its_slots_never_serves_a_rewritten_unit(tmp_path):
+    """16 units through a ring of 6 shared slots (capacity 4 + 2 read ahead), two epochs: every row is its own."""
+    store = make_store(tmp_path / "long.zarr", num_samples=64, shard_rows=4, skipped=())
+    loader = _loader(store, readers=1, buffer_units=2, random_flip=True)
+    assert loader.source._ring == 6 < len(loader.units)
+    for batch, _ in zip(loader.batches(), range(2 * loader.batches_per_epoch(0)), strict=False):
+        ids = torch.from_numpy(batch.samples).float()
+        assert torch.equal(batch.clip_simple[:, 0, 0], ids) and torch.equal(batch.llm[:, -1], ids)
+    loader.close()
