@@ -11,8 +11,12 @@ variants 4 x 4 x 64 x 64, a pooled LLaMA-13B feature of 5120: about 378 KB. The 
   loader_cpu    whole `FeatureLoader` batches on the CPU: the above plus float32 conversion and latent sampling
   text_host     `loader_host` without latents (what the features-only mode reads)
   preload_text  `PreloadedSource` build time for the text features (the features-only fast path), as samples/s
+  memmap        the floor to beat: the same arrays as plain `.npy` memmaps (written once from the store, page cache
+                warm), the same samples and flips in the same order, one fancy-index read per array and batch;
+                printed with the ratio loader_host_reader / memmap
 
-Target (issue 3): loader >= 1,000 samples/s from a warm page cache. Rows go to bench/results/loader_<host>.csv with
+Targets: loader >= 1,000 samples/s from a warm page cache (issue 3); loader_host_reader >= 2,000 samples/s and
+never below memmap (issue 14). Rows go to bench/results/loader_<host>.csv with
 the 1-minute load average (on a shared machine, read CPU numbers with it).
 Usage: .venv/bin/python bench/bench_loader.py [--samples 3072] [--batch-size 16] [--keep DIR]
 """
@@ -32,30 +36,15 @@ import numpy as np
 import torch
 
 from sur_cache.loader import FeatureLoader, LoaderSettings, PreloadedSource, StoreSource, array_names, read_units
-from sur_cache.store import DONE, FeatureStore
+from sur_cache.store import DONE, FeatureStore, synthetic_store
 
-SD15 = {
-    "sur_cache_version": "bench",
-    "store_dtype": "float16",
-    "tokenizer_max_length": 77,
-    "clip_width": 768,
-    "llm_width": 5120,
-    "latent_channels": 4,
-    "latent_size": 64,
-    "flip_variants": True,
-    "llm_per_token": False,
-    "vae_scaling_factor": 0.18215,
-}
+SD15 = dict(clip_width=768, llm_width=5120, latent_channels=4, latent_size=64, flip_variants=True)
 RESULTS = Path(__file__).parent / "results"
 
 
-def build_store(
-    path: Path, samples: int, shard_rows: int, chunk_rows: int = 1, manifest: dict | None = None
-) -> FeatureStore:
-    """Random features (SD 1.5 shapes unless `manifest` says otherwise) written through `FeatureStore.write_shard`."""
-    store = FeatureStore.create(
-        str(path), manifest or SD15, num_samples=samples, shard_rows=shard_rows, chunk_rows=chunk_rows
-    )
+def build_store(path: Path, samples: int, shard_rows: int, chunk_rows: int = 1) -> FeatureStore:
+    """Random features at SD 1.5 shapes written through `FeatureStore.write_shard`."""
+    store = synthetic_store(str(path), num_samples=samples, shard_rows=shard_rows, chunk_rows=chunk_rows, **SD15)
     rng = np.random.default_rng(0)
     for shard, (start, stop) in enumerate(store.shard_ranges()):
         rows = {
@@ -106,6 +95,39 @@ def time_fetch(store: FeatureStore, batch_size: int, latents: bool, buffer_units
     return count * batch_size / (time.perf_counter() - started)
 
 
+def write_memmaps(store: FeatureStore, folder: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Every named array as a `.npy` memmap in `folder`, copied shard by shard from the store, read once (warm)."""
+    arrays = {}
+    for name in names:
+        spec = store.specs[name]
+        path = folder / f"{name}.npy"
+        array = np.lib.format.open_memmap(path, "w+", spec.dtype, (store.num_samples, *spec.row_shape))
+        for start, stop in store.shard_ranges():
+            array[start:stop] = store.read([name], start, stop)[name]
+        array.flush()
+        arrays[name] = np.load(path, mmap_mode="r")
+        np.asarray(arrays[name]).sum()  # into the page cache, as the store was
+    return arrays
+
+
+def time_memmap(store: FeatureStore, folder: Path, batch_size: int, buffer_units: int) -> float:
+    """The loader's samples and flips in the loader's order, read from plain memmaps (see `write_memmaps`)."""
+    loader = _loader(store, batch_size, True, buffer_units)
+    order, count = loader.order(0), loader.batches_per_epoch(0)
+    flips = np.random.default_rng(0).random(len(order)) < 0.5
+    arrays = write_memmaps(store, folder, array_names(latents=True, flips=True))
+    outputs = [name for name in arrays if not name.endswith("_flipped")]
+    started = time.perf_counter()
+    for k in range(count):
+        samples, flipped = order[k * batch_size : (k + 1) * batch_size], flips[k * batch_size : (k + 1) * batch_size]
+        for name in outputs:
+            rows = arrays[name][samples]
+            if f"{name}_flipped" in arrays:
+                rows[flipped] = arrays[f"{name}_flipped"][samples[flipped]]
+            torch.from_numpy(rows)
+    return count * batch_size / (time.perf_counter() - started)
+
+
 def time_preload(store: FeatureStore) -> float:
     units = read_units(store.shard_ranges(), store.complete_indices())
     started = time.perf_counter()
@@ -131,7 +153,7 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
             else build_store(path, samples, shard_rows, chunk_rows)
         )
         print(
-            f"store: {store.num_samples} samples, {store.nbytes_stored() / 2**30:.2f} GiB, "
+            f"store: {store.num_samples} samples, {store.describe()['bytes_stored'] / 2**30:.2f} GiB, "
             f"written in {time.perf_counter() - started:.1f} s"
         )
         time_store_read(store)  # warm the page cache
@@ -142,6 +164,7 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
             ("loader_cpu", time_loader(store, batch_size, buffer_units=buffer_shards)),
             ("text_host", time_fetch(store, batch_size, latents=False, buffer_units=buffer_shards)),
             ("preload_text", time_preload(store)),
+            ("memmap", time_memmap(store, folder, batch_size, buffer_shards)),
         ]
     finally:
         if keep is None:
@@ -168,9 +191,11 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
                     torch.__version__,
                 ]
             )
-    print(f"{'metric':<14}{'samples/s':>12}   ({machine}, load {load:.2f})")
+    print(f"{'metric':<20}{'samples/s':>12}   ({machine}, load {load:.2f})")
     for metric, rate in rows:
-        print(f"{metric:<14}{rate:>12,.0f}")
+        print(f"{metric:<20}{rate:>12,.0f}")
+    rates = dict(rows)
+    print(f"loader_host_reader / memmap = {rates['loader_host_reader'] / rates['memmap']:.2f}")
     print(f"wrote {out}")
 
 
