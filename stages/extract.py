@@ -42,7 +42,7 @@ from sur_cache.models import (
     DTYPES,
     LLM_LAYER_SOURCE,
     LLM_SOURCE,
-    SD_SOURCE,
+    SDModelFacts,
     encode_clip,
     encode_llm,
     encode_vae,
@@ -52,8 +52,22 @@ from sur_cache.models import (
     model_fingerprint,
     naming_the_source,
     resolve_llm,
+    sd_model_facts,
 )
-from sur_cache.store import DONE, SKIPPED, FeatureStore, StoreURLError, in_process_only, writer_lock
+from sur_cache.store import (
+    DONE,
+    SKIPPED,
+    Columns,
+    FeatureStore,
+    FileRef,
+    Manifest,
+    ModelRef,
+    StoreURLError,
+    in_process_only,
+    name_bytes,
+    names_sha256,
+    writer_lock,
+)
 
 _IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
 
@@ -69,14 +83,9 @@ class _ShardState:
 
 
 @dataclass(frozen=True)
-class _Shapes:
-    """The shape facts of the models, read from their configs without loading weights."""
+class _Teacher:
+    """The LLM feature's width and layer (resolved, 0-based; None for a feature file), read without loading weights."""
 
-    clip_width: int
-    tokenizer_max_length: int
-    latent_channels: int
-    latent_size: int
-    vae_scaling_factor: float
     llm_width: int
     llm_layer: int | None
 
@@ -144,35 +153,26 @@ def _read_rows(config: ExtractConfig, llm_table: dict | None) -> tuple[list[Row]
     return rows, bad
 
 
-def _model_shapes(config: ExtractConfig, llm_table: dict | None) -> _Shapes:
-    from diffusers import AutoencoderKL
-    from transformers import AutoConfig, CLIPTextConfig, CLIPTokenizer
+def _sd_facts(config: ExtractConfig) -> SDModelFacts:
+    facts = sd_model_facts(config.sd)
+    if config.resolution % facts.vae_downsampling:
+        raise ValueError(
+            f"--resolution {config.resolution} must be a multiple of the VAE's downsampling {facts.vae_downsampling}"
+        )
+    return facts
 
-    with naming_the_source("--sd", config.sd, f"{SD_SOURCE} with tokenizer/, text_encoder/ and vae/"):
-        clip = CLIPTextConfig.from_pretrained(config.sd, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(config.sd, subfolder="tokenizer")
-        vae = AutoencoderKL.load_config(config.sd, subfolder="vae")
-    downsample = 2 ** (len(vae["block_out_channels"]) - 1)
-    if config.resolution % downsample:
-        raise ValueError(f"--resolution {config.resolution} must be a multiple of the VAE's downsampling {downsample}")
+
+def _teacher(config: ExtractConfig, llm_table: dict | None) -> _Teacher:
     if llm_table is not None:
-        llm_width, layer = next(iter(llm_table.values())).shape[0], None
-    else:
-        with naming_the_source("--llm", config.llm, LLM_SOURCE):
-            llm = AutoConfig.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
-        count = llm.num_hidden_layers
-        if not -count <= config.llm_layer < count:
-            raise ValueError(f"--llm-layer {config.llm_layer} is out of range: {config.llm} has {count} layers")
-        llm_width, layer = llm.hidden_size, config.llm_layer % count
-    return _Shapes(
-        clip_width=clip.hidden_size,
-        tokenizer_max_length=tokenizer.model_max_length,
-        latent_channels=vae["latent_channels"],
-        latent_size=config.resolution // downsample,
-        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        llm_width=llm_width,
-        llm_layer=layer,
-    )
+        return _Teacher(next(iter(llm_table.values())).shape[0], None)
+    from transformers import AutoConfig
+
+    with naming_the_source("--llm", config.llm, LLM_SOURCE):
+        llm = AutoConfig.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
+    count = llm.num_hidden_layers
+    if not -count <= config.llm_layer < count:
+        raise ValueError(f"--llm-layer {config.llm_layer} is out of range: {config.llm} has {count} layers")
+    return _Teacher(llm.hidden_size, config.llm_layer % count)
 
 
 def _sd_dtype(config: ExtractConfig, device: torch.device) -> str:
@@ -181,14 +181,14 @@ def _sd_dtype(config: ExtractConfig, device: torch.device) -> str:
     return "float16" if device.type == "cuda" else "float32"
 
 
-def _sd_fingerprint(sd: str) -> dict:
+def _sd_fingerprint(sd: str) -> ModelRef:
     """One revision for the three SD parts we use (tokenizer, text encoder, VAE), not the UNet we never load."""
     parts = [model_fingerprint(sd, sub) for sub in ("tokenizer", "text_encoder", "vae")]
     revisions = {part["revision"] for part in parts}
     if len(revisions) == 1:  # a hub commit covers all parts
-        return {"id": sd, "revision": revisions.pop()}
+        return ModelRef(sd, revisions.pop())
     combined = hashlib.sha256("\n".join(part["revision"] for part in parts).encode()).hexdigest()
-    return {"id": str(Path(sd).resolve()) if Path(sd).exists() else sd, "revision": f"sha256:{combined}"}
+    return ModelRef(str(Path(sd).resolve()) if Path(sd).exists() else sd, f"sha256:{combined}")
 
 
 def _teacher_fields(config: ExtractConfig) -> dict[str, Any]:
@@ -196,67 +196,64 @@ def _teacher_fields(config: ExtractConfig) -> dict[str, Any]:
     if config.llm_features is not None:
         digest = hashlib.sha256(Path(config.llm_features).read_bytes()).hexdigest()
         return {
-            "llm_features_file": {"path": str(Path(config.llm_features).resolve()), "sha256": digest},
+            "llm_model": None,
+            "llm_features_file": FileRef(str(Path(config.llm_features).resolve()), digest),
             "llm_layer_source": "llm_features_file",
             **dict.fromkeys(("llm_pooling", "llm_8bit", "llm_dtype", "llm_batch_size")),
         }
     return {
-        "llm_model": model_fingerprint(config.llm),
+        "llm_model": ModelRef(**model_fingerprint(config.llm)),
+        "llm_features_file": None,
         "llm_layer_source": LLM_LAYER_SOURCE,
         "llm_pooling": config.llm_pooling,
         "llm_8bit": config.llm_8bit,
-        # with 8-bit weights the dtype still sets the non-quantised parts (embeddings, norms), so it is recorded too
         "llm_dtype": config.llm_dtype,
-        "llm_batch_size": config.llm_batch_size,  # batched math differs in the last bits across batch compositions
+        "llm_batch_size": config.llm_batch_size,
     }
 
 
-def build_manifest(config: ExtractConfig, rows: list[Row], shapes: _Shapes, device: torch.device) -> dict[str, Any]:
-    """Everything that decides the stored numbers; a resumed run must match it field by field."""
-    return {
-        "sur_cache_version": __version__,
-        "sd_model": _sd_fingerprint(config.sd),
+def build_manifest(
+    config: ExtractConfig, rows: list[Row], sd: SDModelFacts, teacher: _Teacher, device: torch.device
+) -> Manifest:
+    """Everything that decides the stored numbers and the layout; a resumed run must match it field by field."""
+    names = [row.file_name for row in rows]
+    return Manifest(
+        sur_cache_version=__version__,
+        sd_model=_sd_fingerprint(config.sd),
+        sd_dtype=_sd_dtype(config, device),
         **_teacher_fields(config),
-        "sd_dtype": _sd_dtype(config, device),
-        "llm_layer": shapes.llm_layer,
-        "llm_per_token": config.llm_per_token,
-        "resolution": config.resolution,
-        "crop": config.crop,
-        "crop_seed": config.seed,
-        "flip_variants": config.flip_variants,
-        "store_dtype": config.store_dtype,
-        "tokenizer_max_length": shapes.tokenizer_max_length,
-        "dataset_path": str(Path(config.data).resolve()),
-        "metadata_sha256": metadata_sha256(config.data),
-        "columns": {"text": config.text_column, "prompt": config.prompt_column, "image": config.image_column},
-        "num_samples": len(rows),
-        "file_names": [row.file_name for row in rows],
-        "clip_width": shapes.clip_width,
-        "llm_width": shapes.llm_width,
-        "latent_channels": shapes.latent_channels,
-        "latent_size": shapes.latent_size,
-        "vae_scaling_factor": shapes.vae_scaling_factor,
-        # batched math differs in the last bits across batch compositions
-        "batch_size": config.batch_size,
-        "shard_rows": config.shard_rows,
-        "chunk_rows": min(config.chunk_rows, config.shard_rows),
-        "compression": config.compression,
-    }
+        llm_layer=teacher.llm_layer,
+        llm_per_token=config.llm_per_token,
+        resolution=config.resolution,
+        crop=config.crop,
+        crop_seed=config.seed,
+        flip_variants=config.flip_variants,
+        batch_size=config.batch_size,
+        dataset_path=str(Path(config.data).resolve()),
+        metadata_sha256=metadata_sha256(config.data),
+        columns=Columns(config.text_column, config.prompt_column, config.image_column),
+        num_samples=len(rows),
+        file_names_sha256=names_sha256(names),
+        file_name_bytes=name_bytes(names),
+        tokenizer_max_length=sd.tokenizer_max_length,
+        clip_width=sd.clip_width,
+        llm_width=teacher.llm_width,
+        latent_channels=sd.latent_channels,
+        latent_size=config.resolution // sd.vae_downsampling,
+        vae_scaling_factor=sd.vae_scaling_factor,
+        store_dtype=config.store_dtype,
+        shard_rows=config.shard_rows,
+        chunk_rows=min(config.chunk_rows, config.shard_rows),
+        compression=config.compression,
+    )
 
 
-def _open_store(config: ExtractConfig, manifest: dict[str, Any], num_samples: int) -> FeatureStore:
+def _open_store(config: ExtractConfig, manifest: Manifest, rows: list[Row]) -> FeatureStore:
     if FeatureStore.exists(config.out) and not config.overwrite:
         store = FeatureStore.open(config.out, mode="r+", expected=manifest)
     else:
-        store = FeatureStore.create(
-            config.out,
-            manifest,
-            num_samples,
-            config.shard_rows,
-            overwrite=config.overwrite,
-            chunk_rows=config.chunk_rows,
-            compression=config.compression,
-        )
+        names = [row.file_name for row in rows]
+        store = FeatureStore.create(config.out, manifest, names, overwrite=config.overwrite)
     store.remove_partial_files()
     return store
 
@@ -281,17 +278,18 @@ def _batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
 class _ImageTextEncoder:
     """CLIP of both prompts, the VAE's latent distribution (and its mirror), hashes and truncation flags."""
 
-    def __init__(self, config: ExtractConfig, manifest: dict, rows: list[Row], device: torch.device, workers: int):
-        dtype = DTYPES[manifest["sd_dtype"]]
-        self.config, self.rows, self.device = config, rows, device
+    def __init__(self, config: ExtractConfig, manifest: Manifest, rows: list[Row], device: torch.device, workers: int):
+        dtype = DTYPES[manifest.sd_dtype]
+        self.config, self.manifest, self.rows, self.device = config, manifest, rows, device
         self.tokenizer, self.text_encoder = load_clip(config.sd, device=device, dtype=dtype)
         self.vae = load_vae(config.sd, device=device, dtype=dtype)
-        self.dataset = ImageDataset(rows, config.resolution, config.crop, config.seed, flip=config.flip_variants)
+        flip = manifest.flip_variants
+        self.dataset = ImageDataset(rows, manifest.resolution, manifest.crop, manifest.crop_seed, flip=flip)
         self.workers = workers
 
     def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
         """One dict of arrays per shard, in order; decode failures mark the shard's samples SKIPPED."""
-        per_shard = [_batches(s.start, s.stop, self.config.batch_size) for s in shards]
+        per_shard = [_batches(s.start, s.stop, self.manifest.batch_size) for s in shards]
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=[list(range(a, b)) for batches in per_shard for a, b in batches],
@@ -325,7 +323,7 @@ class _ImageTextEncoder:
             "text_sha256": np.stack([digest_array(text_sha256(r.text)) for r in rows]),
             "prompt_sha256": np.stack([digest_array(text_sha256(r.prompt)) for r in rows]),
         }
-        if self.config.flip_variants:
+        if self.manifest.flip_variants:
             flipped = encode_vae(self.vae, batch["pixels_flipped"].to(self.device))
             out["latent_mean_flipped"] = flipped.mean.cpu().numpy()
             out["latent_logvar_flipped"] = flipped.logvar.cpu().numpy()
@@ -343,19 +341,19 @@ class _ImageTextEncoder:
 class _LLMEncoder:
     """One LLM layer's hidden states of the simple prompts, pooled (and per token if asked)."""
 
-    def __init__(self, config: ExtractConfig, manifest: dict, rows: list[Row], device: torch.device):
-        self.config, self.manifest, self.rows = config, manifest, rows
+    def __init__(self, config: ExtractConfig, manifest: Manifest, rows: list[Row], device: torch.device):
+        self.manifest, self.rows = manifest, rows
         self.tokenizer, self.model = load_llm(
             config.llm,
-            load_in_8bit=config.llm_8bit,
-            dtype=DTYPES[config.llm_dtype],
+            load_in_8bit=manifest.llm_8bit,
+            dtype=DTYPES[manifest.llm_dtype],
             device=device,
             trust_remote_code=config.trust_remote_code,
         )
 
     def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
         for shard in shards:
-            batches = _batches(shard.start, shard.stop, self.config.llm_batch_size)
+            batches = _batches(shard.start, shard.stop, self.manifest.llm_batch_size)
             parts = [self._encode_batch(a, b) for a, b in batches]
             progress.update(shard.stop - shard.start)
             yield {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -365,13 +363,13 @@ class _LLMEncoder:
             self.tokenizer,
             self.model,
             [row.text for row in self.rows[start:stop]],
-            layer=self.manifest["llm_layer"],
-            pooling=self.config.llm_pooling,
-            per_token=self.config.llm_per_token,
-            max_length=self.manifest["tokenizer_max_length"],
+            layer=self.manifest.llm_layer,
+            pooling=self.manifest.llm_pooling,
+            per_token=self.manifest.llm_per_token,
+            max_length=self.manifest.tokenizer_max_length,
         )
         out = {"llm": features.pooled.cpu().numpy()}
-        if self.config.llm_per_token:
+        if self.manifest.llm_per_token:
             out["llm_tokens"], out["llm_mask"] = features.tokens.cpu().numpy(), features.mask.cpu().numpy()
         return out
 
@@ -431,7 +429,9 @@ def _write(store: FeatureStore, shard_index: int, shard: _ShardState, arrays: di
     store.write_arrays(shard_index, arrays)
 
 
-def _skip_non_finite(shard: _ShardState, arrays: dict[str, np.ndarray], rows: list[Row], config: ExtractConfig) -> None:
+def _skip_non_finite(
+    shard: _ShardState, arrays: dict[str, np.ndarray], rows: list[Row], config: ExtractConfig, store_dtype: str
+) -> None:
     """Mark SKIPPED every sample with a NaN or inf in a feature, counting values that overflow the store's dtype.
 
     An fp16 VAE can return NaNs and an fp16 store turns values above 65504 into inf; stored as done, either would
@@ -439,7 +439,7 @@ def _skip_non_finite(shard: _ShardState, arrays: dict[str, np.ndarray], rows: li
     """
     with np.errstate(over="ignore", invalid="ignore"):
         finite = [
-            np.isfinite(a.astype(config.store_dtype)).reshape(len(a), -1).all(axis=1)
+            np.isfinite(a.astype(store_dtype)).reshape(len(a), -1).all(axis=1)
             for name, a in arrays.items()
             if name not in _IDENTITY_ARRAYS and a.dtype.kind == "f"
         ]
@@ -450,7 +450,7 @@ def _skip_non_finite(shard: _ShardState, arrays: dict[str, np.ndarray], rows: li
         if config.strict:
             raise ValueError(f"--strict: line {row.line} ({row.file_name}): a feature is NaN or inf")
         shard.status[offset] = SKIPPED
-        detail = f"a feature is NaN or inf in {config.store_dtype}"
+        detail = f"a feature is NaN or inf in {store_dtype}"
         shard.skipped.append(asdict(BadRow(row.line, row.file_name, "non_finite_feature", detail)))
 
 
@@ -470,7 +470,7 @@ def _extract_shards(
             encoder, commit, pending = make_encoder(), number == len(passes) - 1, None
             with tqdm(total=total, unit="sample", desc=label, disable=not show_progress, dynamic_ncols=True) as bar:
                 for index, state, arrays in zip(mine, states, encoder.encode(states, bar), strict=True):
-                    _skip_non_finite(state, arrays, rows, config)
+                    _skip_non_finite(state, arrays, rows, config, store.manifest.store_dtype)
                     if pending is not None:
                         pending.result()  # at most one shard waits for the disk: memory stays at two shards
                     pending = writer.submit(_write_shard, store, index, state, arrays, commit)
@@ -510,10 +510,10 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     rows, bad = _read_rows(config, llm_table)
     if not state.is_main_process:
         return _write_store(config, state, rows, device, llm_table, started)
-    manifest = build_manifest(config, rows, _model_shapes(config, llm_table), device)
+    manifest = build_manifest(config, rows, _sd_facts(config), _teacher(config, llm_table), device)
     FeatureStore.refuse_foreign(config.out)  # before the lock file goes in: never into a folder that is not ours
     with writer_lock(config.out):  # the main process holds it for the whole run; the other ranks share it
-        store = _open_store(config, manifest, len(rows))
+        store = _open_store(config, manifest, rows)
         store.write_skipped(None, [asdict(b) for b in bad])
         return _write_store(config, state, rows, device, llm_table, started, store)
 
@@ -539,9 +539,8 @@ def _write_store(config, state, rows, device, llm_table, started, store=None) ->
 
 
 def _summarise(store: FeatureStore, pending: list[int], seconds: float) -> dict[str, Any]:
+    """The store's counts and truncations (from its commit markers: no array is read) and this run's speed."""
     summary = store.summary()
-    done = store.status() == DONE
-    truncated = store.array("truncated")[:][done]
     ranges = store.shard_ranges()
     computed = sum(ranges[i][1] - ranges[i][0] for i in pending)
     summary.update(
@@ -549,7 +548,7 @@ def _summarise(store: FeatureStore, pending: list[int], seconds: float) -> dict[
         computed_now=computed,
         seconds=round(seconds, 2),
         samples_per_second=round(computed / seconds, 2) if seconds > 0 else None,
-        truncated={"simple": int(truncated[:, 0].sum()), "complex": int(truncated[:, 1].sum())},
+        truncated=store.truncated_counts(),
     )
     return summary
 

@@ -57,7 +57,7 @@ from sur_cache.loader import (
     read_units,
 )
 from sur_cache.losses import alignment_loss, compute_snr, denoising_loss, denoising_target, distillation_loss
-from sur_cache.store import FeatureStore
+from sur_cache.store import FeatureStore, Manifest
 from sur_cache.train_log import StepLog, plot_losses
 
 CHECKPOINTS = "checkpoints"
@@ -149,7 +149,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     store = FeatureStore.open(config.store, mode="r")
     manifest = store.manifest
     check_manifest(manifest, config.sd, store.url)
-    if config.random_flip and not manifest["flip_variants"]:
+    if config.random_flip and not manifest.flip_variants:
         raise ValueError(
             f"--random-flip: {store.url} holds no flipped latents; extract with --flip-variants or drop --random-flip"
         )
@@ -280,17 +280,17 @@ def _build_loader(config: TrainConfig, store: FeatureStore, accelerator, units: 
         buffer_units=config.buffer_shards,
         random_flip=config.random_flip,
         latents=not config.features_only,
-        scaling_factor=float(store.manifest["vae_scaling_factor"]),
+        scaling_factor=store.manifest.vae_scaling_factor,
         rank=rank,
         world_size=world,
     )
     return FeatureLoader(source, units, settings, accelerator.device)
 
 
-def _adapter_config(config: TrainConfig, manifest: dict, device: torch.device) -> AdapterConfig:
+def _adapter_config(config: TrainConfig, manifest: Manifest, device: torch.device) -> AdapterConfig:
     return AdapterConfig(
-        width=int(manifest["clip_width"]),
-        llm_width=int(manifest["llm_width"]),
+        width=manifest.clip_width,
+        llm_width=manifest.llm_width,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
         feedforward=config.feedforward,

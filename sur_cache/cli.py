@@ -61,6 +61,7 @@ def main() -> None:
     \b
     extract           dataset -> Zarr feature store (LLM, CLIP, VAE run once)
     inspect, verify   read a store's manifest and check its checksums
+    migrate           convert a store of sur-cache 0.1.0 (schema 1) to this release's format
     train             feature store -> trained adapter (the frozen encoders are never loaded)
     generate          images from short prompts with a trained adapter
     import-reference  a reference adapter_checkpoint*.pt -> a sur-cache adapter folder
@@ -368,6 +369,20 @@ def verify_command(store: str) -> None:
         f"ok: {checked} arrays, {opened.num_samples} samples, every chunk's checksum matches, "
         "every complete sample is finite"
     )
+
+
+@main.command("migrate")
+@click.argument("store")
+def migrate_command(store: str) -> None:
+    """Convert a feature store written by sur-cache 0.1.0 (schema 1) in place to this release's schema.
+
+    Crash-safe: the new arrays and commit markers are written first and the store's zarr.json last, atomically, so
+    a migration that stops can be run again. Feature data is never rewritten.
+    """
+    from sur_cache.store import SCHEMA_VERSION, migrate
+
+    converted = migrate(store)
+    click.echo(f"{store}: {'migrated to' if converted else 'already'} schema {SCHEMA_VERSION}")
 
 
 @main.command("demo-assets")

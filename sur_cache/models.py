@@ -38,6 +38,7 @@ SD_SOURCE = "a diffusers Stable Diffusion folder or hub id"
 LLM_SOURCE = f"a hub id, a local model folder, or one of the aliases {', '.join(LLM_ALIASES)}"
 
 LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
+DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
 
 Pooling = Literal["mean", "last"]
 
@@ -130,6 +131,82 @@ def load_llm(
     if not load_in_8bit:
         model = model.to(device)
     return tokenizer, _frozen(model)
+
+
+@dataclass(frozen=True)
+class SDModelFacts:
+    """What a Stable Diffusion model's config files say about the features it takes and gives (no weights loaded).
+
+    The UNet and scheduler facts are None for a folder without `unet/` or `scheduler/` (extract needs neither).
+    """
+
+    clip_width: int  # text_encoder hidden_size
+    tokenizer_max_length: int  # tokenizer model_max_length (77 for SD's CLIP)
+    latent_channels: int  # vae latent_channels
+    vae_downsampling: int  # 2 ** (number of VAE down blocks - 1): pixels per latent cell along each side
+    vae_scaling_factor: float
+    unet_in_channels: int | None
+    unet_sample_size: int | None  # latent cells per side the UNet was trained at
+    cross_attention_dim: int | None  # the text-embedding width the UNet expects
+    prediction_type: str | None  # scheduler's: epsilon, v_prediction, ...
+
+
+_SD_CONFIGS = {  # part -> its config file, and whether every use of an SD model needs it
+    "text_encoder": ("config.json", True),
+    "tokenizer": ("tokenizer_config.json", True),
+    "vae": ("config.json", True),
+    "unet": ("config.json", False),
+    "scheduler": ("scheduler_config.json", False),
+}
+
+
+def sd_model_facts(sd: str) -> SDModelFacts:
+    """The facts of the SD model `sd` (a diffusers folder or hub id) from its parts' config files only.
+
+    A missing required config is an OSError naming `--sd`; used by extract (the store's shapes), train (the store
+    must fit the model) and generate.
+    """
+    configs = {part: _sd_config(sd, part, name, required) for part, (name, required) in _SD_CONFIGS.items()}
+    text, tokenizer, vae = configs["text_encoder"], configs["tokenizer"], configs["vae"]
+    unet, scheduler = configs["unet"] or {}, configs["scheduler"] or {}
+    if not isinstance(tokenizer.get("model_max_length"), int):
+        raise OSError(f"--sd {sd}: tokenizer/tokenizer_config.json names no model_max_length (77 for SD's CLIP)")
+    return SDModelFacts(
+        clip_width=int(text["hidden_size"]),
+        tokenizer_max_length=tokenizer["model_max_length"],
+        latent_channels=int(vae["latent_channels"]),
+        vae_downsampling=2 ** (len(vae["block_out_channels"]) - 1),
+        vae_scaling_factor=float(vae.get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR)),
+        unet_in_channels=unet.get("in_channels"),
+        unet_sample_size=unet.get("sample_size"),
+        cross_attention_dim=unet.get("cross_attention_dim"),
+        prediction_type=scheduler.get("prediction_type"),
+    )
+
+
+def _sd_config(sd: str, part: str, name: str, required: bool) -> dict | None:
+    """`<sd>/<part>/<name>` as a dict, from a local folder or the hub (that file only); None if absent and optional."""
+    import json
+
+    local = Path(sd) / part / name
+    if Path(sd).is_dir() and not local.is_file():
+        if required:
+            raise OSError(f"--sd {sd}: cannot load it as {SD_SOURCE}: {part}/{name} is missing")
+        return None
+    if not Path(sd).is_dir():
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+        with naming_the_source("--sd", sd, f"{SD_SOURCE} with {part}/{name}"):
+            try:
+                local = Path(hf_hub_download(sd, name, subfolder=part))
+            except HFValidationError as error:  # neither a folder nor a valid hub id
+                raise OSError(str(error)) from error
+            except EntryNotFoundError:
+                if required:
+                    raise
+                return None
+    return json.loads(local.read_text())
 
 
 @contextmanager

@@ -8,13 +8,13 @@ online run trains on exactly the batches a cached run would, and comparing the t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from sur_cache.dataset import ImageDataset, metadata_sha256, read_metadata
 from sur_cache.models import DTYPES, encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+from sur_cache.store import Manifest, names_sha256
 
 
 class OnlineSource:
@@ -22,7 +22,7 @@ class OnlineSource:
 
     def __init__(
         self,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         data: Path,
         sd: str,
         *,
@@ -32,22 +32,19 @@ class OnlineSource:
     ) -> None:
         self.manifest, self.device = manifest, torch.device(device)
         self.rows = _matching_rows(manifest, Path(data))
-        sd_dtype = DTYPES[manifest.get("sd_dtype", "float32")]
+        sd_dtype = DTYPES[manifest.sd_dtype]
         self.tokenizer, self.text_encoder = load_clip(sd, device=self.device, dtype=sd_dtype)
         self.vae = load_vae(sd, device=self.device, dtype=sd_dtype) if latents else None
-        self.dataset = ImageDataset(self.rows, manifest["resolution"], manifest["crop"], manifest["crop_seed"])
+        self.dataset = ImageDataset(self.rows, manifest.resolution, manifest.crop, manifest.crop_seed)
         teacher = _teacher_id(manifest)
         self.llm_tokenizer, self.llm = load_llm(
-            llm or teacher,
-            load_in_8bit=bool(manifest["llm_8bit"]),
-            dtype=DTYPES[manifest.get("llm_dtype") or "float16"],
-            device=self.device,
+            llm or teacher, load_in_8bit=manifest.llm_8bit, dtype=DTYPES[manifest.llm_dtype], device=self.device
         )
         width = getattr(self.llm.config, "hidden_size", None)
-        if width != manifest["llm_width"]:
+        if width != manifest.llm_width:
             raise ValueError(
                 f"--llm {llm or teacher}: its hidden size is {width}, the store's LLM features are "
-                f"{manifest['llm_width']} wide; pass the store's teacher ({teacher}) or drop --llm"
+                f"{manifest.llm_width} wide; pass the store's teacher ({teacher}) or drop --llm"
             )
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
@@ -60,9 +57,9 @@ class OnlineSource:
                 self.llm_tokenizer,
                 self.llm,
                 texts,
-                layer=self.manifest["llm_layer"],
-                pooling=self.manifest["llm_pooling"],
-                max_length=self.manifest["tokenizer_max_length"],
+                layer=self.manifest.llm_layer,
+                pooling=self.manifest.llm_pooling,
+                max_length=self.manifest.tokenizer_max_length,
             ).pooled,
         }
         if self.vae is not None:
@@ -77,27 +74,25 @@ class OnlineSource:
         return {name: tensor.float() for name, tensor in features.items()}
 
 
-def _teacher_id(manifest: dict[str, Any]) -> str:
-    if "llm_model" not in manifest:
+def _teacher_id(manifest: Manifest) -> str:
+    if manifest.llm_model is None:
         raise ValueError(
             "--online recomputes the LLM features, but this store's came from a feature file (llm_features_file "
             "in its manifest), which no model reproduces; train from the cache instead"
         )
-    return manifest["llm_model"]["id"]
+    return manifest.llm_model.id
 
 
-def _matching_rows(manifest: dict[str, Any], data: Path) -> list:
+def _matching_rows(manifest: Manifest, data: Path) -> list:
     """The dataset's usable rows, refusing a dataset other than the one the store was extracted from."""
-    if metadata_sha256(data) != manifest["metadata_sha256"]:
+    if metadata_sha256(data) != manifest.metadata_sha256:
         raise ValueError(
             f"--data {data}: metadata.jsonl differs from the one the store was extracted from "
-            f"({manifest['dataset_path']}); pass that dataset folder"
+            f"({manifest.dataset_path}); pass that dataset folder"
         )
-    columns = manifest["columns"]
-    rows, _ = read_metadata(
-        data, text_column=columns["text"], prompt_column=columns["prompt"], image_column=columns["image"]
-    )
-    if [row.file_name for row in rows] != list(manifest["file_names"]):
+    columns = manifest.columns
+    rows, _ = read_metadata(data, text_column=columns.text, prompt_column=columns.prompt, image_column=columns.image)
+    if names_sha256([row.file_name for row in rows]) != manifest.file_names_sha256:
         raise ValueError(
             f"--data {data}: its usable rows differ from the store's samples (an image was added or removed since "
             "extraction); re-extract the store or restore the dataset"

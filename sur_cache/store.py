@@ -1,15 +1,19 @@
-"""The feature store: one Zarr v3 group per extraction run, self-described by a manifest in its attributes.
+"""The feature store: one Zarr v3 group per extraction run, self-described by a typed manifest in its attributes.
 
-Layout (sample axis first in every array; N = number of dataset rows that passed the metadata checks):
+Layout (sample axis first in every array; N = number of dataset rows that passed the metadata checks; the names in
+brackets are the arrays' Zarr dimension names, one length per name across the store):
 
-    clip_simple, clip_complex   [N, L, clip_width]              store dtype (L = tokenizer_max_length, 77)
-    latent_mean, latent_logvar  [N, c, s, s]                    store dtype (+ *_flipped with flip variants)
-    llm                         [N, llm_width]                  store dtype (+ llm_tokens [N, L, D], llm_mask [N, L])
-    sample_line                 [N] int64                       0-based line in metadata.jsonl
-    truncated                   [N, 2] bool                     CLIP truncated the (simple, complex) prompt
-    crop_offset                 [N, 2] int32                    (top, left) of the crop in the resized image
-    image_sha256, text_sha256, prompt_sha256  [N, 32] uint8     content hashes
-    status                      [N] uint8                       0 pending, 1 done, 2 skipped
+    clip_simple, clip_complex   [sample, token, clip_width]                        store dtype (token = 77)
+    latent_mean, latent_logvar  [sample, latent_channel, latent_y, latent_x]       store dtype (+ *_flipped)
+    llm                         [sample, llm_width]                                store dtype
+    llm_tokens, llm_mask        [sample, token, llm_width], [sample, token]        store dtype, bool (per-token)
+    sample_line                 [sample] int64                   0-based line in metadata.jsonl
+    truncated                   [sample, prompt] bool            CLIP truncated the (simple, complex) prompt
+    crop_offset                 [sample, crop_axis] int32        (top, left) of the crop in the resized image
+    image_sha256, text_sha256, prompt_sha256  [sample, hash_byte] uint8   content hashes
+    file_name                   [sample, file_name_byte] uint8   the image's file name, UTF-8, zero-padded
+    status                      [sample] uint8                   0 pending, 1 done, 2 skipped
+    commits/                    one commit marker per committed shard: `<shard>-<done>-<skipped>.json`
 
 Every array is sharded along the sample axis at `shard_rows` samples: a shard is one file, written whole by one
 writer, so concurrent processes never share a file. Inside a shard, feature arrays are chunked at `chunk_rows`
@@ -17,26 +21,39 @@ samples (16 by default: whole-shard reads, what the loader does, run near the sp
 single random sample still decodes only 16; docs/store.md has the measurements), uncompressed by default (fp16
 features barely compress), and every chunk and every shard index carries a crc32c checksum.
 
-The writer of a shard writes all its arrays first and its `status` slice last (the commit); a shard whose status is
-not final is recomputed from scratch, so a crash at any point loses at most the shards in flight and the result
-stays bit-identical to an uninterrupted run. Local writes go to a `*.partial` file renamed into place (zarr's
-LocalStore), so a killed write never leaves a torn shard; `remove_partial_files` sweeps the leftovers. There is
+The manifest (`Manifest`) is the group's attributes, a few KB whatever N is: everything O(N) (names, lines, hashes)
+is an array. `create` writes the manifest, every array, the names, then the whole status array (all pending).
+
+The writer of a shard writes all its arrays first, then its `status` slice, then its commit marker (the commit);
+a shard without a marker is pending, whatever its status slice says, and is recomputed from scratch, so a crash at
+any point loses at most the shards in flight and the result stays bit-identical to an uninterrupted run. The
+markers are the store's shard-level summary: their names carry each shard's done and skipped counts, so the
+resume scan, `summary` and `complete_indices` cost one folder listing (plus the markers of shards with a skipped
+sample), never a read of the status array. Local writes go to a `*.partial` file renamed into place (zarr's
+LocalStore), so a killed write never leaves a torn file; `remove_partial_files` sweeps the leftovers. There is
 no fsync: a process crash is covered, a power loss may lose the page cache's last writes.
+
+Schema 1 (sur-cache 0.1.0) kept the file names in the manifest and left unwritten status shards absent;
+`migrate` converts such a store in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import re
 import socket
 import time
+import typing
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,39 +64,23 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-SCHEMA_VERSION = 2  # 2: the manifest carries a store id and field checksums; status is written whole at creation
+SCHEMA_VERSION = 2  # 2: a typed manifest with a store id and field checksums, names in an array, commit markers
 PENDING, DONE, SKIPPED = 0, 1, 2
 SKIPPED_DIR = "skipped"  # per-writer skip reports, one JSON-lines file per shard (plus one for the metadata pass)
 SKIPPED_REPORT = "skipped.jsonl"  # the merged report, rewritten at the end of each extract run
+COMMITS_DIR = "commits"  # one commit marker per committed shard (see `FeatureStore.commit_shard`)
 LOCK_FILE = "writer.lock"  # the exclusive writer lock of an extract run (see `writer_lock`)
 METADATA_PART, SHARD_PART_PREFIX = "metadata", "shard-"
+FILE_NAME_ARRAY = "file_name"  # written whole by `create`, like the status; not part of a shard's writes
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEFAULT_COMPRESSION = "none"  # fp16 features barely compress; measured in docs/store.md
 DEFAULT_CHUNK_ROWS = 16  # contiguous shard reads near the best, one random row still cheap: docs/store.md
 DEFAULT_SHARD_ROWS = 256
+SAMPLE_DIMENSION = "sample"
+FIELD_SHA256 = "field_sha256"  # in zarr.json beside the fields: {field: sha256 of its canonical JSON}
 _SMALL_ROW_BYTES = 64  # arrays with rows this small get one chunk per shard: per-chunk overhead would dominate
 _HASH_BYTES = 32
-# Fields every manifest must have; extract writes more (see stages/extract.py), all of them compared on resume.
-REQUIRED_FIELDS = (
-    "schema_version",
-    "sur_cache_version",
-    "num_samples",
-    "shard_rows",
-    "store_dtype",
-    "tokenizer_max_length",
-    "clip_width",
-    "llm_width",
-    "latent_channels",
-    "latent_size",
-    "flip_variants",
-    "llm_per_token",
-)
-
-
-# Fields the store itself writes into its manifest: who it is and a checksum of every field. They are not settings, so
-# a resume never compares them. (Kept together here until the manifest becomes a typed dataclass.)
-STORE_ID = "store_id"  # a fresh random id per created store: a copy keeps it, a re-extraction gets a new one
-FIELD_SHA256 = "field_sha256"  # {field: sha256 of its canonical JSON}
+_COMMIT_NAME = re.compile(r"(\d+)-(\d+)-(\d+)\.json")
 
 
 class ManifestMismatchError(ValueError):
@@ -98,76 +99,296 @@ class StoreURLError(ValueError):
     """A store URL that cannot be used: a protocol whose package is missing, or one that cannot outlive the process."""
 
 
-@dataclass(frozen=True)
-class ArraySpec:
-    """Per-sample shape and dtype of one array; the stored shape is `(num_samples, *row_shape)`."""
-
-    row_shape: tuple[int, ...]
-    dtype: str
+# ---- the manifest ----------------------------------------------------------------------------------------------------
+_STORE_OWNED = {"store_owned": True}  # field metadata: the store sets it, it is no setting, a resume never compares it
 
 
 @dataclass(frozen=True)
-class CorruptRange:
-    """Samples `[start, stop)` of `array` could not be read back (checksum mismatch, missing or unreadable shard)."""
+class ModelRef:
+    """A model by id and revision: the hub commit, or `sha256:` over a local folder's files."""
 
-    array: str
-    start: int
-    stop: int
-    error: str
+    id: str
+    revision: str
 
 
-def array_specs(manifest: dict[str, Any]) -> dict[str, ArraySpec]:
-    """Every array a store with this manifest holds; the manifest alone decides the layout."""
-    length, dtype = int(manifest["tokenizer_max_length"]), str(manifest["store_dtype"])
-    clip = (length, int(manifest["clip_width"]))
-    latent = (int(manifest["latent_channels"]), int(manifest["latent_size"]), int(manifest["latent_size"]))
-    specs = {
-        "clip_simple": ArraySpec(clip, dtype),
-        "clip_complex": ArraySpec(clip, dtype),
-        "latent_mean": ArraySpec(latent, dtype),
-        "latent_logvar": ArraySpec(latent, dtype),
+@dataclass(frozen=True)
+class FileRef:
+    """A file by its absolute path and the sha256 of its bytes."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The metadata.jsonl keys of the simple prompt, the complex prompt and the image file name."""
+
+    text: str
+    prompt: str
+    image: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Every fact that decides a store's numbers and layout: the one contract between the stages.
+
+    Written as the Zarr group's attributes by `FeatureStore.create` (`to_json` adds `schema_version` and
+    `field_sha256`, a sha256 of every other field) and validated by `from_json` on every open. Every field but the
+    store-owned `store_id` is a setting that a resume must match (`differences`). With a reference feature file
+    instead of an LLM, `llm_model` and the model-only settings are None; with an LLM, `llm_features_file` is.
+    """
+
+    sur_cache_version: str
+    # the source models
+    sd_model: ModelRef
+    sd_dtype: str
+    # the LLM teacher
+    llm_model: ModelRef | None
+    llm_features_file: FileRef | None
+    llm_layer: int | None  # resolved, 0-based
+    llm_layer_source: str
+    llm_pooling: str | None
+    llm_8bit: bool | None
+    llm_dtype: str | None  # with 8-bit weights it still sets the non-quantised parts
+    llm_batch_size: int | None  # batched math differs in the last bits across batch compositions
+    llm_per_token: bool
+    # preprocessing
+    resolution: int
+    crop: str
+    crop_seed: int
+    flip_variants: bool
+    batch_size: int  # of CLIP and the VAE, for the same reason as llm_batch_size
+    # the dataset
+    dataset_path: str
+    metadata_sha256: str
+    columns: Columns
+    num_samples: int
+    file_names_sha256: str  # of the file_name array's names (`names_sha256`), so a resume compares them in O(1)
+    file_name_bytes: int  # width of the file_name array: the longest name's UTF-8 length
+    # the shapes stage two checks against the SD model
+    tokenizer_max_length: int
+    clip_width: int
+    llm_width: int
+    latent_channels: int
+    latent_size: int
+    vae_scaling_factor: float
+    # the layout
+    store_dtype: str
+    shard_rows: int
+    chunk_rows: int
+    compression: str
+    # drawn by FeatureStore.create: a copy keeps it, a re-extraction gets a new one
+    store_id: str | None = field(default=None, metadata=_STORE_OWNED)
+
+    def to_json(self) -> dict[str, Any]:
+        """The group attributes: every field, `schema_version`, and `field_sha256` over all of them."""
+        if self.store_id is None:
+            raise ValueError("a manifest is written by FeatureStore.create, which draws its store_id")
+        fields = {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        return {**fields, FIELD_SHA256: field_digests(fields)}
+
+    @classmethod
+    def from_json(cls, attributes: dict[str, Any], url: str) -> Manifest:
+        """Validate the attributes of the store at `url` and return its manifest.
+
+        Checks, each a StoreFormatError naming `url/zarr.json`: the schema version (schema 1 names `sur-cache
+        migrate`), the field checksums (an edited, removed or added field), then every field's presence and type
+        (each missing, unexpected or mistyped field named).
+        """
+        path = f"{url.rstrip('/')}/zarr.json"
+        _check_schema_version(url, path, attributes)
+        _check_field_digests(path, attributes)
+        fields = {key: value for key, value in attributes.items() if key not in ("schema_version", FIELD_SHA256)}
+        problems = _field_problems(cls, fields, "")
+        if not problems and fields["store_id"] is None:
+            problems = ["store_id: expected a string, found null"]
+        if problems:
+            raise StoreFormatError(
+                f"{path}: the manifest does not fit schema {SCHEMA_VERSION}: {'; '.join(problems)}. Restore the file "
+                "from a copy of the store, or re-extract it (`sur-cache extract ... --overwrite`)"
+            )
+        return _build(cls, fields)
+
+    def settings(self) -> dict[str, Any]:
+        """Every field a resume must match, as JSON values."""
+        values = _as_json(dataclasses.asdict(self))
+        return {f.name: values[f.name] for f in dataclasses.fields(self) if not f.metadata.get("store_owned")}
+
+    def differences(self, found: Manifest) -> list[str]:
+        """One line per differing setting, `field: expected X, found Y` (this manifest expected), sorted by field."""
+        want, have = self.settings(), found.settings()
+        return [
+            f"{key}: expected {_short(want[key])}, found {_short(have[key])}"
+            for key in sorted(want)
+            if want[key] != have[key]
+        ]
+
+
+def names_sha256(names: Sequence[str]) -> str:
+    """sha256 of the file names, NUL-separated (a file name cannot hold a NUL): `Manifest.file_names_sha256`."""
+    return hashlib.sha256("\0".join(names).encode()).hexdigest()
+
+
+def name_bytes(names: Sequence[str]) -> int:
+    """The width of the file_name array for `names`: the longest UTF-8 name, at least 1."""
+    return max(1, max((len(name.encode()) for name in names), default=0))
+
+
+def _check_schema_version(url: str, path: str, attributes: dict[str, Any]) -> None:
+    found = attributes.get("schema_version", "<absent>")
+    if found == 1:
+        raise StoreFormatError(
+            f"{path}: this store has schema_version 1 (written by sur-cache 0.1.0), this sur-cache reads schema "
+            f"{SCHEMA_VERSION}; convert it in place with `sur-cache migrate {url}` (crash-safe: a migration that "
+            "stops can be run again), or re-extract it (`sur-cache extract ... --overwrite`)"
+        )
+    if found != SCHEMA_VERSION:
+        raise StoreFormatError(
+            f"{url}: expected a sur-cache store with schema_version {SCHEMA_VERSION} in {path}, found schema_version "
+            f"{found}; extract it again with this sur-cache (a new --out path, or --overwrite)"
+        )
+
+
+def _check_field_digests(path: str, attributes: dict[str, Any]) -> None:
+    digests = attributes.get(FIELD_SHA256)
+    if not isinstance(digests, dict):
+        digests = {}
+    actual = field_digests(attributes)
+    edited = []
+    for key in sorted(set(actual) | set(digests)):
+        if key not in actual:
+            edited.append(f"{key} (absent)")
+        elif key not in digests:
+            edited.append(f"{key} (not covered by {FIELD_SHA256})")
+        elif digests[key] != actual[key]:
+            edited.append(f"{key} (its value does not match its checksum)")
+    if edited:
+        raise StoreFormatError(
+            f"{path}: the manifest was changed after extract wrote it: {', '.join(edited)}. The manifest records how "
+            "the features were computed, so it cannot be edited: restore the file from a copy of the store, or "
+            "re-extract with the settings you want (`sur-cache extract ... --overwrite`)"
+        )
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _optional(hint) -> tuple[Any, bool]:
+    """`(X, True)` for `X | None`, `(hint, False)` otherwise."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return inner, True
+    return hint, False
+
+
+def _field_problems(cls, data: dict[str, Any], prefix: str) -> list[str]:
+    """Every missing, unexpected or mistyped field of `data` read as the dataclass `cls`, named with `prefix`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = [f"missing field {prefix}{name}" for name in names if name not in data]
+    problems += [f"unexpected field {prefix}{name}" for name in data if name not in names]
+    for name in (name for name in names if name in data):
+        problems += _value_problems(data[name], _hints(cls)[name], f"{prefix}{name}")
+    return problems
+
+
+_JSON_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _value_problems(value: Any, hint, where: str) -> list[str]:
+    base, nullable = _optional(hint)
+    if value is None and nullable:
+        return []
+    if dataclasses.is_dataclass(base):
+        if isinstance(value, dict):
+            return _field_problems(base, value, f"{where}.")
+        expected = f"an object {{{', '.join(f.name for f in dataclasses.fields(base))}}}"
+    else:
+        fits = {
+            bool: type(value) is bool,
+            int: type(value) is int,
+            float: type(value) in (int, float),
+            str: type(value) is str,
+        }[base]
+        if fits:
+            return []
+        expected = _JSON_TYPES[base]
+    return [f"{where}: expected {expected}{' or null' if nullable else ''}, found {_short(value, 60)}"]
+
+
+def _build(cls, data: dict[str, Any]):
+    """The dataclass `cls` from validated JSON `data` (nested dataclasses built too, integers as floats where typed)."""
+    values = {}
+    for name, value in data.items():
+        base, _ = _optional(_hints(cls)[name])
+        if value is not None and dataclasses.is_dataclass(base):
+            value = _build(base, value)
+        elif value is not None and base is float:
+            value = float(value)
+        values[name] = value
+    return cls(**values)
+
+
+def field_digests(fields: dict[str, Any]) -> dict[str, str]:
+    """sha256 of every manifest field's canonical JSON, except the digests themselves."""
+    return {key: hashlib.sha256(_canonical(value)).hexdigest() for key, value in fields.items() if key != FIELD_SHA256}
+
+
+def synthetic_manifest(
+    *, num_samples: int, clip_width: int, llm_width: int, latent_channels: int, latent_size: int, **fields: Any
+) -> Manifest:
+    """The manifest of a store of random features (benchmarks, tests): no model or dataset made them, and its
+    provenance fields say so. Any other field may be given; the samples are named by `synthetic_file_names`."""
+    from sur_cache import __version__
+    from sur_cache.models import DEFAULT_VAE_SCALING_FACTOR
+
+    synthetic = ModelRef("synthetic", "none")
+    names = synthetic_file_names(num_samples)
+    defaults = {
+        "sur_cache_version": __version__,
+        "sd_model": synthetic,
+        "sd_dtype": "float32",
+        "llm_model": synthetic,
+        "llm_features_file": None,
+        "llm_layer": 0,
+        "llm_layer_source": "synthetic",
+        "llm_pooling": "mean",
+        "llm_8bit": False,
+        "llm_dtype": "float32",
+        "llm_batch_size": 1,
+        "llm_per_token": False,
+        "resolution": 8 * latent_size,
+        "crop": "center",
+        "crop_seed": 0,
+        "flip_variants": False,
+        "batch_size": 1,
+        "dataset_path": "synthetic",
+        "metadata_sha256": "none",
+        "columns": Columns("text", "prompt", "file_name"),
+        "file_names_sha256": names_sha256(names),
+        "file_name_bytes": name_bytes(names),
+        "tokenizer_max_length": 77,
+        "vae_scaling_factor": DEFAULT_VAE_SCALING_FACTOR,
+        "store_dtype": "float16",
+        "shard_rows": DEFAULT_SHARD_ROWS,
+        "chunk_rows": DEFAULT_CHUNK_ROWS,
+        "compression": DEFAULT_COMPRESSION,
     }
-    if manifest["flip_variants"]:
-        specs["latent_mean_flipped"] = ArraySpec(latent, dtype)
-        specs["latent_logvar_flipped"] = ArraySpec(latent, dtype)
-    specs["llm"] = ArraySpec((int(manifest["llm_width"]),), dtype)
-    if manifest["llm_per_token"]:
-        specs["llm_tokens"] = ArraySpec((length, int(manifest["llm_width"])), dtype)
-        specs["llm_mask"] = ArraySpec((length,), "bool")
-    specs["sample_line"] = ArraySpec((), "int64")
-    specs["truncated"] = ArraySpec((2,), "bool")
-    specs["crop_offset"] = ArraySpec((2,), "int32")
-    for name in ("image_sha256", "text_sha256", "prompt_sha256"):
-        specs[name] = ArraySpec((_HASH_BYTES,), "uint8")
-    specs["status"] = ArraySpec((), "uint8")
-    return specs
+    shapes = dict(clip_width=clip_width, llm_width=llm_width, latent_channels=latent_channels, latent_size=latent_size)
+    merged = {**defaults, **shapes, "num_samples": num_samples, **fields}
+    return Manifest(**{**merged, "chunk_rows": min(merged["chunk_rows"], merged["shard_rows"])})
 
 
-# Every array name a store can have (all options on): what `--overwrite` may remove, whatever the manifest says.
-_ALL_ARRAY_NAMES = tuple(
-    array_specs(
-        {
-            "tokenizer_max_length": 1,
-            "store_dtype": "float16",
-            "clip_width": 1,
-            "latent_channels": 1,
-            "latent_size": 1,
-            "llm_width": 1,
-            "flip_variants": True,
-            "llm_per_token": True,
-        }
-    )
-)
+def synthetic_file_names(num_samples: int) -> list[str]:
+    return [f"synthetic/{index}" for index in range(num_samples)]
 
 
-def manifest_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    """One line per differing field, `field: expected X, found Y`; compared as JSON so tuples equal lists."""
-    lines = []
-    for key in sorted(set(expected) | set(found)):
-        want, have = _as_json(expected.get(key, "<absent>")), _as_json(found.get(key, "<absent>"))
-        if want != have:
-            lines.append(f"{key}: expected {_short(want)}, found {_short(have)}")
-    return lines
+def synthetic_store(url: str | Path, *, overwrite: bool = False, **fields: Any) -> FeatureStore:
+    """A new, empty store for random features (see `synthetic_manifest`, which takes `fields`)."""
+    manifest = synthetic_manifest(**fields)
+    return FeatureStore.create(url, manifest, synthetic_file_names(manifest.num_samples), overwrite=overwrite)
 
 
 def _as_json(value: Any) -> Any:
@@ -178,16 +399,65 @@ def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def field_digests(manifest: dict[str, Any]) -> dict[str, str]:
-    """sha256 of every manifest field's canonical JSON, except the digests themselves."""
-    return {
-        key: hashlib.sha256(_canonical(value)).hexdigest() for key, value in manifest.items() if key != FIELD_SHA256
-    }
-
-
 def _short(value: Any, limit: int = 120) -> str:
     text = json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- the layout ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArraySpec:
+    """Per-sample shape, dtype and dimension names of one array; the stored shape is `(num_samples, *row_shape)`."""
+
+    row_shape: tuple[int, ...]
+    dtype: str
+    dimensions: tuple[str, ...]  # one name per row axis; each name has one length across the store
+
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        return (SAMPLE_DIMENSION, *self.dimensions)
+
+
+def array_specs(manifest: Manifest) -> dict[str, ArraySpec]:
+    """The arrays a shard's writer writes, and the status last (the file_name array is `file_name_spec`)."""
+    return _specs(
+        length=manifest.tokenizer_max_length,
+        clip_width=manifest.clip_width,
+        latent=(manifest.latent_channels, manifest.latent_size, manifest.latent_size),
+        llm_width=manifest.llm_width,
+        dtype=manifest.store_dtype,
+        flips=manifest.flip_variants,
+        per_token=manifest.llm_per_token,
+    )
+
+
+def file_name_spec(manifest: Manifest) -> ArraySpec:
+    return ArraySpec((manifest.file_name_bytes,), "uint8", ("file_name_byte",))
+
+
+def _specs(*, length, clip_width, latent, llm_width, dtype, flips, per_token) -> dict[str, ArraySpec]:
+    clip = ArraySpec((length, clip_width), dtype, ("token", "clip_width"))
+    latent = ArraySpec(latent, dtype, ("latent_channel", "latent_y", "latent_x"))
+    specs = {"clip_simple": clip, "clip_complex": clip, "latent_mean": latent, "latent_logvar": latent}
+    if flips:
+        specs["latent_mean_flipped"] = specs["latent_logvar_flipped"] = latent
+    specs["llm"] = ArraySpec((llm_width,), dtype, ("llm_width",))
+    if per_token:
+        specs["llm_tokens"] = ArraySpec((length, llm_width), dtype, ("token", "llm_width"))
+        specs["llm_mask"] = ArraySpec((length,), "bool", ("token",))
+    specs["sample_line"] = ArraySpec((), "int64", ())
+    specs["truncated"] = ArraySpec((2,), "bool", ("prompt",))
+    specs["crop_offset"] = ArraySpec((2,), "int32", ("crop_axis",))
+    for name in ("image_sha256", "text_sha256", "prompt_sha256"):
+        specs[name] = ArraySpec((_HASH_BYTES,), "uint8", ("hash_byte",))
+    specs["status"] = ArraySpec((), "uint8", ())
+    return specs
+
+
+# Every array name a store can have (all options on), the status last: what `--overwrite` may remove.
+_ALL_ARRAY_NAMES = (
+    *_specs(length=1, clip_width=1, latent=(1, 1, 1), llm_width=1, dtype="float16", flips=True, per_token=True),
+)[:-1] + (FILE_NAME_ARRAY, "status")
 
 
 def _compressors(compression: str, itemsize: int) -> list:
@@ -199,6 +469,14 @@ def _compressors(compression: str, itemsize: int) -> list:
     if compression == "blosc":
         return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]
     raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+
+
+def _encode_names(names: Sequence[str], width: int) -> np.ndarray:
+    return np.array([name.encode() for name in names], dtype=f"S{width}").view(np.uint8).reshape(len(names), width)
+
+
+def _decode_names(rows: np.ndarray) -> list[str]:
+    return [name.decode() for name in np.ascontiguousarray(rows).view(f"S{rows.shape[1]}").ravel()]
 
 
 # ---- where a store lives ---------------------------------------------------------------------------------------------
@@ -228,17 +506,38 @@ def in_process_only(url: str) -> bool:
     return isinstance(fs, MemoryFileSystem)
 
 
+def _names_in(fs, folder: str) -> list[str]:
+    """The names in `folder` (one listing call), [] if it does not exist.
+
+    Local folders are listed with `os.listdir`: fsspec's local `ls` normalises every path, which costs seconds at
+    the 39k shards of a 10M-sample store.
+    """
+    try:
+        if isinstance(fs, LocalFileSystem):
+            return os.listdir(folder)
+        return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _read_files(fs, paths: list[str]) -> list[bytes]:
+    """The bytes of each file in `paths`: plain reads when local, one batched `cat` elsewhere (object stores)."""
+    if isinstance(fs, LocalFileSystem):
+        return [Path(path).read_bytes() for path in paths]
+    contents = fs.cat(paths) if paths else {}
+    return [contents[path] for path in paths]
+
+
 # ---- recognising a store ---------------------------------------------------------------------------------------------
 def _entries(fs, root: str) -> list[str]:
     """Names in the folder `root` ([] if there is none), the writer's lock file left out."""
     if not fs.isdir(root):
         return []
-    names = sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False))
-    return [name for name in names if name != LOCK_FILE]
+    return [name for name in sorted(_names_in(fs, root)) if name != LOCK_FILE]
 
 
-def _group_attributes(fs, root: str) -> dict[str, Any] | None:
-    """The attributes of the Zarr group at `root`; None when `root` holds no `zarr.json`.
+def _group_metadata(fs, root: str) -> dict[str, Any] | None:
+    """The Zarr group metadata at `root` (its `zarr.json`); None when there is none.
 
     A `zarr.json` that is not valid JSON, or not a Zarr v3 group's metadata, is a StoreFormatError naming the file.
     """
@@ -259,12 +558,19 @@ def _group_attributes(fs, root: str) -> dict[str, Any] | None:
             f"{path}: expected the metadata of a Zarr v3 group (zarr_format 3, node_type group, attributes), found "
             f"{_short(found)}; restore the file from a copy of the store, or extract into a new --out path"
         )
-    return attributes
+    return metadata
+
+
+def _group_attributes(fs, root: str) -> dict[str, Any] | None:
+    metadata = _group_metadata(fs, root)
+    return None if metadata is None else metadata["attributes"]
 
 
 def _is_sur_cache(attributes: dict[str, Any] | None) -> bool:
-    """A group sur-cache wrote: its manifest names a schema version and a store id."""
-    return attributes is not None and isinstance(attributes.get("schema_version"), int) and STORE_ID in attributes
+    """A group sur-cache wrote: its manifest names a schema version and a store id (schema 1: its sur-cache version)."""
+    if attributes is None or not isinstance(attributes.get("schema_version"), int):
+        return False
+    return "store_id" in attributes or (attributes["schema_version"] == 1 and "sur_cache_version" in attributes)
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
@@ -295,9 +601,9 @@ def _shard_key(array: zarr.Array, shard: int) -> str:
 
 
 def _owned(fs, root: str) -> list[str]:
-    """What `--overwrite` removes: the group's `zarr.json`, every sur-cache array and the skip reports."""
+    """What `--overwrite` removes: the group's `zarr.json`, every sur-cache array, the skip reports, the commits."""
     names = [name for name in _ALL_ARRAY_NAMES if fs.isfile(f"{root}/{name}/zarr.json")]
-    names += [name for name in ("zarr.json", SKIPPED_DIR, SKIPPED_REPORT) if fs.exists(f"{root}/{name}")]
+    names += [name for name in ("zarr.json", SKIPPED_DIR, SKIPPED_REPORT, COMMITS_DIR) if fs.exists(f"{root}/{name}")]
     return names
 
 
@@ -323,9 +629,10 @@ def _remove_owned(fs, root: str) -> None:
             fs.rm(f"{folder}/c", recursive=True)
         fs.rm(f"{folder}/zarr.json")
         _remove_if_empty(fs, folder)
-    for path in fs.glob(f"{root}/{SKIPPED_DIR}/*.jsonl") + fs.glob(f"{root}/{SKIPPED_DIR}/*.partial"):
-        fs.rm(path)
-    _remove_if_empty(fs, f"{root}/{SKIPPED_DIR}")
+    for folder, pattern in ((SKIPPED_DIR, "*.jsonl"), (COMMITS_DIR, "*.json")):
+        for path in fs.glob(f"{root}/{folder}/{pattern}") + fs.glob(f"{root}/{folder}/*.partial"):
+            fs.rm(path)
+        _remove_if_empty(fs, f"{root}/{folder}")
     for name in (SKIPPED_REPORT, "zarr.json"):
         if fs.isfile(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")
@@ -336,51 +643,27 @@ def _remove_if_empty(fs, folder: str) -> None:
         fs.rmdir(folder)
 
 
-def _creation_interrupted(fs, root: str, manifest: dict[str, Any]) -> bool:
+def _missing_status_shards(fs, root: str, num_shards: int) -> np.ndarray:
+    """Indices of the status shard files that do not exist, from one listing of `status/c/`."""
+    present = np.zeros(num_shards, dtype=bool)
+    found = np.array([int(name) for name in _names_in(fs, f"{root}/status/c") if name.isdigit()], dtype=np.int64)
+    present[found[found < num_shards]] = True
+    return np.flatnonzero(~present)
+
+
+def _creation_interrupted(fs, root: str, attributes: dict[str, Any]) -> bool:
     """True when `create` stopped before the store was whole (an array or a status shard not yet written) and no
     sample's features were written yet: such a store holds nothing and is created anew instead of resumed."""
     try:
-        specs = array_specs(manifest)
-        shards = -(-int(manifest["num_samples"]) // int(manifest["shard_rows"]))
-    except (KeyError, TypeError, ValueError):
-        return False  # not a manifest `create` wrote; `open` names what is wrong with it
-    whole = all(fs.isfile(f"{root}/{name}/zarr.json") for name in specs) and all(
-        fs.isfile(f"{root}/status/c/{shard}") for shard in range(shards)
-    )
-    return not whole and not any(fs.exists(f"{root}/{name}/c") for name in specs if name != "status")
-
-
-def _validated_manifest(url: str, attributes: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest, after its schema version, its field checksums and its required fields are checked."""
-    path = f"{url.rstrip('/')}/zarr.json"
-    found = (attributes or {}).get("schema_version", "<absent>")
-    if found != SCHEMA_VERSION:
-        raise StoreFormatError(
-            f"{url}: expected a sur-cache store with schema_version {SCHEMA_VERSION} in {path}, found schema_version "
-            f"{found}; extract it again with this sur-cache (a new --out path, or --overwrite)"
-        )
-    digests = attributes.get(FIELD_SHA256)
-    if not isinstance(digests, dict):
-        digests = {}
-    actual = field_digests(attributes)
-    edited = []
-    for key in sorted(set(actual) | set(digests)):
-        if key not in actual:
-            edited.append(f"{key} (absent)")
-        elif key not in digests:
-            edited.append(f"{key} (not covered by {FIELD_SHA256})")
-        elif digests[key] != actual[key]:
-            edited.append(f"{key} (its value does not match its checksum)")
-    if edited:
-        raise StoreFormatError(
-            f"{path}: the manifest was changed after extract wrote it: {', '.join(edited)}. The manifest records how "
-            "the features were computed, so it cannot be edited: restore the file from a copy of the store, or "
-            "re-extract with the settings you want (`sur-cache extract ... --overwrite`)"
-        )
-    missing = [key for key in REQUIRED_FIELDS if key not in attributes]
-    if missing:
-        raise StoreFormatError(f"{path}: the manifest lacks the required fields {missing}; re-extract the store")
-    return attributes
+        manifest = Manifest.from_json(attributes, root)
+    except StoreFormatError:
+        return False  # not a manifest `create` wrote (or schema 1); `open` names what is wrong with it
+    features = [name for name in array_specs(manifest) if name != "status"]
+    shards = -(-manifest.num_samples // manifest.shard_rows)
+    arrays = all(fs.isfile(f"{root}/{name}/zarr.json") for name in (*features, FILE_NAME_ARRAY, "status"))
+    whole = arrays and not len(_missing_status_shards(fs, root, shards))
+    written = any(fs.exists(f"{root}/{name}/c") for name in features) or fs.exists(f"{root}/{COMMITS_DIR}")
+    return not whole and not written
 
 
 # ---- one writer per store --------------------------------------------------------------------------------------------
@@ -485,6 +768,34 @@ def _locked_message(url: str, path: str, raw: bytes) -> str:
     )
 
 
+# ---- the shard-level summary -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardCounts:
+    """Per shard of a store (numpy arrays indexed by shard): committed or not, and its samples by status."""
+
+    committed: np.ndarray  # bool
+    done: np.ndarray  # int64
+    skipped: np.ndarray
+    pending: np.ndarray
+
+
+def _commit_marker(shard: int, done: int, skipped: int) -> str:
+    return f"{shard:08d}-{done}-{skipped}.json"
+
+
+def _read_markers(fs, root: str, num_shards: int) -> np.ndarray:
+    """`[k, 3]` int64 rows `(shard, done, skipped)` of the commit markers, from one listing of `commits/`.
+
+    A shard with more than one marker (never written so, since a commit removes its old marker first) counts as
+    uncommitted, and so is recomputed.
+    """
+    names = "\n".join(_names_in(fs, f"{root}/{COMMITS_DIR}"))
+    rows = np.array(_COMMIT_NAME.findall(names), dtype=np.int64).reshape(-1, 3)
+    rows = rows[rows[:, 0] < num_shards]
+    shards, counts = np.unique(rows[:, 0], return_counts=True)
+    return rows[np.isin(rows[:, 0], shards[counts == 1])]
+
+
 class FeatureStore:
     """A sur-cache feature store at a local path or fsspec URL (`file://...`, `s3://...`, `memory://...`).
 
@@ -493,19 +804,23 @@ class FeatureStore:
     `writer_lock(url)` for as long as it writes.
     """
 
-    def __init__(self, url: str, group: zarr.Group, manifest: dict[str, Any]) -> None:
+    def __init__(self, url: str, group: zarr.Group, manifest: Manifest) -> None:
         self.url = url
         self._group = group
+        self._fs, self._root = _filesystem(url)
         self.manifest = manifest
-        self.num_samples = int(manifest["num_samples"])
-        self.shard_rows = int(manifest["shard_rows"])
-        self.specs = array_specs(manifest)
+        self.num_samples = manifest.num_samples
+        self.shard_rows = manifest.shard_rows
+        self.specs = array_specs(manifest)  # what a shard's writer writes, and the status
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads the array's zarr.json
+        self._starts = np.arange(0, self.num_samples, self.shard_rows, dtype=np.int64)
+        self._lengths = np.minimum(self._starts + self.shard_rows, self.num_samples) - self._starts
+        self._ranges = [(int(a), int(a + n)) for a, n in zip(self._starts, self._lengths, strict=True)]
 
     # ---- opening --------------------------------------------------------------------------------------------------
     @staticmethod
     def exists(url: str | Path) -> bool:
-        """True when `url` holds a sur-cache store to resume or read.
+        """True when `url` holds a sur-cache store to resume or read (of this schema, or of schema 1 to migrate).
 
         False for nothing, an empty folder, a folder or Zarr group that is not a sur-cache store (`create` refuses
         those by name), and a store whose creation was interrupted before any sample was written (created anew).
@@ -526,28 +841,16 @@ class FeatureStore:
 
     @classmethod
     def create(
-        cls,
-        url: str | Path,
-        manifest: dict[str, Any],
-        num_samples: int,
-        shard_rows: int = DEFAULT_SHARD_ROWS,
-        overwrite: bool = False,
-        *,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        compression: str = DEFAULT_COMPRESSION,
+        cls, url: str | Path, manifest: Manifest, file_names: Sequence[str], overwrite: bool = False
     ) -> FeatureStore:
-        """Write the manifest, every (empty) array, then the whole status array (all pending) last.
+        """Write the manifest (with a new store id), every (empty) array, the file names, then the whole status array
+        (all pending) last.
 
         Refuses a folder that is not a sur-cache store, and a store unless `overwrite` (which removes only what the
         store owns) or its creation was interrupted (nothing in it was written yet).
         """
         url = _normalise_url(url)
-        if num_samples < 1 or shard_rows < 1 or chunk_rows < 1:
-            raise ValueError(
-                f"num_samples, shard_rows, chunk_rows must be >= 1, got {num_samples, shard_rows, chunk_rows}"
-            )
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        _check_layout(manifest, file_names)
         fs, root = _filesystem(url)
         found = _refuse_foreign(url, fs, root)
         if found is not None:
@@ -557,54 +860,32 @@ class FeatureStore:
                     f"{what_overwrite_removes(url)}"
                 )
             _remove_owned(fs, root)
-        manifest = cls._new_manifest(manifest, num_samples, shard_rows, min(chunk_rows, shard_rows), compression)
-        group = zarr.open_group(url, mode="a", attributes=manifest)  # "a": other files in the folder stay
-        specs = array_specs(manifest)
-        for name, spec in specs.items():
-            itemsize = np.dtype(spec.dtype).itemsize
-            row_bytes = itemsize * int(np.prod(spec.row_shape, dtype=np.int64))
-            rows = shard_rows if row_bytes <= _SMALL_ROW_BYTES else min(chunk_rows, shard_rows)
-            group.create_array(
-                name,
-                shape=(num_samples, *spec.row_shape),
-                dtype=spec.dtype,
-                chunks=(rows, *spec.row_shape),
-                shards=(shard_rows, *spec.row_shape),
-                compressors=_compressors(compression, itemsize),
-                fill_value=0,
-                dimension_names=("sample", *[f"dim{i}" for i in range(len(spec.row_shape))]),
-            )
+        manifest = dataclasses.replace(manifest, store_id=uuid.uuid4().hex)
+        group = zarr.open_group(url, mode="a", attributes=manifest.to_json())  # "a": other files in the folder stay
+        layout = {**array_specs(manifest), FILE_NAME_ARRAY: file_name_spec(manifest)}
+        for name in (*(name for name in layout if name != "status"), "status"):
+            _create_array(group, name, layout[name], manifest)
         store = cls(url, group, manifest)
-        # Every status shard exists from now on, so a missing one is damage, never "pending" (see `status`).
-        store._writable("status")[:] = np.zeros(num_samples, np.uint8)
+        store._write_file_names(file_names)
+        # Every status shard exists from now on, so a missing one is damage, never "pending" (see `shard_counts`).
+        store._writable("status")[:] = np.zeros(manifest.num_samples, np.uint8)
         return store
 
-    @staticmethod
-    def _new_manifest(
-        manifest: dict[str, Any], num_samples: int, shard_rows: int, chunk_rows: int, compression: str
-    ) -> dict[str, Any]:
-        manifest = {
-            **manifest,
-            "num_samples": num_samples,
-            "shard_rows": shard_rows,
-            "chunk_rows": chunk_rows,
-            "compression": compression,
-            "schema_version": SCHEMA_VERSION,
-            STORE_ID: uuid.uuid4().hex,
-        }
-        missing = [key for key in REQUIRED_FIELDS if key not in manifest]
-        if missing:
-            raise ValueError(f"manifest lacks required fields {missing}")
-        manifest = _as_json(manifest)
-        manifest[FIELD_SHA256] = field_digests(manifest)
-        return manifest
+    def _write_file_names(self, file_names: Sequence[str], shards_per_write: int = 64) -> None:
+        """The names, written a few shards at a time (memory stays small at any N)."""
+        rows = shards_per_write * self.shard_rows
+        width = self.manifest.file_name_bytes
+        for start in range(0, self.num_samples, rows):
+            stop = min(start + rows, self.num_samples)
+            self._writable(FILE_NAME_ARRAY)[start:stop] = _encode_names(file_names[start:stop], width)
 
     @classmethod
-    def open(cls, url: str | Path, mode: str = "r", expected: dict[str, Any] | None = None) -> FeatureStore:
+    def open(cls, url: str | Path, mode: str = "r", expected: Manifest | None = None) -> FeatureStore:
         """Open and validate a store: its `zarr.json`, the manifest's checksums, the arrays, and `expected` if given.
 
-        `expected` is compared field by field with the stored manifest; any difference raises ManifestMismatchError
-        listing every differing field. Every other problem is a StoreFormatError naming the file and the fix.
+        `expected` is compared setting by setting with the stored manifest; any difference raises
+        ManifestMismatchError listing every differing field. Every other problem is a StoreFormatError naming the
+        file and the fix.
         """
         url = _normalise_url(url)
         if mode not in ("r", "r+"):
@@ -613,9 +894,9 @@ class FeatureStore:
         attributes = _group_attributes(fs, root)
         if attributes is None:
             raise FileNotFoundError(f"no sur-cache store at {url}; create one with `sur-cache extract --out {url}`")
-        found = _validated_manifest(url, attributes)
+        found = Manifest.from_json(attributes, url)
         if expected is not None:
-            differences = manifest_differences({**found, **_as_json(expected)}, found)
+            differences = expected.differences(found)
             if differences:
                 raise ManifestMismatchError(
                     f"{url} was written with other settings:\n  "
@@ -631,7 +912,8 @@ class FeatureStore:
         return store
 
     def _check_arrays(self) -> None:
-        for name, spec in self.specs.items():
+        layout = {**self.specs, FILE_NAME_ARRAY: file_name_spec(self.manifest)}
+        for name, spec in layout.items():
             try:
                 array = self._group[name]
             except KeyError:
@@ -645,57 +927,118 @@ class FeatureStore:
                     "restore it from a copy of the store, or re-extract (`sur-cache extract ... --overwrite`)"
                 ) from None
             want = (self.num_samples, *spec.row_shape)
-            if tuple(array.shape) != want or array.dtype != np.dtype(spec.dtype):
+            found = (tuple(array.shape), np.dtype(array.dtype), tuple(array.metadata.dimension_names or ()))
+            if found != (want, np.dtype(spec.dtype), spec.dimension_names):
                 raise StoreFormatError(
-                    f"{self.url}: array {name!r} expected shape {want} dtype {spec.dtype}, "
-                    f"found shape {tuple(array.shape)} dtype {array.dtype}"
+                    f"{self.url}: array {name!r} expected shape {want} dtype {spec.dtype} dimensions "
+                    f"{spec.dimension_names}, found shape {found[0]} dtype {found[1]} dimensions {found[2]}; "
+                    "re-extract the store (`sur-cache extract ... --overwrite`)"
                 )
 
-    # ---- reading --------------------------------------------------------------------------------------------------
-    @property
-    def identity(self) -> dict[str, str]:
-        """`{"store_id", "fingerprint"}`: equal for a copy of this store, different for a re-extracted or changed one.
+    # ---- the shard-level summary ----------------------------------------------------------------------------------
+    def shard_counts(self) -> ShardCounts:
+        """Every shard's counts, from the commit markers' names: one folder listing, no array read.
 
-        The fingerprint is a sha256 over the manifest's field checksums and the status array's bytes, so it changes
-        when any manifest field changes or a shard is committed; it does not read the feature arrays.
+        A missing status shard file is a StoreFormatError naming its samples: the status array is written whole at
+        creation, so a missing shard is damage, and the samples' state is unknown.
         """
-        digest = hashlib.sha256(_canonical(self.manifest[FIELD_SHA256]))
-        digest.update(self.status().tobytes())
-        return {"store_id": str(self.manifest[STORE_ID]), "fingerprint": digest.hexdigest()}
-
-    @property
-    def array_names(self) -> list[str]:
-        return list(self.specs)
-
-    def array(self, name: str) -> zarr.Array:
-        if name not in self.specs:
-            raise KeyError(f"{self.url} has no array {name!r}; it has {self.array_names}")
-        if name not in self._arrays:
-            self._arrays[name] = self._group[name]
-        return self._arrays[name]
-
-    def status(self) -> np.ndarray:
-        """Every sample's status. A missing or corrupt status shard is a StoreFormatError naming its samples: zarr
-        would read a missing one as zeros (pending), hiding that the samples' state is unknown."""
-        missing = [shard for shard in range(len(self.shard_ranges())) if not self._shard_stored("status", shard)]
-        if missing:
-            start, stop = self.shard_ranges()[missing[0]]
+        missing = _missing_status_shards(self._fs, self._root, len(self._ranges))
+        if len(missing):
+            start, stop = self._ranges[missing[0]]
             raise StoreFormatError(
                 f"{self.url}: the status of samples {start}..{stop - 1} is missing ({len(missing)} status shard "
                 f"files in all), so whether they were written is unknown; `sur-cache verify {self.url}` lists the "
                 "damage; re-extract with --overwrite"
             )
-        try:
-            return self.array("status")[:]
-        except ValueError as error:  # a crc32c mismatch or an undecodable shard
-            raise StoreFormatError(
-                f"{self.url}: the status array cannot be read ({error}); `sur-cache verify {self.url}` names the "
-                "corrupt range; re-extract with --overwrite"
-            ) from error
+        return self._counts(_read_markers(self._fs, self._root, len(self._ranges)))
+
+    def _counts(self, markers: np.ndarray) -> ShardCounts:
+        markers = markers[markers[:, 1] + markers[:, 2] == self._lengths[markers[:, 0]]]  # else not a commit of ours
+        committed = np.zeros(len(self._ranges), dtype=bool)
+        done, skipped = np.zeros(len(self._ranges), np.int64), np.zeros(len(self._ranges), np.int64)
+        committed[markers[:, 0]], done[markers[:, 0]], skipped[markers[:, 0]] = True, markers[:, 1], markers[:, 2]
+        return ShardCounts(committed, done, skipped, np.where(committed, 0, self._lengths))
+
+    def _marker_records(self, shards: np.ndarray, counts: ShardCounts) -> list[dict[str, Any]]:
+        """The JSON records of the commit markers of `shards` (committed ones), in order."""
+        paths = [
+            f"{self._root}/{COMMITS_DIR}/{_commit_marker(int(s), int(counts.done[s]), int(counts.skipped[s]))}"
+            for s in shards
+        ]
+        return json.loads(b"[" + b",".join(_read_files(self._fs, paths)) + b"]")  # one parse for all: 39k at 10M
+
+    def status(self) -> np.ndarray:
+        """Every sample's status as the commits record it: a shard without a commit marker is pending.
+
+        Reads the markers of the shards with some (not all) samples skipped, never the status array; a missing
+        status shard file is a StoreFormatError (see `shard_counts`).
+        """
+        return self._status(self.shard_counts())
+
+    def _status(self, counts: ShardCounts) -> np.ndarray:
+        status = np.repeat(np.where(counts.done == self._lengths, DONE, SKIPPED).astype(np.uint8), self._lengths)
+        status[np.repeat(~counts.committed, self._lengths)] = PENDING
+        mixed = np.flatnonzero(counts.committed & (counts.done > 0) & (counts.skipped > 0))
+        for shard, record in zip(mixed, self._marker_records(mixed, counts), strict=True):
+            start, stop = self._ranges[shard]
+            status[start:stop] = DONE
+            status[start + np.asarray(record["skipped"], dtype=np.int64)] = SKIPPED
+        return status
 
     def complete_indices(self) -> np.ndarray:
         """Sample indices whose features are written (status done), ascending."""
         return np.flatnonzero(self.status() == DONE).astype(np.int64)
+
+    def pending_shards(self) -> list[int]:
+        """Indices of the shards not committed yet (recomputed from scratch on resume)."""
+        return np.flatnonzero(~self.shard_counts().committed).tolist()
+
+    def summary(self) -> dict[str, Any]:
+        """Counts a user asks for first: samples done, pending, skipped by reason."""
+        counts = self.shard_counts()
+        reasons = Counter(r["reason"] for r in self._skipped_records(counts))
+        return {
+            "num_samples": self.num_samples,
+            "complete": int(counts.done.sum()),
+            "pending": int(counts.pending.sum()),
+            "skipped": dict(sorted(reasons.items())),
+        }
+
+    def truncated_counts(self) -> dict[str, int]:
+        """How many done samples' simple and complex prompts CLIP truncated, from the commit markers."""
+        counts = self.shard_counts()
+        records = self._marker_records(np.flatnonzero(counts.committed), counts)
+        simple, complex_ = np.sum([r["truncated"] for r in records], axis=0, dtype=np.int64) if records else (0, 0)
+        return {"simple": int(simple), "complex": int(complex_)}
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """`{"store_id", "fingerprint"}`: equal for a copy of this store, different for a re-extracted or changed one.
+
+        The fingerprint is a sha256 over the manifest's field checksums and every sample's status (as the commits
+        record it), so it changes when any manifest field changes or a shard is committed; it reads no array.
+        """
+        digest = hashlib.sha256(_canonical(self.manifest.to_json()[FIELD_SHA256]))
+        digest.update(self.status().tobytes())
+        return {"store_id": str(self.manifest.store_id), "fingerprint": digest.hexdigest()}
+
+    # ---- reading --------------------------------------------------------------------------------------------------
+    @property
+    def array_names(self) -> list[str]:
+        """Every array of the store: the shard-written ones, the file names, the status last."""
+        return [name for name in self.specs if name != "status"] + [FILE_NAME_ARRAY, "status"]
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self.specs and name != FILE_NAME_ARRAY:
+            raise KeyError(f"{self.url} has no array {name!r}; it has {self.array_names}")
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def file_names(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The file names of samples `[start, stop)` (all by default), as metadata.jsonl named them."""
+        stop = self.num_samples if stop is None else stop
+        return _decode_names(self.read([FILE_NAME_ARRAY], start, stop)[FILE_NAME_ARRAY])
 
     def read(self, names: list[str], start: int, stop: int) -> dict[str, np.ndarray]:
         """Samples `[start, stop)` of each named array (contiguous reads are the fast path).
@@ -707,8 +1050,8 @@ class FeatureStore:
         out = {}
         for name in names:
             for shard in range(first, last + 1):
-                if not self._shard_stored(name, shard) and self._shard_written(shard):
-                    a, b = self.shard_ranges()[shard]
+                if not self._shard_stored(name, shard) and (name == FILE_NAME_ARRAY or self._shard_written(shard)):
+                    a, b = self._ranges[shard]
                     raise StoreFormatError(self._damage(name, a, b, "its shard file is missing"))
             try:
                 out[name] = self.array(name)[start:stop]
@@ -722,28 +1065,30 @@ class FeatureStore:
             "every damaged range; re-extract the store (`sur-cache extract ... --overwrite`)"
         )
 
+    def _shard_path(self, name: str, shard: int) -> str:
+        return f"{self._root}/{_shard_key(self.array(name), shard)}"
+
     def _shard_stored(self, name: str, shard: int) -> bool:
-        fs, root = _filesystem(self.url)
-        return fs.isfile(f"{root}/{_shard_key(self.array(name), shard)}")
+        return self._fs.isfile(self._shard_path(name, shard))
+
+    def _raw_status(self, shard: int) -> np.ndarray | None:
+        """The status array's slice of `shard` as stored, or None when its file is missing or cannot be decoded."""
+        if not self._shard_stored("status", shard):
+            return None
+        start, stop = self._ranges[shard]
+        try:
+            return self.array("status")[start:stop]
+        except Exception:  # noqa: BLE001 - a checksum or decode failure; `verify` locates it
+            return None
 
     def _shard_written(self, shard: int) -> bool:
         """Does shard `shard`'s status say it was written? A missing or unreadable status counts as written."""
-        start, stop = self.shard_ranges()[shard]
-        if not self._shard_stored("status", shard):
-            return True
-        try:
-            return bool((self.array("status")[start:stop] != PENDING).any())
-        except Exception:  # noqa: BLE001 - a checksum or decode failure; `verify` locates it
-            return True
+        raw = self._raw_status(shard)
+        return raw is None or bool((raw != PENDING).any())
 
     def shard_ranges(self) -> list[tuple[int, int]]:
-        """`(start, stop)` of every shard, in order; each is written whole by one writer."""
-        return [(s, min(s + self.shard_rows, self.num_samples)) for s in range(0, self.num_samples, self.shard_rows)]
-
-    def pending_shards(self) -> list[int]:
-        """Indices of the shards that still hold a pending sample (recomputed from scratch on resume)."""
-        status = self.status()
-        return [i for i, (a, b) in enumerate(self.shard_ranges()) if (status[a:b] == PENDING).any()]
+        """`(start, stop)` of every shard, in order; each is written whole by one writer (do not modify the list)."""
+        return self._ranges
 
     def skipped_records(self) -> list[dict[str, Any]]:
         """Every skipped row reported so far, sorted by metadata line.
@@ -751,41 +1096,25 @@ class FeatureStore:
         The metadata pass's part always counts; a shard's part counts once the shard is committed (a part written
         just before a crash belongs to a shard that will be recomputed).
         """
-        fs, root = _filesystem(self.url)
-        folder = f"{root}/{SKIPPED_DIR}"
-        if not fs.exists(folder):
-            return []
-        status, ranges = self.status(), self.shard_ranges()
+        return self._skipped_records(self.shard_counts())
+
+    def _skipped_records(self, counts: ShardCounts) -> list[dict[str, Any]]:
+        folder = f"{self._root}/{SKIPPED_DIR}"
         records = []
-        for path in sorted(fs.ls(folder, detail=False)):
-            name = path.rsplit("/", 1)[-1]
+        for name in sorted(_names_in(self._fs, folder)):
             if not name.endswith(".jsonl"):
                 continue  # a `.partial` leftover
             if name.startswith(SHARD_PART_PREFIX):
-                start, stop = ranges[int(name[len(SHARD_PART_PREFIX) : -len(".jsonl")])]
-                if (status[start:stop] == PENDING).any():
+                shard = int(name[len(SHARD_PART_PREFIX) : -len(".jsonl")])
+                if shard >= len(self._ranges) or not counts.committed[shard]:
                     continue
-            with fs.open(path, "r") as f:
+            with self._fs.open(f"{folder}/{name}", "r") as f:
                 records += [json.loads(line) for line in f if line.strip()]
         return sorted(records, key=lambda r: (r["line"], r["reason"]))
 
-    def summary(self) -> dict[str, Any]:
-        """Counts a user asks for first: samples done, pending, skipped by reason."""
-        status = self.status()
-        reasons = Counter(r["reason"] for r in self.skipped_records())
-        return {
-            "num_samples": self.num_samples,
-            "complete": int((status == DONE).sum()),
-            "pending": int((status == PENDING).sum()),
-            "skipped": dict(sorted(reasons.items())),
-        }
-
-    def nbytes_stored(self) -> int:
-        return sum(int(self.array(name).nbytes_stored()) for name in self.specs)
-
     # ---- writing --------------------------------------------------------------------------------------------------
     def write_shard(self, shard: int, rows: dict[str, np.ndarray], status: np.ndarray) -> None:
-        """Write shard `shard` whole: every feature array, then its status (see `write_arrays`, `commit_shard`)."""
+        """Write shard `shard` whole: every feature array, then its commit (see `write_arrays`, `commit_shard`)."""
         expected = set(self.specs) - {"status"}
         if set(rows) != expected:
             raise ValueError(f"shard {shard}: expected arrays {sorted(expected)}, got {sorted(rows)}")
@@ -797,11 +1126,12 @@ class FeatureStore:
 
         Nothing counts as written until `commit_shard`: a shard left uncommitted is recomputed from scratch.
         """
-        start, stop = self.shard_ranges()[shard]
+        start, stop = self._ranges[shard]
         self._check_still_this_store()
         for name in sorted(rows):
             if name == "status" or name not in self.specs:
-                raise ValueError(f"shard {shard}: cannot write {name!r}; feature arrays are {self.array_names[:-1]}")
+                writable = [n for n in self.specs if n != "status"]
+                raise ValueError(f"shard {shard}: cannot write {name!r}; a shard's arrays are {writable}")
             block = np.asarray(rows[name], dtype=self.specs[name].dtype)
             want = (stop - start, *self.specs[name].row_shape)
             if block.shape != want:
@@ -809,27 +1139,66 @@ class FeatureStore:
             self._writable(name)[start:stop] = block
 
     def commit_shard(self, shard: int, status: np.ndarray) -> None:
-        """Write shard `shard`'s status (1 done, 2 skipped for every sample): the commit point of the shard.
+        """Commit shard `shard` with its status (1 done, 2 skipped for every sample).
 
-        Re-checks first that the store is still the one this object opened or created (its store id).
+        Re-checks first that the store is still the one this object opened or created (its store id), then removes
+        the shard's old commit marker (the shard is pending from here), writes its status slice, and writes the new
+        marker last: its name carries the done and skipped counts, its JSON the skipped samples, the done samples'
+        truncation counts and the bytes of the shard's files. A kill before the marker leaves the shard pending.
         """
-        start, stop = self.shard_ranges()[shard]
+        start, stop = self._ranges[shard]
         if status.shape != (stop - start,) or not np.isin(status, (DONE, SKIPPED)).all():
             raise ValueError(f"shard {shard}: status must be {stop - start} final values (1 done, 2 skipped)")
         self._check_still_this_store()
+        self._remove_commit_markers(shard)
         self._writable("status")[start:stop] = status.astype(np.uint8)
+        self._write_commit_marker(shard, status)
+
+    def _remove_commit_markers(self, shard: int) -> None:
+        """Remove the commit marker of `shard`, if any, found in O(1): a marker exists only while the status slice
+        holds what it was written from (a commit removes it before rewriting the slice), so its name follows from
+        that slice. Only when the slice cannot be read is the folder listed."""
+        folder = f"{self._root}/{COMMITS_DIR}"
+        raw = self._raw_status(shard)
+        if raw is None:
+            names = [n for n in _names_in(self._fs, folder) if (m := _COMMIT_NAME.fullmatch(n)) and int(m[1]) == shard]
+        elif (raw == PENDING).any():
+            names = []
+        else:
+            names = [_commit_marker(shard, int((raw == DONE).sum()), int((raw == SKIPPED).sum()))]
+        for name in names:
+            if self._fs.exists(f"{folder}/{name}"):
+                self._fs.rm(f"{folder}/{name}")
+
+    def _write_commit_marker(self, shard: int, status: np.ndarray) -> None:
+        start, stop = self._ranges[shard]
+        done = status == DONE
+        truncated = self.array("truncated")[start:stop][done].sum(axis=0, dtype=np.int64)
+        record = {
+            "skipped": np.flatnonzero(status == SKIPPED).tolist(),
+            "truncated": truncated.tolist(),
+            "bytes": {name: self._shard_bytes(name, shard) for name in self.array_names},
+        }
+        name = _commit_marker(shard, int(done.sum()), int((status == SKIPPED).sum()))
+        self._fs.makedirs(f"{self._root}/{COMMITS_DIR}", exist_ok=True)
+        _write_atomically(self._fs, f"{self._root}/{COMMITS_DIR}/{name}", json.dumps(record))
+
+    def _shard_bytes(self, name: str, shard: int) -> int:
+        try:
+            return int(self._fs.size(self._shard_path(name, shard)))
+        except FileNotFoundError:
+            return 0
 
     def _check_still_this_store(self) -> None:
         """Refuse to write into a store that another run replaced (a new store id) since this one opened it."""
-        fs, root = _filesystem(self.url)
         try:
-            found = (_group_attributes(fs, root) or {}).get(STORE_ID, "<absent>")
+            found = (_group_attributes(self._fs, self._root) or {}).get("store_id", "<absent>")
         except StoreFormatError:
             found = "<unreadable>"
-        if found != self.manifest[STORE_ID]:
+        if found != self.manifest.store_id:
             raise StoreFormatError(
                 f"{self.url} is no longer the store this run opened: its store id is {found}, this run's is "
-                f"{self.manifest[STORE_ID]}, so another run replaced it; nothing more is written into it. Run one "
+                f"{self.manifest.store_id}, so another run replaced it; nothing more is written into it. Run one "
                 "extract per --out path at a time"
             )
 
@@ -840,32 +1209,32 @@ class FeatureStore:
     def write_skipped(self, shard: int | None, records: list[dict[str, Any]]) -> None:
         """Replace the skip report of shard `shard` (None: the metadata pass's); one writer per part, atomic."""
         self._check_still_this_store()
-        fs, root = _filesystem(self.url)
         part = METADATA_PART if shard is None else f"{SHARD_PART_PREFIX}{shard:06d}"
-        path = f"{root}/{SKIPPED_DIR}/{part}.jsonl"
+        path = f"{self._root}/{SKIPPED_DIR}/{part}.jsonl"
         if not records:
-            if fs.exists(path):
-                fs.rm(path)
+            if self._fs.exists(path):
+                self._fs.rm(path)
             return
-        fs.makedirs(f"{root}/{SKIPPED_DIR}", exist_ok=True)
-        _write_atomically(fs, path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        self._fs.makedirs(f"{self._root}/{SKIPPED_DIR}", exist_ok=True)
+        _write_atomically(self._fs, path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def write_skipped_report(self) -> str:
         """Merge every part into `skipped.jsonl` beside the arrays; returns its path."""
-        fs, root = _filesystem(self.url)
-        path = f"{root}/{SKIPPED_REPORT}"
-        _write_atomically(fs, path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.skipped_records()))
+        path = f"{self._root}/{SKIPPED_REPORT}"
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.skipped_records())
+        _write_atomically(self._fs, path, text)
         return path
 
     def remove_partial_files(self) -> int:
-        """Delete the `*.partial` files a killed write left in the store's own arrays, skip reports and zarr.json
-        (never elsewhere in the folder); call it while no other process writes."""
-        fs, root = _filesystem(self.url)
-        patterns = [f"{root}/{name}/**/*.partial" for name in self.specs]
-        patterns += [f"{root}/{SKIPPED_DIR}/*.partial", f"{root}/zarr.*.partial", f"{root}/{SKIPPED_REPORT}.*.partial"]
-        leftovers = sorted({path for pattern in patterns for path in fs.glob(pattern)})
+        """Delete the `*.partial` files a killed write left in the store's own arrays, skip reports, commit markers
+        and zarr.json (never elsewhere in the folder); call it while no other process writes."""
+        root = self._root
+        patterns = [f"{root}/{name}/**/*.partial" for name in self.array_names]
+        patterns += [f"{root}/{folder}/*.partial" for folder in (SKIPPED_DIR, COMMITS_DIR)]
+        patterns += [f"{root}/zarr.*.partial", f"{root}/{SKIPPED_REPORT}.*.partial"]
+        leftovers = sorted({path for pattern in patterns for path in self._fs.glob(pattern)})
         for path in leftovers:
-            fs.rm(path)
+            self._fs.rm(path)
         return len(leftovers)
 
     # ---- checking -------------------------------------------------------------------------------------------------
@@ -874,34 +1243,49 @@ class FeatureStore:
 
         A shard that fails is re-read one chunk at a time to name the bad sample range. A shard whose status says
         it was written (or whose status is itself missing or unreadable) but whose file is gone is reported as
-        missing, and so is a missing status shard. A NaN or inf in a complete sample's feature is reported too.
+        missing, and so is a missing status or file-name shard. A NaN or inf in a complete sample's feature is
+        reported too, so is a commit marker that disagrees with the status array, and names that do not match the
+        manifest's `file_names_sha256`.
         """
-        corrupt = []
-        for shard, (start, stop) in enumerate(self.shard_ranges()):
-            written = self._shard_written(shard)
-            done = self._done_or_none(start, stop)
-            for name in self.specs:
-                if (written or name == "status") and not self._shard_stored(name, shard):
+        corrupt: list[CorruptRange] = []
+        markers = {int(row[0]): row for row in _read_markers(self._fs, self._root, len(self._ranges))}
+        names: list[str] | None = []
+        for shard, (start, stop) in enumerate(self._ranges):
+            raw = self._raw_status(shard)
+            written = raw is None or bool((raw != PENDING).any())
+            done = None if raw is None else raw == DONE
+            for name in self.array_names:
+                if (written or name in ("status", FILE_NAME_ARRAY)) and not self._shard_stored(name, shard):
                     corrupt.append(CorruptRange(name, start, stop, "shard file missing"))
+                    names = None if name == FILE_NAME_ARRAY else names
                     continue
                 try:
                     values = self.array(name)[start:stop]
                 except Exception:  # noqa: BLE001 - any decode failure is corruption; narrowed below per chunk
                     corrupt += self._locate(name, start, stop)
+                    names = None if name == FILE_NAME_ARRAY else names
                     continue
+                if name == FILE_NAME_ARRAY and names is not None:
+                    names += _decode_names(values)
                 if done is not None and values.dtype.kind == "f":
                     corrupt += _non_finite(name, start, values, done)
-        return sorted(corrupt, key=lambda c: (list(self.specs).index(c.array), c.start))
+            if shard in markers and raw is not None:
+                corrupt += self._marker_disagreement(shard, markers[shard], raw)
+        if names is not None and names_sha256(names) != self.manifest.file_names_sha256:
+            corrupt.append(CorruptRange(FILE_NAME_ARRAY, 0, self.num_samples, "names differ from file_names_sha256"))
+        order = self.array_names
+        return sorted(corrupt, key=lambda c: (order.index(c.array), c.start))
 
-    def _done_or_none(self, start: int, stop: int) -> np.ndarray | None:
-        """Which samples of `[start, stop)` are done, or None when their status cannot be read."""
-        shard = start // self.shard_rows
-        if not self._shard_stored("status", shard):
-            return None
-        try:
-            return self.array("status")[start:stop] == DONE
-        except Exception:  # noqa: BLE001 - reported by `verify` as a corrupt status range
-            return None
+    def _marker_disagreement(self, shard: int, marker: np.ndarray, raw: np.ndarray) -> list[CorruptRange]:
+        """The status range of `shard` when its commit marker records other statuses than the status array holds."""
+        counts = self._counts(marker.reshape(1, 3))
+        (record,) = self._marker_records(np.array([shard]), counts)
+        recorded = np.full(len(raw), DONE, np.uint8)
+        recorded[np.asarray(record["skipped"], dtype=np.int64)] = SKIPPED
+        if np.array_equal(recorded, raw) and marker[1] == (recorded == DONE).sum():
+            return []
+        start, stop = self._ranges[shard]
+        return [CorruptRange("status", start, stop, "its commit marker records other statuses than the status array")]
 
     def _locate(self, name: str, start: int, stop: int) -> list[CorruptRange]:
         array, rows = self.array(name), self.array(name).chunks[0]
@@ -918,16 +1302,25 @@ class FeatureStore:
         return found
 
     def describe(self) -> dict[str, Any]:
-        """Everything `sur-cache inspect` shows, JSON-ready."""
+        """Everything `sur-cache inspect` shows, JSON-ready; reads the commit markers, never an array's data.
+
+        An array's `bytes_stored` is the size of its committed shards' files, as measured at each commit.
+        """
+        counts = self.shard_counts()
+        records = self._marker_records(np.flatnonzero(counts.committed), counts)
+        stored = Counter()
+        for record in records:
+            stored.update(record["bytes"])
         arrays = {}
-        for name in self.specs:
+        for name in self.array_names:
             array = self.array(name)
             arrays[name] = {
                 "shape": list(array.shape),
                 "dtype": str(array.dtype),
                 "chunks": list(array.chunks),
                 "shards": list(array.shards or array.chunks),
-                "bytes_stored": int(array.nbytes_stored()),
+                "dimensions": list(array.metadata.dimension_names),
+                "bytes_stored": int(stored[name]),
             }
         summary = self.summary()
         return {
@@ -936,10 +1329,57 @@ class FeatureStore:
             "pending": summary["pending"],
             "skipped": summary["skipped"],
             "num_samples": self.num_samples,
+            "num_shards": len(self._ranges),
+            "committed_shards": int(counts.committed.sum()),
             "bytes_stored": sum(a["bytes_stored"] for a in arrays.values()),
-            "manifest": self.manifest,
+            "manifest": self.manifest.to_json(),
             "arrays": arrays,
         }
+
+
+@dataclass(frozen=True)
+class CorruptRange:
+    """Samples `[start, stop)` of `array` could not be read back (checksum mismatch, missing or unreadable shard)."""
+
+    array: str
+    start: int
+    stop: int
+    error: str
+
+
+def _check_layout(manifest: Manifest, file_names: Sequence[str]) -> None:
+    """Refuse a layout `create` cannot write, and names that do not fit the manifest."""
+    sizes = (manifest.num_samples, manifest.shard_rows, manifest.chunk_rows)
+    if min(sizes) < 1 or manifest.chunk_rows > manifest.shard_rows:
+        raise ValueError(f"num_samples, shard_rows, chunk_rows must be >= 1 and chunk_rows <= shard_rows, got {sizes}")
+    if manifest.compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {manifest.compression!r}")
+    if len(file_names) != manifest.num_samples or names_sha256(file_names) != manifest.file_names_sha256:
+        raise ValueError(
+            f"{len(file_names)} file names given for a manifest of {manifest.num_samples} samples whose "
+            "file_names_sha256 they must match"
+        )
+    if name_bytes(file_names) > manifest.file_name_bytes:
+        raise ValueError(f"a file name is longer than the manifest's file_name_bytes {manifest.file_name_bytes}")
+
+
+def _create_array(
+    group: zarr.Group, name: str, spec: ArraySpec, manifest: Manifest, overwrite: bool = False
+) -> zarr.Array:
+    itemsize = np.dtype(spec.dtype).itemsize
+    row_bytes = itemsize * int(np.prod(spec.row_shape, dtype=np.int64))
+    rows = manifest.shard_rows if row_bytes <= _SMALL_ROW_BYTES else manifest.chunk_rows
+    return group.create_array(
+        name,
+        shape=(manifest.num_samples, *spec.row_shape),
+        dtype=spec.dtype,
+        chunks=(rows, *spec.row_shape),
+        shards=(manifest.shard_rows, *spec.row_shape),
+        compressors=_compressors(manifest.compression, itemsize),
+        fill_value=0,
+        dimension_names=spec.dimension_names,
+        overwrite=overwrite,  # only where the array is sur-cache's own: zarr would delete every file under it
+    )
 
 
 def _non_finite(name: str, start: int, values: np.ndarray, done: np.ndarray) -> list[CorruptRange]:
@@ -961,3 +1401,120 @@ def _write_atomically(fs, path: str, text: str) -> None:
     with fs.open(partial, "w") as f:
         f.write(text)
     fs.mv(partial, path)
+
+
+# ---- schema 1 -> schema 2 --------------------------------------------------------------------------------------------
+@dataclass
+class _Migration:
+    """What a migration of one schema-1 store works on; each step below reads it and writes into the store."""
+
+    url: str
+    fs: Any
+    root: str
+    metadata: dict[str, Any]  # the group's zarr.json, schema 1
+    manifest: Manifest  # the schema-2 manifest it becomes (a fresh store id)
+    file_names: list[str]
+
+    def store(self) -> FeatureStore:
+        """The store as schema 2 will see it (not validated: its zarr.json is still schema 1)."""
+        return FeatureStore(self.url, zarr.open_group(self.url, mode="r+"), self.manifest)
+
+
+def migrate(url: str | Path) -> bool:
+    """Convert the schema-1 store at `url` (sur-cache 0.1.0) in place to schema 2; False if it is schema 2 already.
+
+    Holds the writer lock. Every step but the last writes only what schema 1 does not read (dimension names, the
+    file_name array, the status shards schema 1 left unwritten as pending, commit markers of its committed
+    shards); the last step, the commit, replaces the group's zarr.json atomically with the schema-2 manifest. A
+    migration that stops at any point leaves a schema-1 store that migrates again from the start. Feature bytes
+    are never rewritten.
+    """
+    url = _normalise_url(url)
+    fs, root = _filesystem(url)
+    with writer_lock(url):
+        metadata = _group_metadata(fs, root)
+        if metadata is None:
+            raise FileNotFoundError(f"no sur-cache store at {url}; nothing to migrate")
+        attributes = metadata["attributes"]
+        if attributes.get("schema_version") == SCHEMA_VERSION:
+            Manifest.from_json(attributes, url)
+            return False
+        if attributes.get("schema_version") != 1 or not _is_sur_cache(attributes):
+            raise StoreFormatError(
+                f"{url}/zarr.json: expected a sur-cache store of schema_version 1 to migrate, found schema_version "
+                f"{_short(attributes.get('schema_version', '<absent>'))}; migrate converts sur-cache 0.1.0 stores only"
+            )
+        migration = _Migration(url, fs, root, metadata, *_schema1_manifest(url, attributes))
+        for step in MIGRATION_STEPS:
+            step(migration)
+    return True
+
+
+def _schema1_manifest(url: str, attributes: dict[str, Any]) -> tuple[Manifest, list[str]]:
+    """The schema-2 manifest of a schema-1 one, and its file names; every field checked as `from_json` does."""
+    names = attributes.get("file_names")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise StoreFormatError(f"{url}/zarr.json: a schema-1 manifest lists its file_names; this one does not")
+    fields = {key: value for key, value in attributes.items() if key not in ("schema_version", "file_names")}
+    fields = {"llm_model": None, "llm_features_file": None, **fields}  # schema 1 left out the unused teacher
+    fields.update(file_names_sha256=names_sha256(names), file_name_bytes=name_bytes(names), store_id=uuid.uuid4().hex)
+    problems = _field_problems(Manifest, fields, "")
+    if problems:
+        raise StoreFormatError(
+            f"{url}/zarr.json: this schema-1 manifest cannot become schema {SCHEMA_VERSION}: {'; '.join(problems)}; "
+            "re-extract the store (`sur-cache extract ... --overwrite`)"
+        )
+    return _build(Manifest, fields), names
+
+
+def _migrate_dimension_names(migration: _Migration) -> None:
+    """Each array's zarr.json with this schema's dimension names (replaced atomically, its data untouched)."""
+    for name, spec in array_specs(migration.manifest).items():
+        path = f"{migration.root}/{name}/zarr.json"
+        metadata = json.loads(migration.fs.cat_file(path))
+        if metadata.get("dimension_names") != list(spec.dimension_names):
+            metadata["dimension_names"] = list(spec.dimension_names)
+            _write_atomically(migration.fs, path, json.dumps(metadata, indent=2))
+
+
+def _migrate_file_names(migration: _Migration) -> None:
+    """The file_name array, created anew from the schema-1 manifest's list."""
+    store = migration.store()
+    _create_array(store._group, FILE_NAME_ARRAY, file_name_spec(migration.manifest), migration.manifest, True)
+    store._write_file_names(migration.file_names)
+
+
+def _migrate_status(migration: _Migration) -> None:
+    """The status shards schema 1 never wrote (its pending shards), written as pending."""
+    store = migration.store()
+    for shard in _missing_status_shards(migration.fs, migration.root, len(store.shard_ranges())):
+        start, stop = store.shard_ranges()[shard]
+        store._writable("status")[start:stop] = np.zeros(stop - start, np.uint8)
+
+
+def _migrate_commit_markers(migration: _Migration) -> None:
+    """A commit marker for every shard whose status is final (schema 1's commit), none for the others."""
+    store = migration.store()
+    folder = f"{migration.root}/{COMMITS_DIR}"
+    for name in _names_in(migration.fs, folder):  # a stopped migration's markers: written again below
+        migration.fs.rm(f"{folder}/{name}")
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        status = store.array("status")[start:stop]
+        if (status != PENDING).all():
+            store._write_commit_marker(shard, status)
+
+
+def _migrate_manifest(migration: _Migration) -> None:
+    """The commit of the migration: the group's zarr.json with the schema-2 manifest, replaced atomically."""
+    metadata = {**migration.metadata, "attributes": migration.manifest.to_json()}
+    _write_atomically(migration.fs, f"{migration.root}/zarr.json", json.dumps(metadata, indent=2))
+
+
+# In order; the last one is the commit (tests raise at each to simulate a kill).
+MIGRATION_STEPS = (
+    _migrate_dimension_names,
+    _migrate_file_names,
+    _migrate_status,
+    _migrate_commit_markers,
+    _migrate_manifest,
+)

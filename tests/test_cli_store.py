@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import click
 import pytest
@@ -46,16 +48,21 @@ def test_inspect_json_has_the_contracted_keys(store):
         "dtype": "float16",
         "chunks": [4, 77, 32],
         "shards": [4, 77, 32],
+        "dimensions": ["sample", "token", "clip_width"],
         "bytes_stored": 0,
     }
     assert described["bytes_stored"] > 12 * 2 * 77 * 32 * 2
+    # schema 2: the names moved from the manifest into the file_name array; the manifest keeps their digest
+    assert "file_names" not in described["manifest"] and len(described["manifest"]["file_names_sha256"]) == 64
+    assert described["arrays"]["file_name"]["shape"][0] == 12
+    assert (described["num_shards"], described["committed_shards"]) == (3, 3)
 
 
 def test_inspect_text_lists_manifest_and_arrays(store):
     result = CliRunner().invoke(main, ["inspect", str(store)])
     assert result.exit_code == 0, result.output
     assert "samples   12: 12 complete, 0 pending" in result.output
-    assert "llm_pooling" in result.output and "[12 names]" in result.output
+    assert "llm_pooling" in result.output and "file_names_sha256" in result.output
     assert "latent_logvar" in result.output and "chunks (4, 4, 8, 8) shards (4, 4, 8, 8)" in result.output
 
 
@@ -147,3 +154,21 @@ def test_extract_without_overwrite_says_what_overwrite_removes(store, tiny_model
     assert result.exit_code == 1
     assert "--overwrite removes the store's clip_simple, clip_complex," in result.output
     assert "status, zarr.json" in result.output
+
+
+SCHEMA1 = Path(__file__).parent / "data" / "store_schema1.zarr"
+
+
+def test_a_schema1_store_names_migrate_and_migrate_converts_it(tmp_path):
+    copy = tmp_path / "v1.zarr"
+    shutil.copytree(SCHEMA1, copy)
+    for command in ("inspect", "verify"):
+        result = CliRunner().invoke(main, [command, str(copy)])
+        assert result.exit_code == 1 and f"`sur-cache migrate {copy}`" in result.output, result.output
+    result = CliRunner().invoke(main, ["migrate", str(copy)])
+    assert result.exit_code == 0 and result.output == f"{copy}: migrated to schema 2\n"
+    assert CliRunner().invoke(main, ["migrate", str(copy)]).output == f"{copy}: already schema 2\n"
+    result = CliRunner().invoke(main, ["inspect", str(copy), "--json"])
+    described = json.loads(result.output)
+    assert (described["complete"], described["skipped"]) == (9, {"unreadable_image": 1})
+    assert CliRunner().invoke(main, ["verify", str(copy)]).exit_code == 0

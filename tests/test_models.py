@@ -1,5 +1,6 @@
 """Model loading and the three feature functions, on the tiny models loaded through the same paths the CLI uses."""
 
+import json
 import shutil
 
 import pytest
@@ -18,6 +19,7 @@ from sur_cache.models import (
     model_fingerprint,
     resolve_layer,
     resolve_llm,
+    sd_model_facts,
 )
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_LAYERS, TINY_LLM_WIDTH, TINY_RESOLUTION
 
@@ -280,3 +282,27 @@ def test_on_a_gpu_features_stay_on_the_device_and_match_the_cpu(tiny_models, cli
     assert pooled.pooled.is_cuda and pooled.tokens.is_cuda and pooled.mask.is_cuda
     expected = encode_llm(*llm_fp32, PROMPTS, layer=-1).pooled
     assert torch.nn.functional.cosine_similarity(pooled.pooled.cpu(), expected).min() > 0.99  # int8 vs fp32
+
+
+def test_sd_model_facts_come_from_the_config_files_alone(tiny_models, tmp_path):
+    facts = sd_model_facts(str(tiny_models.sd))
+    assert (facts.clip_width, facts.tokenizer_max_length, facts.latent_channels) == (TINY_CLIP_WIDTH, 77, 4)
+    assert facts.unet_in_channels == 4
+    assert facts.cross_attention_dim == TINY_CLIP_WIDTH and facts.prediction_type == "epsilon"
+    vae = json.loads((tiny_models.sd / "vae" / "config.json").read_text())
+    unet = json.loads((tiny_models.sd / "unet" / "config.json").read_text())
+    assert facts.vae_downsampling == 2 ** (len(vae["block_out_channels"]) - 1)
+    assert facts.vae_scaling_factor == vae["scaling_factor"] and facts.unet_sample_size == unet["sample_size"]
+    configs_only = tmp_path / "sd"  # no weights at all: only the config files are read
+    shutil.copytree(tiny_models.sd, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert sd_model_facts(str(configs_only)) == facts
+    del vae["scaling_factor"]
+    (configs_only / "vae" / "config.json").write_text(json.dumps(vae))
+    shutil.rmtree(configs_only / "unet")
+    shutil.rmtree(configs_only / "scheduler")
+    without = sd_model_facts(str(configs_only))  # extract needs neither the UNet nor the scheduler
+    assert without.vae_scaling_factor == 0.18215  # AutoencoderKL's default
+    assert without.unet_in_channels is None and without.prediction_type is None
+    shutil.rmtree(configs_only / "vae")
+    with pytest.raises(OSError, match=r"--sd .*sd: cannot load it as a diffusers Stable Diffusion .*vae/config.json"):
+        sd_model_facts(str(configs_only))

@@ -1,22 +1,31 @@
-"""The store format: layout from the manifest, validation on open, shard writes, skip reports, verify."""
+"""The store format: the typed manifest, layout from it, validation on open, shard writes and commit markers, the
+scans, skip reports, verify, schema-1 migration, and reading by xarray and tensorstore."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sur_cache import store as store_module
 from sur_cache.store import (
     DONE,
     PENDING,
     SKIPPED,
     FeatureStore,
+    Manifest,
     ManifestMismatchError,
     StoreFormatError,
     array_specs,
+    migrate,
+    synthetic_manifest,
+    synthetic_store,
 )
 
 MANIFEST = {
@@ -31,6 +40,7 @@ MANIFEST = {
     "llm_per_token": True,
     "llm_layer": 2,
 }
+LAYOUT = {"num_samples": 10, "shard_rows": 4, "chunk_rows": 1}
 
 
 def _random_rows(store: FeatureStore, start: int, stop: int, seed: int) -> dict[str, np.ndarray]:
@@ -45,7 +55,7 @@ def _random_rows(store: FeatureStore, start: int, stop: int, seed: int) -> dict[
 
 @pytest.fixture
 def store(tmp_path):
-    return FeatureStore.create(tmp_path / "s.zarr", MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1)
+    return synthetic_store(tmp_path / "s.zarr", **MANIFEST, **LAYOUT)
 
 
 def test_layout_follows_the_manifest(store):
@@ -56,8 +66,8 @@ def test_layout_follows_the_manifest(store):
     assert store.array("llm_tokens").shape == (10, 77, 40)
     assert store.array("status").chunks == (4,)  # tiny rows: one chunk per shard
     assert "latent_mean_flipped" in store.specs
-    assert store.manifest["chunk_rows"] == 1 and store.manifest["compression"] == "none"
-    without = array_specs({**MANIFEST, "flip_variants": False, "llm_per_token": False})
+    assert store.manifest.chunk_rows == 1 and store.manifest.compression == "none"
+    without = array_specs(dataclasses.replace(store.manifest, flip_variants=False, llm_per_token=False))
     assert "latent_mean_flipped" not in without and "llm_tokens" not in without and "llm_mask" not in without
     codecs = store.array("clip_simple").metadata.to_dict()["codecs"][0]["configuration"]
     assert {"name": "crc32c"} in [dict(c) for c in codecs["codecs"]]
@@ -86,24 +96,24 @@ def test_write_shard_refuses_incomplete_input(store):
 
 
 def test_open_refuses_other_settings_naming_each_field(store):
-    expected = {**MANIFEST, "llm_layer": 1, "clip_width": 32, "num_samples": 10}
+    expected = synthetic_manifest(**{**MANIFEST, "llm_layer": 1, "clip_width": 32}, **LAYOUT)
     with pytest.raises(ManifestMismatchError) as error:
         FeatureStore.open(store.url, mode="r+", expected=expected)
     message = str(error.value)
     assert "llm_layer: expected 1, found 2" in message
     assert "clip_width: expected 32, found 24" in message
-    assert "num_samples" not in message
+    assert "num_samples" not in message and "store_id" not in message  # equal, and store-owned: never compared
     assert "--overwrite" in message
-    FeatureStore.open(store.url, mode="r+", expected={**MANIFEST, "num_samples": 10})  # same settings resume
+    FeatureStore.open(store.url, mode="r+", expected=synthetic_manifest(**MANIFEST, **LAYOUT))  # same settings resume
 
 
 def test_create_refuses_existing_store_unless_overwrite(store):
     with pytest.raises(FileExistsError, match="--overwrite"):
-        FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4)
+        synthetic_store(store.url, **MANIFEST, num_samples=10, shard_rows=4)
     store.write_skipped(None, [{"line": 7, "file_name": None, "reason": "malformed_json", "detail": "x"}])
     report = Path(store.write_skipped_report())
-    fresh = FeatureStore.create(store.url, {**MANIFEST, "llm_layer": 0}, num_samples=3, shard_rows=4, overwrite=True)
-    assert fresh.num_samples == 3 and fresh.manifest["llm_layer"] == 0
+    fresh = synthetic_store(store.url, **{**MANIFEST, "llm_layer": 0}, num_samples=3, shard_rows=4, overwrite=True)
+    assert fresh.num_samples == 3 and fresh.manifest.llm_layer == 0
     assert fresh.skipped_records() == [] and not report.exists()  # the old store's skip reports went with it
 
 
@@ -111,7 +121,7 @@ def test_create_never_wipes_a_folder_that_is_not_a_store(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match=r"holds a folder that is not a store \(notes.txt\)"):
-            FeatureStore.create(tmp_path, MANIFEST, num_samples=2, shard_rows=2, overwrite=overwrite)
+            synthetic_store(tmp_path, **MANIFEST, num_samples=2, shard_rows=2, overwrite=overwrite)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
@@ -168,8 +178,9 @@ def test_verify_reports_a_corrupt_status_slice_instead_of_crashing(store, tmp_pa
     corrupt = store.verify()
     assert [(c.array, c.start, c.stop) for c in corrupt] == [("llm", 4, 8), ("status", 4, 8)]
     assert corrupt[0].error == "shard file missing" and "checksum" in corrupt[1].error
-    with pytest.raises(StoreFormatError, match=r"status array cannot be read .*sur-cache verify"):
-        store.summary()
+    # The scans read the commit markers, never the status array: a corrupt status slice cannot stand in for data
+    # there, and `verify` is what finds it.
+    assert store.summary()["complete"] == 10 and store.status().tolist() == [DONE] * 10
 
 
 def test_partial_files_are_removed(store, tmp_path):
@@ -182,25 +193,25 @@ def test_partial_files_are_removed(store, tmp_path):
 
 def test_memory_url_store_round_trips():
     url = f"memory://sur-cache-test-{uuid.uuid4().hex}/s.zarr"
-    created = FeatureStore.create(url, MANIFEST, num_samples=5, shard_rows=4)
+    created = synthetic_store(url, **MANIFEST, num_samples=5, shard_rows=4)
     rows = _random_rows(created, 4, 5, seed=3)
     created.write_shard(1, rows, np.array([DONE], np.uint8))
     created.write_skipped(None, [{"line": 0, "file_name": None, "reason": "empty_prompt", "detail": ""}])
-    opened = FeatureStore.open(url, expected=MANIFEST)
+    opened = FeatureStore.open(url, expected=synthetic_manifest(**MANIFEST, num_samples=5, shard_rows=4))
     np.testing.assert_array_equal(opened.read(["llm"], 4, 5)["llm"], rows["llm"])
     assert opened.summary() == {"num_samples": 5, "complete": 1, "pending": 4, "skipped": {"empty_prompt": 1}}
     assert opened.describe()["arrays"]["llm"]["chunks"] == [4, 40]  # default chunk_rows, capped at the shard
 
 
 def test_compressed_store_round_trips_with_checksums(tmp_path):
-    store = FeatureStore.create(tmp_path / "z.zarr", MANIFEST, num_samples=4, shard_rows=4, compression="zstd")
+    store = synthetic_store(tmp_path / "z.zarr", **MANIFEST, num_samples=4, shard_rows=4, compression="zstd")
     rows = _random_rows(store, 0, 4, seed=5)
     store.write_shard(0, rows, np.full(4, DONE, np.uint8))
     np.testing.assert_array_equal(FeatureStore.open(store.url).read(["llm"], 0, 4)["llm"], rows["llm"])
     inner = [c["name"] for c in store.array("llm").metadata.to_dict()["codecs"][0]["configuration"]["codecs"]]
     assert inner == ["bytes", "zstd", "crc32c"]
     with pytest.raises(ValueError, match="compression must be one of"):
-        FeatureStore.create(tmp_path / "b.zarr", MANIFEST, num_samples=4, compression="lzma")
+        synthetic_store(tmp_path / "b.zarr", **MANIFEST, num_samples=4, compression="lzma")
 
 
 def test_identity_is_kept_by_a_copy_and_changed_by_a_commit_or_a_new_store(store, tmp_path):
@@ -213,7 +224,7 @@ def test_identity_is_kept_by_a_copy_and_changed_by_a_commit_or_a_new_store(store
     store.write_shard(0, _random_rows(store, 0, 4, seed=0), np.full(4, DONE, np.uint8))
     committed = FeatureStore.open(store.url).identity
     assert committed["store_id"] == first["store_id"] and committed["fingerprint"] != first["fingerprint"]
-    again = FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1, overwrite=True)
+    again = synthetic_store(store.url, **MANIFEST, **LAYOUT, overwrite=True)
     assert again.identity["store_id"] != first["store_id"] and again.identity["fingerprint"] != first["fingerprint"]
 
 
@@ -232,14 +243,14 @@ def test_overwrite_removes_only_what_the_store_owns(store, tmp_path):
     (root / "run1" / "log.txt").write_text("mine too")
     (root / "llm" / "mine.txt").write_text("inside an array folder")
     with pytest.raises(FileExistsError) as refused:
-        FeatureStore.create(root, MANIFEST, num_samples=10, shard_rows=4)
+        synthetic_store(root, **MANIFEST, num_samples=10, shard_rows=4)
     message = str(refused.value)
     assert "--overwrite removes the store's clip_simple, " in message and "zarr.json, skipped, skipped.jsonl" in message
     assert "it keeps NOTES.md, run1" in message
-    fresh = FeatureStore.create(root, {**MANIFEST, "flip_variants": False}, num_samples=6, shard_rows=4, overwrite=True)
+    fresh = synthetic_store(root, **{**MANIFEST, "flip_variants": False}, num_samples=6, shard_rows=4, overwrite=True)
     assert (root / "NOTES.md").read_text() == "mine" and (root / "run1" / "log.txt").read_text() == "mine too"
     assert (root / "llm" / "mine.txt").exists() and not (root / "latent_mean_flipped").exists()
-    assert not (root / "skipped.jsonl").exists() and not (root / "skipped").exists()
+    assert not (root / "skipped.jsonl").exists() and not (root / "skipped").exists() and not (root / "commits").exists()
     assert fresh.num_samples == 6 and fresh.pending_shards() == [0, 1]
     assert FeatureStore.open(root).read(["llm"], 0, 4)["llm"].tolist() == np.zeros((4, 40)).tolist()
 
@@ -253,7 +264,7 @@ def test_overwrite_refuses_a_zarr_group_that_is_not_a_sur_cache_store(tmp_path):
         with pytest.raises(
             FileExistsError, match=r"a Zarr group that is not a sur-cache store \(README, x, zarr.json\)"
         ):
-            FeatureStore.create(tmp_path / "g.zarr", MANIFEST, num_samples=2, shard_rows=2, overwrite=overwrite)
+            synthetic_store(tmp_path / "g.zarr", **MANIFEST, num_samples=2, shard_rows=2, overwrite=overwrite)
     assert (tmp_path / "g.zarr" / "README").read_text() == "keep" and (tmp_path / "g.zarr" / "x" / "zarr.json").exists()
     assert not FeatureStore.exists(tmp_path / "g.zarr")
 
@@ -287,7 +298,7 @@ def test_a_deleted_status_shard_is_damage_not_pending(store, tmp_path):
         store.status()
     assert FeatureStore.exists(store.url)  # features were written: damage to report, not a creation to redo
     with pytest.raises(FileExistsError, match="already holds a sur-cache store"):
-        FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1)
+        synthetic_store(store.url, **MANIFEST, **LAYOUT)
 
 
 def test_verify_names_non_finite_complete_samples(store):
@@ -335,7 +346,7 @@ def test_an_unreadable_zarr_json_is_named(text, expected, store, tmp_path):
     with pytest.raises(StoreFormatError, match=rf"s.zarr/zarr.json:? {expected}"):
         FeatureStore.open(tmp_path / "s.zarr")
     with pytest.raises(StoreFormatError, match=rf"s.zarr/zarr.json:? {expected}"):
-        FeatureStore.create(tmp_path / "s.zarr", MANIFEST, num_samples=10, shard_rows=4, overwrite=True)
+        synthetic_store(tmp_path / "s.zarr", **MANIFEST, num_samples=10, shard_rows=4, overwrite=True)
     assert (tmp_path / "s.zarr" / "llm" / "zarr.json").exists()  # not recognisable: nothing removed
 
 
@@ -346,7 +357,7 @@ def test_an_unreadable_array_metadata_is_named(store, tmp_path):
 
 
 def test_a_commit_into_a_replaced_store_is_refused(store):
-    replacement = FeatureStore.create(store.url, MANIFEST, num_samples=10, shard_rows=4, chunk_rows=1, overwrite=True)
+    replacement = synthetic_store(store.url, **MANIFEST, **LAYOUT, overwrite=True)
     with pytest.raises(StoreFormatError, match="no longer the store this run opened"):
         store.write_shard(0, _random_rows(store, 0, 4, seed=0), np.full(4, DONE, np.uint8))
     with pytest.raises(StoreFormatError, match="no longer the store this run opened"):
@@ -355,7 +366,7 @@ def test_a_commit_into_a_replaced_store_is_refused(store):
 
 
 def test_file_urls_are_local_paths(tmp_path):
-    created = FeatureStore.create(f"file://{tmp_path}/f.zarr", MANIFEST, num_samples=4, shard_rows=4)
+    created = synthetic_store(f"file://{tmp_path}/f.zarr", **MANIFEST, num_samples=4, shard_rows=4)
     assert created.url == f"{tmp_path}/f.zarr"
     created.write_skipped(None, [{"line": 0, "file_name": None, "reason": "empty_prompt", "detail": ""}])
     assert Path(created.write_skipped_report()).is_file()
@@ -429,3 +440,235 @@ def test_the_writer_lock_of_an_object_store_is_an_exclusive_file(monkeypatch):
     with pytest.raises(StoreLockedError, match="process 1 on host elsewhere"):
         with writer_lock(url):
             pass
+
+
+# ---- the typed manifest ------------------------------------------------------------------------------------------
+def _attributes_with(manifest: Manifest, edit) -> dict:
+    """`manifest.to_json()` edited by `edit`, with checksums recomputed: what another writer could have written."""
+    attributes = manifest.to_json()
+    edit(attributes)
+    attributes["field_sha256"] = store_module.field_digests(attributes)
+    return attributes
+
+
+def test_manifest_round_trips_through_json_and_stays_small_whatever_n(store):
+    assert Manifest.from_json(json.loads(json.dumps(store.manifest.to_json())), store.url) == store.manifest
+    on_disk = json.loads((Path(store.url) / "zarr.json").read_text())["attributes"]
+    assert Manifest.from_json(on_disk, store.url) == store.manifest
+    assert on_disk["schema_version"] == 2 and "file_names" not in on_disk
+    huge = dataclasses.replace(synthetic_manifest(**MANIFEST, num_samples=10_000_000), store_id="x")
+    assert len(json.dumps(huge.to_json())) < 8192  # nothing in the manifest grows with N
+
+
+def test_manifest_validation_names_each_missing_extra_and_mistyped_field(store):
+    def broken(attributes):
+        del attributes["crop"]
+        attributes["colour"] = "blue"
+        attributes["llm_layer"] = "2"
+        attributes["sd_model"] = {"id": "x"}
+        attributes["llm_8bit"] = 1
+
+    with pytest.raises(StoreFormatError) as error:
+        Manifest.from_json(_attributes_with(store.manifest, broken), store.url)
+    message = str(error.value)
+    assert message.startswith(f"{store.url}/zarr.json: the manifest does not fit schema 2: ")
+    for problem in (
+        "missing field crop",
+        "unexpected field colour",
+        'llm_layer: expected an integer or null, found "2"',
+        "missing field sd_model.revision",
+        "llm_8bit: expected true or false or null, found 1",
+    ):
+        assert problem in message
+    assert "sur-cache extract ... --overwrite" in message
+    with pytest.raises(StoreFormatError, match=r"vae_scaling_factor: expected a number, found \"big\""):
+        Manifest.from_json(_attributes_with(store.manifest, lambda a: a.update(vae_scaling_factor="big")), store.url)
+    ints = _attributes_with(store.manifest, lambda a: a.update(vae_scaling_factor=1))
+    assert Manifest.from_json(ints, store.url).vae_scaling_factor == 1.0 and isinstance(
+        Manifest.from_json(ints, store.url).vae_scaling_factor, float
+    )
+
+
+def test_resume_differences_list_settings_only(store):
+    other = dataclasses.replace(store.manifest, store_id="another", resolution=1024, crop="random")
+    assert other.differences(store.manifest) == [
+        'crop: expected "random", found "center"',
+        "resolution: expected 1024, found 64",
+    ]
+
+
+# ---- commit markers and the scans ---------------------------------------------------------------------------------
+def _slow_reference(store: FeatureStore) -> np.ndarray:
+    """Per sample, the status array masked to pending where no commit marker exists, by a loop over the shards."""
+    raw = store.array("status")[:]
+    markers = os.listdir(Path(store.url) / "commits") if (Path(store.url) / "commits").exists() else []
+    committed = {int(name.split("-")[0]) for name in markers if name.endswith(".json")}
+    status = np.zeros_like(raw)
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        if shard in committed:
+            status[start:stop] = raw[start:stop]
+    return status
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_scans_equal_a_slow_reference_on_random_statuses(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    created = synthetic_store(tmp_path / "r.zarr", **MANIFEST, num_samples=int(rng.integers(20, 60)), shard_rows=5)
+    for shard, (start, stop) in enumerate(created.shard_ranges()):
+        kind = rng.integers(4)  # pending, committed, committed with skips, status written but killed before its marker
+        status = np.where(rng.random(stop - start) < 0.3 * (kind >= 2), SKIPPED, DONE).astype(np.uint8)
+        if kind == 0:
+            continue
+        if kind == 3:
+            created._writable("status")[start:stop] = status  # what a kill between the status and the marker leaves
+            continue
+        created.commit_shard(shard, status)
+    opened = FeatureStore.open(created.url)
+    reference = _slow_reference(opened)
+    np.testing.assert_array_equal(opened.status(), reference)
+    np.testing.assert_array_equal(opened.complete_indices(), np.flatnonzero(reference == DONE))
+    ranges = opened.shard_ranges()
+    assert opened.pending_shards() == [i for i, (a, b) in enumerate(ranges) if (reference[a:b] == PENDING).any()]
+    summary = opened.summary()
+    assert (summary["complete"], summary["pending"]) == ((reference == DONE).sum(), (reference == PENDING).sum())
+    counts = opened.shard_counts()
+    assert counts.skipped.tolist() == [int((reference[a:b] == SKIPPED).sum()) for a, b in ranges]
+
+
+def test_a_shard_is_pending_until_its_commit_marker_is_written(store, monkeypatch):
+    class Killed(Exception):
+        pass
+
+    def killed(*args):
+        raise Killed
+
+    rows = _random_rows(store, 4, 8, seed=1)
+    store.write_shard(1, rows, np.full(4, DONE, np.uint8))
+    monkeypatch.setattr(FeatureStore, "_write_commit_marker", killed)
+    with pytest.raises(Killed):  # a re-commit: the old marker goes first, the new status is written, then the kill
+        store.commit_shard(1, np.array([DONE, SKIPPED, DONE, DONE], np.uint8))
+    monkeypatch.undo()
+    assert store.array("status")[4:8].tolist() == [DONE, SKIPPED, DONE, DONE]
+    reopened = FeatureStore.open(store.url, mode="r+")
+    assert reopened.pending_shards() == [0, 1, 2] and reopened.summary()["complete"] == 0
+    reopened.commit_shard(1, np.array([DONE, SKIPPED, DONE, DONE], np.uint8))  # the resume's commit
+    assert reopened.complete_indices().tolist() == [4, 6, 7]
+    assert sorted(os.listdir(Path(store.url) / "commits")) == ["00000001-3-1.json"]
+
+
+def test_verify_finds_a_commit_marker_that_claims_more_than_the_status(store):
+    _write_all(store)
+    commits = Path(store.url) / "commits"
+    (commits / "00000001-4-0.json").rename(commits / "00000001-3-1.json")
+    (commits / "00000001-3-1.json").write_text(json.dumps({"skipped": [0], "truncated": [0, 0], "bytes": {}}))
+    assert FeatureStore.open(store.url).status()[4:8].tolist() == [SKIPPED, DONE, DONE, DONE]  # the markers rule
+    found = [(c.array, c.start, c.stop) for c in store.verify()]
+    assert found == [("status", 4, 8)]
+
+
+def test_describe_counts_the_committed_shard_files(store):
+    store.write_shard(1, _random_rows(store, 4, 8, seed=1), np.full(4, DONE, np.uint8))
+    described = FeatureStore.open(store.url).describe()
+    root = Path(store.url)
+    for name, array in described["arrays"].items():
+        shard_file = root / name / "c" / "1" / Path(*["0"] * (len(array["shape"]) - 1))
+        assert array["bytes_stored"] == shard_file.stat().st_size, name
+    assert described["committed_shards"] == 1 and described["num_shards"] == 3
+    assert described["arrays"]["clip_simple"]["dimensions"] == ["sample", "token", "clip_width"]
+
+
+def test_file_names_are_an_array_matching_the_manifest(tmp_path):
+    names = ["a.png", "ünïcode/ß.jpg", "x" * 70]
+    manifest = dataclasses.replace(
+        synthetic_manifest(**MANIFEST, num_samples=3, shard_rows=2),
+        file_names_sha256=store_module.names_sha256(names),
+        file_name_bytes=store_module.name_bytes(names),
+    )
+    created = FeatureStore.create(tmp_path / "n.zarr", manifest, names)
+    assert FeatureStore.open(created.url).file_names() == names and created.file_names(1, 2) == names[1:2]
+    with pytest.raises(ValueError, match="file_names_sha256"):
+        FeatureStore.create(tmp_path / "m.zarr", manifest, names[::-1])
+
+
+# ---- schema 1 ----------------------------------------------------------------------------------------------------
+SCHEMA1 = Path(__file__).parent / "data" / "store_schema1.zarr"
+
+
+def _raw_arrays(url) -> dict[str, np.ndarray]:
+    """Every array of a store read by zarr itself, bypassing sur-cache."""
+    import zarr
+
+    group = zarr.open_group(str(url), mode="r")
+    return {name: array[:] for name, array in group.arrays()}
+
+
+def test_a_schema1_store_is_refused_naming_migrate_then_migrated_bit_identically(tmp_path):
+    copy = tmp_path / "v1.zarr"
+    shutil.copytree(SCHEMA1, copy)
+    with pytest.raises(StoreFormatError, match=rf"schema_version 1 .*`sur-cache migrate {copy}`"):
+        FeatureStore.open(copy)
+    assert FeatureStore.exists(copy)  # a store of ours: extract resumes nothing into it, and names migrate
+    assert migrate(copy) is True and migrate(copy) is False
+    migrated = FeatureStore.open(copy)
+    original, v1 = _raw_arrays(SCHEMA1), json.loads((SCHEMA1 / "zarr.json").read_text())["attributes"]
+    for name, values in original.items():
+        assert migrated.array(name)[:].tobytes() == values.tobytes(), name
+    assert migrated.file_names() == v1["file_names"]
+    assert migrated.status().tolist() == original["status"].tolist() and (original["status"] == SKIPPED).sum() == 1
+    assert migrated.summary()["skipped"] == {"unreadable_image": 1} and migrated.verify() == []
+    settings = migrated.manifest.settings()
+    assert {k: settings[k] for k in v1 if k in settings} == {k: v for k, v in v1.items() if k in settings}
+    assert migrated.manifest.llm_features_file is None and migrated.manifest.store_id
+
+
+@pytest.mark.parametrize("step", range(len(store_module.MIGRATION_STEPS)))
+def test_a_migration_killed_at_any_step_leaves_a_store_that_migrates_again(tmp_path, monkeypatch, step):
+    copy = tmp_path / "v1.zarr"
+    shutil.copytree(SCHEMA1, copy)
+    steps = list(store_module.MIGRATION_STEPS)
+
+    def killed(migration):
+        raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
+
+    steps[step] = killed
+    monkeypatch.setattr(store_module, "MIGRATION_STEPS", tuple(steps))
+    with pytest.raises(KeyboardInterrupt):
+        migrate(copy)
+    monkeypatch.undo()
+    with pytest.raises(StoreFormatError, match="sur-cache migrate"):  # still schema 1: nothing half-converted opens
+        FeatureStore.open(copy)
+    assert migrate(copy) is True
+    migrated, original = FeatureStore.open(copy), _raw_arrays(SCHEMA1)
+    assert all(migrated.array(name)[:].tobytes() == values.tobytes() for name, values in original.items())
+    assert migrated.verify() == [] and migrated.pending_shards() == []
+
+
+def test_migrate_marks_unwritten_schema1_status_shards_pending(tmp_path):
+    copy = tmp_path / "v1.zarr"
+    shutil.copytree(SCHEMA1, copy)
+    (copy / "status" / "c" / "2").unlink()  # schema 1 left a shard that was never committed without a status file
+    migrate(copy)
+    migrated = FeatureStore.open(copy)
+    assert migrated.pending_shards() == [2] and migrated.status()[8:].tolist() == [PENDING, PENDING]
+    assert (copy / "status" / "c" / "2").is_file()  # schema 2: written as pending, so a missing one is damage
+
+
+# ---- other Zarr readers ------------------------------------------------------------------------------------------
+def test_xarray_opens_the_whole_store_as_one_dataset(store):
+    xarray = pytest.importorskip("xarray")
+    _write_all(store)
+    dataset = xarray.open_zarr(store.url, consolidated=False)
+    assert set(dataset.data_vars) == set(store.array_names)
+    assert dataset.sizes["sample"] == 10 and dataset.sizes["token"] == 77 and dataset.sizes["hash_byte"] == 32
+    for name in store.array_names:
+        np.testing.assert_array_equal(dataset[name].values, store.read([name], 0, 10)[name], err_msg=name)
+    assert dataset.attrs["store_id"] == store.manifest.store_id
+
+
+def test_tensorstore_reads_every_array_as_the_store_does(store):
+    tensorstore = pytest.importorskip("tensorstore")
+    _write_all(store)
+    for name in store.array_names:
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{store.url}/{name}/"}}
+        values = tensorstore.open(spec, read=True).result().read().result()
+        np.testing.assert_array_equal(values, store.read([name], 0, 10)[name], err_msg=name)

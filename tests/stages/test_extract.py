@@ -105,9 +105,10 @@ def test_stored_values_equal_the_models_called_on_extracts_batches(reference, ti
     out, summary = reference
     assert summary["complete"] == 12 and summary["skipped"] == {}
     store = FeatureStore.open(out)
-    assert store.manifest["clip_width"] == TINY_CLIP_WIDTH and store.manifest["llm_width"] == TINY_LLM_WIDTH
-    assert store.manifest["llm_layer"] == LAYER and store.manifest["latent_size"] == TINY_RESOLUTION // 4
+    assert store.manifest.clip_width == TINY_CLIP_WIDTH and store.manifest.llm_width == TINY_LLM_WIDTH
+    assert store.manifest.llm_layer == LAYER and store.manifest.latent_size == TINY_RESOLUTION // 4
     lines = [json.loads(line) for line in (demo_dataset / "metadata.jsonl").read_text().splitlines()]
+    assert store.file_names() == [line["file_name"] for line in lines]  # the names array, in metadata order
     tokenizer, text_encoder = load_clip(str(tiny_models.sd))
     vae = load_vae(str(tiny_models.sd))
     rows, _ = read_metadata(demo_dataset)
@@ -243,11 +244,13 @@ def test_bad_rows_are_skipped_reported_and_never_done(tiny_models, demo_dataset,
         "unsafe_path": 1,
     }
     store = FeatureStore.open(out)
-    assert store.num_samples == 8  # rows that passed the metadata checks
+    assert store.num_samples == 9  # rows that passed the metadata checks; a missing file is found when read
     lines = store.array("sample_line")[:]
     status = store.status()
-    assert lines.tolist() == [0, 1, 5, 7, 8, 9, 10, 11]
-    assert status.tolist() == [DONE, SKIPPED] + [DONE] * 6
+    assert lines.tolist() == [0, 1, 5, 6, 7, 8, 9, 10, 11]
+    metadata = (data / "metadata.jsonl").read_text().splitlines()
+    assert store.file_names() == [json.loads(metadata[line])["file_name"] for line in lines]
+    assert status.tolist() == [DONE, SKIPPED, DONE, SKIPPED] + [DONE] * 5
     for name in ("latent_mean", "latent_mean_flipped", "clip_simple", "llm", "llm_tokens", "truncated"):
         assert not store.array(name)[1].any(), f"{name} of a skipped sample should be zeros"
     texts = [json.loads(line).get("text") for line in (data / "metadata.jsonl").read_text().splitlines()[:2]]
@@ -327,7 +330,7 @@ def test_dataset_without_usable_rows_is_an_error(tiny_models, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "metadata.jsonl").write_text('{"file_name": "nope.png", "text": "a", "prompt": "b"}\n{oops\n')
-    with pytest.raises(ValueError, match="no usable row .*'missing_file': 1, 'malformed_json': 1"):
+    with pytest.raises(ValueError, match="could be extracted: {'malformed_json': 1, 'missing_file': 1}"):
         run_extract(_config(data, tmp_path / "s.zarr", tiny_models))
 
 
@@ -367,9 +370,9 @@ def test_reference_llm_feature_file_replaces_the_llm(tiny_models, demo_dataset, 
     lines = store.array("sample_line")[:]
     expected = np.stack([table[texts[line]].float().numpy() for line in lines])
     np.testing.assert_array_equal(store.array("llm")[:], expected)
-    assert store.manifest["llm_width"] == 40 and "llm_model" not in store.manifest
-    assert store.manifest["llm_batch_size"] is None and store.manifest["llm_dtype"] is None  # no LLM runs
-    assert store.manifest["llm_features_file"]["sha256"] == hashlib.sha256(features.read_bytes()).hexdigest()
+    assert store.manifest.llm_width == 40 and store.manifest.llm_model is None
+    assert store.manifest.llm_batch_size is None and store.manifest.llm_dtype is None  # no LLM runs
+    assert store.manifest.llm_features_file.sha256 == hashlib.sha256(features.read_bytes()).hexdigest()
     wrong = _feature_file(tmp_path / "wrong.pt", kept, odd="an odd prompt")
     with pytest.raises(ValueError, match=r"one width; most have 40, but 'an odd prompt' has 41"):
         run_extract(
@@ -399,7 +402,7 @@ class _Killed(Exception):
     """Stands in for kill -9: nothing after the raise runs, so the files are left as a kill would leave them."""
 
 
-@pytest.mark.parametrize("arrays_created", [3, 15], ids=["mid-arrays", "before-status"])
+@pytest.mark.parametrize("arrays_created", [3, 16], ids=["mid-arrays", "before-status"])
 def test_a_run_killed_while_creating_the_store_resumes(
     arrays_created, reference, tiny_models, demo_dataset, tmp_path, monkeypatch
 ):
