@@ -1,4 +1,4 @@
-"""Tiny random-weight stand-ins for Stable Diffusion and a Llama teacher, built from configs, no download.
+"""Tiny random-weight stand-ins for Stable Diffusion, a Llama teacher and a scoring CLIP, built from configs.
 
 The tests and the demo save these with `save_pretrained` and load them back through the same
 `from_pretrained` paths a user's real models take, so nothing in the pipeline knows they are tiny.
@@ -135,6 +135,33 @@ def build_sd_pipeline(folder: Path, seed: int = 0):
     )
     pipeline.save_pretrained(folder)
     return pipeline
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny CLIP (text and vision towers) and its CLIPProcessor under `folder`, as `sur-cache evaluate --clip`
+    loads a real one: the byte-level CLIP tokenizer above, TINY_RESOLUTION-pixel images, no resize beyond that."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    save_clip_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    special_ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    vision = dict(TINY_CLIP_CONFIG, image_size=TINY_RESOLUTION, patch_size=8)
+    vision.pop("max_position_embeddings")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), **special_ids, **TINY_CLIP_CONFIG),
+        vision_config=vision,
+        projection_dim=16,
+    )
+    size = dict(shortest_edge=TINY_RESOLUTION)
+    crop = dict(height=TINY_RESOLUTION, width=TINY_RESOLUTION)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size=size, crop_size=crop), tokenizer=tokenizer)
+    CLIPModel(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 def build_llm(folder: Path, seed: int = 0) -> None:
