@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sur_cache.demo_data import build_demo_dataset
-from sur_cache.tiny_models import build_llm, build_sd_pipeline
+from sur_cache.tiny_models import build_llm, build_sd_pipeline, build_tiny_clip
 
 LLM_CHOICES = ("auto", "minilm", "tiny")
 MARKER_FILE = "sur-cache-demo.json"  # written first: a folder holding it is demo-assets' own, safe to write again
@@ -21,12 +21,14 @@ MARKER_FILE = "sur-cache-demo.json"  # written first: a folder holding it is dem
 
 @dataclass(frozen=True)
 class DemoAssets:
-    """Where the demo's inputs are: the dataset folder, the SD pipeline folder, the LLM folder and its kind."""
+    """Where the demo's inputs are: the dataset folder, the SD pipeline folder, the LLM folder and its kind, and the
+    CLIP folder that `sur-cache evaluate --clip` scores with."""
 
     data: Path
     sd: Path
     llm: Path
     llm_kind: str
+    clip: Path
 
 
 def packaged_minilm() -> Path | None:
@@ -40,7 +42,8 @@ def packaged_minilm() -> Path | None:
 
 
 def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", seed: int = 0) -> DemoAssets:
-    """Write `out/data` (SURD format), `out/models/sd` (tiny random SD) and `out/models/llm` (the teacher).
+    """Write `out/data` (SURD format), `out/models/sd` (tiny random SD), `out/models/llm` (the teacher) and
+    `out/models/clip` (a tiny random CLIP with its processor, for `sur-cache evaluate`).
 
     `out/models/llm` is a symlink to the packaged MiniLM (`llm="minilm"`, or `"auto"` when installed), else a
     tiny random Llama saved there (`llm="tiny"`, or `"auto"` without the package).
@@ -68,7 +71,9 @@ def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", se
         llm_folder.symlink_to(minilm, target_is_directory=True)
     else:
         build_llm(llm_folder, seed=seed)
-    return DemoAssets(data, out / "models" / "sd", llm_folder, "all-MiniLM-L6-v2" if minilm else "tiny random Llama")
+    clip = build_tiny_clip(out / "models" / "clip", seed=seed)
+    kind = "all-MiniLM-L6-v2" if minilm else "tiny random Llama"
+    return DemoAssets(data, out / "models" / "sd", llm_folder, kind, clip)
 
 
 def _claim_folder(out: Path) -> None:
