@@ -26,6 +26,7 @@ from sur_cache.config import (
 from sur_cache.demo import LLM_CHOICES as DEMO_LLM_CHOICES
 from sur_cache.demo import build_demo_assets
 from sur_cache.devices import DEVICE_HELP, DTYPE_CHOICES
+from sur_cache.stages.evaluate import EvaluateConfig
 from sur_cache.store import COMPRESSIONS
 
 # Every default below is read from the config dataclass (or function) the option feeds, and every choice list from
@@ -64,6 +65,7 @@ def main() -> None:
     migrate           convert a store of sur-cache 0.1.0 (schema 1) to this release's format
     train             feature store -> trained adapter (the frozen encoders are never loaded)
     generate          images from short prompts with a trained adapter
+    evaluate          CLIP scores with and without the adapter, per category, in an HTML report
     import-reference  a reference adapter_checkpoint*.pt -> a sur-cache adapter folder
     demo-assets       the demo's dataset, tiny diffusion models and LLM teacher (make demo)
     """
@@ -188,6 +190,84 @@ def generate_command(prompts, prompts_file, seed, num_seeds, **options) -> None:
 
     all_prompts = tuple(prompts) + tuple(read_prompts_file(prompts_file) if prompts_file else ())
     run_generate(GenerateConfig(prompts=all_prompts, seeds=seeds_from_options(seed, num_seeds), **options))
+
+
+@main.command("evaluate")
+@click.option("--sd", required=True, help="Stable Diffusion folder or hub id (the one the adapter was trained on).")
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Adapter folder written by `sur-cache train` or `sur-cache import-reference`.",
+)
+@click.option(
+    "--clip",
+    default=EvaluateConfig.clip,
+    help="CLIP model that scores the images: a hub id or a folder with a CLIPModel and its CLIPProcessor.",
+)
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=EvaluateConfig.prompts,
+    help="A .jsonl file with SURD columns text, prompt (optional), category (optional), or a text file of one "
+    "prompt a line  [default: the bundled 60 prompts in counting, colour and action]",
+)
+@click.option("--seed", type=int, default=EvaluateConfig.seed, help="First seed of the starting noise.")
+@click.option("--num-seeds", type=int, default=EvaluateConfig.num_seeds, help="Seeds per prompt, from --seed up.")
+@click.option("--steps", type=int, default=EvaluateConfig.steps, help="Denoising steps.")
+@click.option(
+    "--guidance",
+    type=float,
+    default=EvaluateConfig.guidance,
+    help="Classifier-free guidance scale (<= 1 turns guidance off).",
+)
+@click.option(
+    "--negative-prompt",
+    default=EvaluateConfig.negative_prompt,
+    help="Negative prompt of both variants (its CLIP embedding is not adapted, except in reference-compat mode).",
+)
+@click.option(
+    "--height",
+    type=int,
+    default=EvaluateConfig.height,
+    help="Image height in pixels, a multiple of 8  [default: the model's]",
+)
+@click.option(
+    "--width",
+    type=int,
+    default=EvaluateConfig.width,
+    help="Image width in pixels, a multiple of 8  [default: the model's]",
+)
+@click.option("--device", default=EvaluateConfig.device, help=DEVICE_HELP)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default=EvaluateConfig.dtype,
+    help="Pipeline precision (auto: float16 on CUDA, float32 elsewhere); the adapter and CLIP run in float32.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the report files and images already at --out; without it they are refused (nothing else is touched).",
+)
+@click.option("--progress/--no-progress", default=EvaluateConfig.progress, help="Show a progress bar with images/s.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report folder: report.html, chart.png, metrics.json, scores.csv and images/.",
+)
+def evaluate_command(**options) -> None:
+    """Score base and adapted images of the same prompts and seeds with CLIP, and write a report.
+
+    For each prompt and seed, one pipeline draws the image without and with the adapter from the same noise and
+    settings; both are scored against the simple prompt (and the complex one, where the prompts file has it).
+    Per category and overall: mean scores, the mean difference with a 95% bootstrap interval, the win rate.
+    """
+    from sur_cache.report import format_summary
+    from sur_cache.stages.evaluate import run_evaluate
+
+    click.echo(format_summary(run_evaluate(EvaluateConfig(**options))))
 
 
 # ----------------------------------------------------------------------------------- extract, inspect, verify
