@@ -14,7 +14,25 @@ range (what `sur_cache.loader` reads: whole shards, shuffled in memory). Reads h
 just written): these are decode and indexing costs, not disk latency; a cold disk or a network store adds a cost per
 byte, which favours small chunks for single random rows.
 
+Scale (`--scale`, issue 14): the costs that depend on the number of samples N, not on the feature width. Synthetic
+stores of `--sizes` samples (1-wide features, SD 1.5's 256-row shards) are built through `FeatureStore.create` and
+`write_shard`, one spawned process per shard range, every sample done. Each figure is then taken in a fresh process:
+
+  zarr_json_bytes  the group's zarr.json (the manifest)
+  open_s           `FeatureStore.open` (manifest checksums, every array's metadata)
+  inspect_s        `sur-cache inspect STORE` through the CLI (describe and print)
+  verify_s         `sur-cache verify STORE`: with 1-wide features every array is metadata-sized, so this is the cost
+                   of verifying the per-sample metadata (status, lines, hashes, flags), what stays at any width
+  pending_s        `pending_shards()` on a fresh open: the resume scan of extract
+  plan_s           `complete_indices`, `read_units`, `FeatureLoader(...)` and epoch 0's order: the loader's plan
+  first_batch_s    open, plan, reader process start and the first batch of `sur-cache train`'s default loader
+  rss_MB           the measuring process's peak resident memory
+  metadata_pass_s  (at `--metadata-rows` only) extract's metadata pass (`_read_rows`) over a synthetic metadata.jsonl
+  resume_scan_s    (idem) what a resume of that finished store reads before any model runs: the metadata pass, open
+                   with the expected manifest, pending shards, summary and the skip report
+
 Usage: python bench/bench_store.py [--parts compression,chunking] [--out bench/results/store_<machine>.csv]
+       python bench/bench_store.py --scale [--sizes 100000,1000000] [--metadata-rows 1000000]
 Rows are upserted by (bench, feature, setting).
 """
 
@@ -22,19 +40,26 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import multiprocessing
+import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
-from sur_cache.store import _compressors
+from sur_cache.store import DONE, FeatureStore, _compressors, synthetic_store
 
 SHARD_ROWS = 256
+# 1-wide features: the fixed costs depend on the number of samples, not on their width
+SCALE_SHAPES = dict(clip_width=1, llm_width=1, latent_channels=1, latent_size=1, tokenizer_max_length=1)
 
 
 def clip_outputs(samples: int, seed: int = 0) -> np.ndarray:
@@ -148,19 +173,161 @@ def chunking_rows(root: Path, rng: np.random.Generator) -> list[dict]:
     return rows
 
 
+# ---- scale ----------------------------------------------------------------------------------------------------------
+def build_scale_store(url: str, samples: int, processes: int) -> float:
+    """A store of `samples` done samples, written shard by shard through the store's writer; returns the seconds."""
+    started = time.perf_counter()
+    synthetic_store(url, num_samples=samples, shard_rows=SHARD_ROWS, **SCALE_SHAPES)
+    bounds = np.linspace(0, -(-samples // SHARD_ROWS), processes + 1).round().astype(int)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:  # spawn: zarr's event loop is not fork-safe
+        pool.starmap(_write_done_shards, [(url, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return time.perf_counter() - started
+
+
+def _write_done_shards(url: str, first: int, last: int) -> None:
+    store = FeatureStore.open(url, mode="r+")
+    specs = {name: spec for name, spec in store.specs.items() if name != "status"}
+    for shard in range(first, last):
+        start, stop = shard * store.shard_rows, min((shard + 1) * store.shard_rows, store.num_samples)
+        rows = {name: np.zeros((stop - start, *spec.row_shape), spec.dtype) for name, spec in specs.items()}
+        rows["sample_line"] = np.arange(start, stop)
+        store.write_shard(shard, rows, np.full(stop - start, DONE, np.uint8))
+
+
+def _timed(function) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = function()
+    return time.perf_counter() - started, result
+
+
+def _cli(*args: str) -> None:
+    from click.testing import CliRunner
+
+    from sur_cache.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    if result.exit_code != 0:
+        raise RuntimeError(f"sur-cache {' '.join(args)} failed: {result.output[-2000:]}")
+
+
+def _first_batch(url: str):
+    from sur_cache.config import TrainConfig
+    from sur_cache.loader import FeatureLoader, LoaderSettings, StoreSource, array_names, read_units
+
+    defaults = TrainConfig.__dataclass_fields__
+    buffer_units, readers = defaults["buffer_shards"].default, defaults["read_workers"].default
+    store = FeatureStore.open(url)
+    units = read_units(store.shard_ranges(), store.complete_indices())
+    source = StoreSource(store, units, array_names(latents=True, flips=False), 2 * buffer_units, readers=readers)
+    loader = FeatureLoader(source, units, LoaderSettings(16, seed=0, buffer_units=buffer_units), torch.device("cpu"))
+    next(loader.batches())
+    return loader
+
+
+def _plan(url: str) -> None:
+    from sur_cache.loader import FeatureLoader, LoaderSettings, read_units
+
+    store = FeatureStore.open(url)
+    units = read_units(store.shard_ranges(), store.complete_indices())
+    FeatureLoader(None, units, LoaderSettings(16, seed=0), torch.device("cpu")).order(0)
+
+
+def measure_scale(url: str) -> dict:
+    """Every fixed cost of one store, each from a fresh open (run in a fresh process, for its peak RSS)."""
+    import sur_cache.cli  # noqa: F401 - imported before the clock starts: the commands are timed, not the imports
+
+    row = {"zarr_json_bytes": os.path.getsize(Path(url) / "zarr.json")}
+    row["open_s"], _ = _timed(lambda: FeatureStore.open(url))
+    row["inspect_s"], _ = _timed(lambda: _cli("inspect", url))
+    row["verify_s"], _ = _timed(lambda: _cli("verify", url))
+    row["pending_s"], pending = _timed(lambda: FeatureStore.open(url).pending_shards())
+    assert pending == [], pending
+    row["plan_s"], _ = _timed(lambda: _plan(url))
+    row["first_batch_s"], loader = _timed(lambda: _first_batch(url))
+    loader.close()
+    row["rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def write_metadata(folder: Path, rows: int, images: int = 256) -> None:
+    """A SURD-style metadata.jsonl of `rows` lines over `images` real image files (shared by many rows)."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / "images" / f"{i:05d}.png")
+    with open(folder / "metadata.jsonl", "w") as f:
+        for line in range(rows):
+            record = {
+                "file_name": f"images/{line % images:05d}.png",
+                "text": f"a photo of thing number {line}",
+                "prompt": f"thing {line}, highly detailed, artstation, golden hour",
+            }
+            f.write(json.dumps(record) + "\n")
+
+
+def measure_metadata(data: Path, url: str) -> dict:
+    from sur_cache.config import ExtractConfig
+    from sur_cache.stages.extract import _read_rows
+
+    config = ExtractConfig(data=data, out=url, sd="unused", llm="unused")
+    seconds, _ = _timed(lambda: _read_rows(config, None))
+
+    def resume_scan():
+        _read_rows(config, None)
+        store = FeatureStore.open(url, mode="r+", expected=FeatureStore.open(url).manifest)
+        assert store.pending_shards() == []
+        store.summary()
+        store.skipped_records()
+
+    return {"metadata_pass_s": seconds, "resume_scan_s": _timed(resume_scan)[0]}
+
+
+def _in_fresh_process(function, *args) -> dict:
+    # not a multiprocessing.Pool: its daemonic workers cannot start the loader's reader process
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def scale_rows(root: Path, sizes: list[int], metadata_rows: int, processes: int) -> list[dict]:
+    rows = []
+    for samples in sizes:
+        url = str(root / f"scale_{samples}.zarr")
+        row = {"bench": "scale", "feature": "store", "setting": f"N={samples}", "samples": samples}
+        row["build_s"] = build_scale_store(url, samples, processes)
+        row.update(_in_fresh_process(measure_scale, url))
+        if samples == metadata_rows:
+            write_metadata(root / "data", samples)
+            row.update(_in_fresh_process(measure_metadata, root / "data", url))
+        row["load_1min"] = os.getloadavg()[0]
+        row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+        print(row, flush=True)
+        rows.append(row)
+        shutil.rmtree(url)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="compression,chunking")
+    parser.add_argument("--scale", action="store_true", help="Only the fixed costs of large stores (see above).")
+    parser.add_argument("--sizes", default="100000,1000000,10000000", help="Store sizes for --scale.")
+    parser.add_argument("--metadata-rows", type=int, default=1_000_000, help="Size timing the metadata pass.")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="Writers building a store.")
+    parser.add_argument("--root", type=Path, default=None, help="Folder for the scale stores (default: a temp dir).")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--latent-samples", type=int, default=64)
     parser.add_argument("--latent-resolution", type=int, default=256)
     parser.add_argument("--machine", default=f"{platform.machine()}-{torch.get_num_threads()}threads")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    parts = args.parts.split(",")
-    root = Path(tempfile.mkdtemp(prefix="bench_store_"))
+    parts = [] if args.scale else args.parts.split(",")
+    root = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
     rows = []
     try:
+        if args.scale:
+            sizes = [int(size) for size in args.sizes.split(",")]
+            rows += scale_rows(root, sizes, args.metadata_rows, args.processes)
         if "compression" in parts:
             started = time.perf_counter()
             clip = clip_outputs(args.samples)
@@ -172,7 +339,8 @@ def main() -> None:
             rows += chunking_rows(root / "k.zarr", np.random.default_rng(0))
     finally:
         shutil.rmtree(root)
-    out = args.out or Path(__file__).parent / "results" / f"store_{args.machine}.csv"
+    name = f"store_scale_{args.machine}.csv" if args.scale else f"store_{args.machine}.csv"
+    out = args.out or Path(__file__).parent / "results" / name
     _upsert(out, [{"machine": args.machine, **row} for row in rows])
     print(f"wrote {out}")
 
