@@ -58,17 +58,28 @@ from sur_cache.loader import (
 )
 from sur_cache.losses import alignment_loss, compute_snr, denoising_loss, denoising_target, distillation_loss
 from sur_cache.store import FeatureStore, Manifest
-from sur_cache.train_log import StepLog, plot_losses
+from sur_cache.train_log import STEP, VALIDATION, StepLog, plot_losses
+from sur_cache.validation import (
+    COSINE_FIELDS,
+    LOSS_FIELDS,
+    DrawSettings,
+    HeldOut,
+    flat_cosine,
+    held_out_batches,
+    hold_out,
+    process_share,
+)
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
 RUN_MARKER = "sur-cache-run.json"  # written first: a folder holding it is a sur-cache run, safe to write into
 RUN_KIND = "sur-cache train run"
-# The settings a resume may change: how long the run goes, how often it checkpoints, how the store is read. None
-# changes a number computed for a step that both runs share. Every other TrainConfig field is compared with the
-# checkpoint's, some by what they resolve to (RESOLVED_SETTINGS).
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "read_workers", "preload")
+# The settings a resume may change: how long the run goes, how often it checkpoints and validates, how the store is
+# read. None changes a number computed for a step that both runs share (validation draws no random number of the
+# run and leaves the adapter as it was). Every other TrainConfig field is compared with the checkpoint's, some by
+# what they resolve to (RESOLVED_SETTINGS).
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "val_every", "read_workers", "preload")
 # Compared by what they resolve to, not as typed: the store by its identity (a copy resumes), --device by the device
 # type it resolves to (`auto` on a CPU machine resumes a `cpu` run), --attention by the backend it picks. Keys of
 # the recorded settings -> how a refusal names them.
@@ -78,7 +89,10 @@ RESOLVED_SETTINGS = {
     "attention_backend": "attention backend (--attention)",
     "processes": "processes (torchrun / accelerate launch)",
     "lr_schedule_steps": "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear)",
+    "held_out": "held-out shards (--val-fraction, --seed)",
 }
+# Settings a checkpoint of an older sur-cache does not record, and the value they had there (no validation).
+_ADDED_SETTINGS = {"val_fraction": 0.0, "held_out": []}
 # Left out of the typed settings: compared through RESOLVED_SETTINGS, or naming where the run is, not what it means.
 _NOT_COMPARED_AS_TYPED = ("store", "device", "attention", "out", "resume")
 # Recorded by checkpoints of an older sur-cache and compared no more: the `--cpu` flag, which `--device` replaced
@@ -109,6 +123,7 @@ class TrainingRun:
     epoch: int = 0  # position of the next micro-batch
     batch: int = 0
     lookahead: Any = None  # the next micro-batch, fetched while the GPU still runs the current step
+    held_out: HeldOut | None = None  # with --val-fraction: what validation reads
 
     @property
     def samples_per_step(self) -> int:
@@ -153,9 +168,11 @@ def setup(config: TrainConfig) -> TrainingRun:
         raise ValueError(
             f"--random-flip: {store.url} holds no flipped latents; extract with --flip-variants or drop --random-flip"
         )
-    units = read_units(store.shard_ranges(), store.complete_indices(), accelerator.num_processes)
+    complete = store.complete_indices()
+    training_shards, held_out_units = hold_out(store.shard_ranges(), complete, config.val_fraction, config.seed)
+    units = read_units(training_shards, complete, accelerator.num_processes)
     total_steps = _total_steps(config, units, accelerator.num_processes)
-    settings = _run_settings(config, store, accelerator, total_steps)
+    settings = _run_settings(config, store, accelerator, total_steps, held_out_units)
     if resumed:  # before anything loads: a refused resume costs nothing
         _check_settings(resumed, position.settings, settings)
         checkpoint.verify(resumed, position, _checkpoint_files(accelerator))
@@ -166,6 +183,7 @@ def setup(config: TrainConfig) -> TrainingRun:
         torch.manual_seed(config.seed)
         adapter = SURAdapter(_adapter_config(config, manifest, accelerator.device)).train()
     unet, noise_scheduler = (None, None) if config.features_only else _load_unet(config, accelerator)
+    held_out = _held_out(config, store, accelerator, held_out_units, loader, noise_scheduler)
     trainable = [p for p in adapter.parameters() if p.requires_grad]
     fused = accelerator.device.type == "cuda"  # one kernel for all parameters (the adapter's step is launch-bound)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
@@ -187,6 +205,7 @@ def setup(config: TrainConfig) -> TrainingRun:
         lr_scheduler,
         StepLog(out / LOG_FILE, enabled=accelerator.is_main_process),
         total_steps,
+        held_out=held_out,
     )
     # Seeded last, so that nothing setup loads (online models, the UNet) shifts the dropout stream.
     set_seed(config.seed)
@@ -216,7 +235,9 @@ def _check_out(out: Path, resume: str | None) -> None:
         )
 
 
-def _run_settings(config: TrainConfig, store: FeatureStore, accelerator, total_steps: int) -> dict[str, Any]:
+def _run_settings(
+    config: TrainConfig, store: FeatureStore, accelerator, total_steps: int, held_out: list[ReadUnit]
+) -> dict[str, Any]:
     """What the run means, as JSON values: every TrainConfig field but RESUME_MAY_CHANGE, and RESOLVED_SETTINGS."""
     typed = {
         field.name: getattr(config, field.name)
@@ -233,11 +254,13 @@ def _run_settings(config: TrainConfig, store: FeatureStore, accelerator, total_s
         "processes": accelerator.num_processes,
         # cosine and linear decay over the run's length; the constant schedules do not depend on it
         "lr_schedule_steps": total_steps if config.lr_schedule != "constant" else None,
+        "held_out": [[unit.start, unit.stop] for unit in held_out],
     }
     return json.loads(json.dumps({**typed, **resolved}, default=str))
 
 
 def _check_settings(folder: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
+    recorded = {**_ADDED_SETTINGS, **recorded}
     keys = list(now) + [key for key in recorded if key not in now and key not in _RETIRED_SETTINGS]
     changed = [
         f"{RESOLVED_SETTINGS.get(key, '--' + key.replace('_', '-'))}: checkpoint {recorded.get(key)!r}, "
@@ -285,6 +308,25 @@ def _build_loader(config: TrainConfig, store: FeatureStore, accelerator, units: 
         world_size=world,
     )
     return FeatureLoader(source, units, settings, accelerator.device)
+
+
+def _held_out(
+    config: TrainConfig, store: FeatureStore, accelerator, units: list[ReadUnit], loader, noise_scheduler
+) -> HeldOut | None:
+    """What validation reads: this process's share of the held-out shards, read in the loop when validating (no
+    reader process, no preloaded copy: validation is rare), or, online, computed by the training source itself
+    (whose models are loaded once)."""
+    if not units:
+        return None
+    share = process_share(units, accelerator.process_index, accelerator.num_processes)
+    if config.online:
+        source = loader.source
+    else:
+        names = array_names(latents=not config.features_only, flips=False)
+        source = StoreSource(store, share, names, capacity=2, readers=0)
+    timesteps = None if noise_scheduler is None else noise_scheduler.config.num_train_timesteps
+    draws = DrawSettings(config.seed, store.manifest.vae_scaling_factor, timesteps)
+    return HeldOut(units, share, source, draws)
 
 
 def _adapter_config(config: TrainConfig, manifest: Manifest, device: torch.device) -> AdapterConfig:
@@ -362,6 +404,13 @@ def _run_record(run: TrainingRun) -> dict[str, Any]:
         "attention": _unwrap(run).config.attention,
         "gradient_to_adapter_through_unet": not (config.features_only or config.detach_unet_input),
         "samples_per_step": run.samples_per_step,
+        "validation": None
+        if run.held_out is None
+        else {
+            "fraction": config.val_fraction,
+            "every": config.validation_interval,
+            **run.held_out.record(),
+        },
     }
 
 
@@ -386,6 +435,7 @@ def train(run: TrainingRun) -> None:
         terms, grad_norm = optimizer_step(run, batches)
         run.step += 1
         record = {
+            "kind": STEP,
             "step": run.step,
             "epoch": run.epoch,
             **terms,
@@ -396,7 +446,12 @@ def train(run: TrainingRun) -> None:
         run.log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{terms['total']:.4g}", lr=f"{record['lr']:.2e}")
-        if run.step % config.checkpoint_every == 0 or run.step == run.total_steps:
+        last = run.step == run.total_steps
+        # Before the checkpoint of the same step: a resume from it never misses a validation, and truncating the
+        # log after it drops a validation the interrupted run wrote for a later step.
+        if run.held_out is not None and (run.step % config.validation_interval == 0 or last):
+            run.log.write(validate(run))
+        if run.step % config.checkpoint_every == 0 or last:
             save_checkpoint(run)
     bar.close()
 
@@ -466,29 +521,96 @@ def _non_finite(run: TrainingRun, loss: float, grad_norm: float, finite: list[to
 
 def compute_losses(run: TrainingRun, batch) -> LossTerms:
     """The three terms of one micro-batch; the noise and timesteps continue the batch's seeded generator."""
+    draws = None
+    if run.unet is not None:
+        latents, steps = batch.latents, run.noise_scheduler.config.num_train_timesteps
+        noise = torch.randn(latents.shape, generator=batch.generator, device=latents.device)
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=batch.generator, device=latents.device)
+        draws = (noise, timesteps)
+    return loss_terms(run, batch, run.adapter(batch.clip_simple), draws)
+
+
+def loss_terms(run: TrainingRun, batch, out, draws: tuple[torch.Tensor, torch.Tensor] | None) -> LossTerms:
+    """The terms of a batch given the adapter's output and, unless features-only, the noise and timesteps."""
     config = run.config
-    out = run.adapter(batch.clip_simple)
     distill = distillation_loss(_unwrap(run).project_llm(batch.llm), out.h)
     align = alignment_loss(batch.clip_complex, out.embedding)
     total = config.llm_weight * distill + config.align_weight * align
     denoise = None
     if run.unet is not None:
-        denoise = denoising_term(run, batch, out.embedding.detach() if config.detach_unet_input else out.embedding)
+        embedding = out.embedding.detach() if config.detach_unet_input else out.embedding
+        denoise = denoising_term(run, batch.latents, embedding, *draws)
         total = total + config.denoise_weight * denoise
     return LossTerms(denoise, distill, align, total)
 
 
-def denoising_term(run: TrainingRun, batch, embedding: torch.Tensor) -> torch.Tensor:
+def denoising_term(
+    run: TrainingRun, latents: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """MSE of the frozen UNet's prediction given the adapted embedding (epsilon or v, per the scheduler)."""
-    scheduler, latents = run.noise_scheduler, batch.latents
-    noise = torch.randn(latents.shape, generator=batch.generator, device=latents.device)
-    steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=batch.generator, device=latents.device)
+    scheduler = run.noise_scheduler
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = denoising_target(scheduler, latents, noise, timesteps)
     pred = run.unet(noisy.to(run.unet.dtype), timesteps, encoder_hidden_states=embedding.to(run.unet.dtype)).sample
     snr = compute_snr(scheduler, timesteps) if run.config.snr_gamma is not None else None
     return denoising_loss(pred, target, snr, run.config.snr_gamma, scheduler.config.prediction_type)
+
+
+# ------------------------------------------------------------------------------------------------------- validation
+
+
+def validate(run: TrainingRun) -> dict[str, Any]:
+    """The validation record of the adapter as it is now (every process calls it: each measures its share of the
+    held-out samples, and the sums are reduced). Eval mode, no gradient, fixed draws: the same adapter gives the
+    same record. Raises NonFiniteError when a measure is not finite."""
+    config, accelerator, adapter, held_out = run.config, run.accelerator, _unwrap(run), run.held_out
+    fields = LOSS_FIELDS + COSINE_FIELDS
+    sums = torch.zeros(len(fields) + 1, dtype=torch.float64, device=accelerator.device)  # + the sample count
+    finite, samples = [], []  # per batch; read only when a mean is not finite
+    adapter.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            batches = held_out_batches(held_out.source, held_out.share, config.batch_size, held_out.draws, sums.device)
+            for batch in batches:
+                out = adapter(batch.clip_simple)
+                terms = loss_terms(run, batch, out, None if batch.noise is None else (batch.noise, batch.timesteps))
+                losses = [getattr(terms, name) for name in LOSS_FIELDS]
+                size = len(batch.samples)
+                values = [torch.zeros((), device=sums.device) if v is None else v.float() * size for v in losses]
+                values += [flat_cosine(out.embedding, batch.clip_complex).sum()]
+                values += [flat_cosine(batch.clip_simple, batch.clip_complex).sum(), torch.tensor(float(size))]
+                sums += torch.stack([v.to(sums.device, torch.float64) for v in values])
+                finite.append(torch.isfinite(terms.total))
+                samples.append(batch.samples)
+    finally:
+        adapter.train()
+    totals = accelerator.reduce(sums, reduction="sum").tolist()
+    means = {name: value / totals[-1] for name, value in zip(fields, totals, strict=False)}
+    if not all(math.isfinite(value) for value in means.values()):
+        raise NonFiniteError(_non_finite_validation(run, finite, samples))
+    if run.unet is None:
+        means["denoise"] = None
+    weights = {"denoise": config.denoise_weight, "distill": config.llm_weight, "align": config.align_weight}
+    return {
+        "kind": VALIDATION,
+        "step": run.step,
+        "epoch": run.epoch,
+        "samples": int(totals[-1]),
+        **means,
+        "weights": weights,
+    }
+
+
+def _non_finite_validation(run: TrainingRun, finite: list[torch.Tensor], samples: list) -> str:
+    flags = torch.stack(finite).tolist() if finite else []
+    bad = [int(i) for ok, batch in zip(flags, samples, strict=True) if not ok for i in batch]
+    process = run.accelerator.process_index
+    where = f"held-out samples {bad}" if bad else f"held-out samples of another process than {process}"
+    return (
+        f"step {run.step}: validation is not finite ({where}), though the training step was. A held-out sample's "
+        f"features may be NaN or infinite (`sur-cache verify {run.config.store}` names them), or the adapter "
+        "overflows in this precision (--mixed-precision bf16 rather than fp16)."
+    )
 
 
 def _unwrap(run: TrainingRun) -> SURAdapter:

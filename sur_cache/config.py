@@ -201,6 +201,8 @@ class TrainConfig:
     seed: int = 0
     # run
     checkpoint_every: int = 500
+    val_fraction: float = 0.0  # 0: no validation; else the share of the store's shards held out (at least one)
+    val_every: int | None = None  # None: every checkpoint_every steps, so that each checkpoint has its validation
     resume: str | None = None
     device: str = AUTO
 
@@ -228,6 +230,12 @@ class TrainConfig:
             problems.append(f"--lr and --max-grad-norm must be > 0, got {self.lr} and {self.max_grad_norm}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append(f"--snr-gamma must be > 0, got {self.snr_gamma}")
+        if not 0 <= self.val_fraction < 1:
+            problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_every is not None and self.val_every < 1:
+            problems.append(f"--val-every must be >= 1, got {self.val_every}")
+        if self.val_every is not None and self.val_fraction == 0:
+            problems.append("--val-every validates on the held-out shards: add --val-fraction F (> 0), or drop it")
         problems += _choice_problems(self, self.CHOICES)
         if self.online and self.data is None:
             problems.append("--online computes the features from the images: pass --data DATASET_DIR")
@@ -246,6 +254,11 @@ class TrainConfig:
     def features_only(self) -> bool:
         """The UNet term has weight 0: skip the UNet and the latents entirely."""
         return self.denoise_weight == 0
+
+    @property
+    def validation_interval(self) -> int:
+        """Optimizer steps between validations (and one at the end): --val-every, or --checkpoint-every."""
+        return self.checkpoint_every if self.val_every is None else self.val_every
 
     @property
     def total_steps_cap(self) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -289,15 +290,23 @@ def test_a_store_for_another_sd_model_is_refused(store, tiny_models, tmp_path):
 
 def test_bad_options_are_reported_together(store, tiny_models, tmp_path):
     args = _cli(store, tiny_models, tmp_path / "r", "--batch-size", "0", "--llm", "x", "--snr-gamma", "-1")
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, [*args, "--val-fraction", "1.5", "--val-every", "0"])
     assert result.exit_code != 0 and "invalid train options" in result.output
-    for problem in ("--batch-size must be >= 1, got 0", "--llm are read by --online only", "--snr-gamma must be > 0"):
+    for problem in (
+        "--batch-size must be >= 1, got 0",
+        "--llm are read by --online only",
+        "--snr-gamma must be > 0",
+        "--val-fraction must be in [0, 1), got 1.5",
+        "--val-every must be >= 1, got 0",
+    ):
         assert problem in result.output
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="pass --data DATASET_DIR"):
         _config(store, tiny_models, tmp_path / "r", online=True)
     with pytest.raises(ValueError, match="--random-flip picks flipped latents"):
         _config(store, tiny_models, tmp_path / "r", denoise_weight=0.0, random_flip=True)
+    with pytest.raises(ValueError, match="--val-every validates on the held-out shards: add --val-fraction"):
+        _config(store, tiny_models, tmp_path / "r", val_every=2)
 
 
 def _free_port() -> int:
@@ -319,7 +328,7 @@ def _torchrun(args: list[str]) -> None:
 @pytest.mark.slow
 def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(store, tiny_models, tmp_path):
     out = tmp_path / "two"
-    options = ["--max-steps", "2", "--checkpoint-every", "1", "--dropout", "0"]
+    options = ["--max-steps", "2", "--checkpoint-every", "1", "--dropout", "0", "--val-fraction", "0.34"]
     _torchrun(_cli(store, tiny_models, out, *options))
     run_record = json.loads((out / "run.json").read_text())
     assert run_record["world_size"] == 2 and run_record["samples_per_step"] == 8
@@ -330,7 +339,7 @@ def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(s
     assert _losses(resumed) == _losses(out)[1:]
     # Step 1 is fully determined by the data split: the mean over both ranks' two micro-batches, computed here with
     # one process playing each rank in turn (rank r reads its own disjoint shards).
-    run = setup(_config(store, tiny_models, tmp_path / "one", dropout=0.0))
+    run = setup(_config(store, tiny_models, tmp_path / "one", dropout=0.0, **VALIDATED))
     totals = []
     for rank in range(2):
         settings = dataclasses.replace(run.loader.settings, rank=rank, world_size=2)
@@ -340,6 +349,19 @@ def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(s
             totals += [compute_losses(run, next(batches)).total.item() for _ in range(2)]
     first = read_log(out / "train_log.jsonl")[0]
     assert first["total"] == pytest.approx(sum(totals) / 4, rel=1e-5)
+    # Validation: each process measured half the held-out shard and the sums were reduced; one process measuring
+    # all of it with the final adapter gives the same numbers, to rounding.
+    from sur_cache.stages.train import validate
+
+    trained = SURAdapter.from_pretrained(out / "adapter")
+    run.accelerator.unwrap_model(run.adapter).load_state_dict(trained.state_dict())
+    run.step = 2
+    final = read_log(out / "train_log.jsonl", "validation")[-1]
+    alone = validate(run)
+    assert final["step"] == 2 and final["samples"] == alone["samples"] == 4
+    for name in ("denoise", "distill", "align", "total", "cosine_adapted_complex", "cosine_simple_complex"):
+        assert final[name] == pytest.approx(alone[name], rel=1e-5), name
+    run.loader.close()
 
 
 @pytest.mark.gpu
@@ -557,7 +579,8 @@ def test_resume_refuses_each_changed_setting_before_loading_anything(store, tiny
         "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear): checkpoint 2, now 3",
     ):
         assert difference in str(error.value)
-    assert "--max-steps, --epochs, --checkpoint-every, --read-workers and --preload may change" in str(error.value)
+    may_change = "--max-steps, --epochs, --checkpoint-every, --val-every, --read-workers and --preload may change"
+    assert may_change in str(error.value)
     monkeypatch.undo()
     copy = tmp_path / "elsewhere" / "store.zarr"  # the store is compared by its identity, not its path
     shutil.copytree(store, copy)
@@ -588,5 +611,98 @@ def test_resume_compares_the_device_type_the_device_option_resolves_to(store, ti
         assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]
     now = json.loads((out / "checkpoints" / "step_0000002" / "position.json").read_text())["settings"]
     _check_settings(out, {**now, "cpu": True}, now)  # an older checkpoint's --cpu flag, now compared as the device
+    older = {key: value for key, value in now.items() if key not in ("val_fraction", "held_out")}
+    _check_settings(out, older, now)  # a checkpoint from before --val-fraction: no validation, the same run
     with pytest.raises(ValueError, match=r"device type \(--device\): checkpoint 'cuda', now 'cpu'"):
         _check_settings(out, {**now, "device": "cuda"}, now)
+
+
+VALIDATED = {"val_fraction": 0.34}  # one of the store's three shards (four samples) held out
+
+
+def test_validation_never_reads_a_training_sample_and_gives_the_same_numbers_twice(store, tiny_models, tmp_path):
+    from sur_cache.stages.train import optimizer_step, validate
+
+    run = setup(_config(store, tiny_models, tmp_path / "run", **VALIDATED))
+    held = {int(i) for u in run.held_out.units for i in u.samples}
+    assert len(run.held_out.units) == 1 and len(held) == 4
+    for world in (1, 2):  # the loader's real order, over two epochs, at every process
+        for rank in range(world):
+            settings = dataclasses.replace(run.loader.settings, rank=rank, world_size=world)
+            loader = FeatureLoader(run.loader.source, run.loader.units, settings, "cpu")
+            for epoch in range(2):
+                order = set(loader.order(epoch).tolist())
+                assert order and not order & held
+    every = set(range(12))
+    assert {int(i) for u in run.loader.units for i in u.samples} == every - held
+    rng = torch.get_rng_state()
+    first = validate(run)
+    assert validate(run) == first  # the same call on the same adapter: exactly the same numbers
+    assert torch.equal(torch.get_rng_state(), rng)  # no draw of the training's random streams
+    assert first["samples"] == 4 and first["kind"] == "validation" and first["step"] == 0
+    weights = first["weights"]
+    expected = sum(first[term] * weights[term] for term in ("denoise", "distill", "align"))
+    assert first["total"] == pytest.approx(expected, rel=1e-6)
+    run.config = dataclasses.replace(run.config, batch_size=3)  # batches of 3 + 1: the same means
+    means = ("denoise", "distill", "align", "total", "cosine_adapted_complex", "cosine_simple_complex")
+    rebatched = validate(run)
+    assert [rebatched[name] for name in means] == pytest.approx([first[name] for name in means], rel=1e-6)
+    optimizer_step(run, run.loader.batches())
+    run.step = 1
+    trained = validate(run)
+    assert trained != first and validate(run) == trained
+    assert trained["cosine_adapted_complex"] != first["cosine_adapted_complex"]
+    assert trained["cosine_simple_complex"] == first["cosine_simple_complex"]  # no adapter in it
+    assert run.accelerator.unwrap_model(run.adapter).training  # back in training mode
+    run.loader.close()
+
+
+def test_validation_records_and_resume_keep_the_held_out_set(store, tiny_models, tmp_path):
+    whole = tmp_path / "whole"  # 8 training samples: 2 steps an epoch; validations at 2 and 4
+    args = _cli(store, tiny_models, whole, "--max-steps", "4", "--checkpoint-every", "2", "--val-fraction", "0.34")
+    result = CliRunner().invoke(main, [*args, "--denoise-weight", "0", "--preload", "cpu"])
+    assert result.exit_code == 0, result.output
+    validations = read_log(whole / "train_log.jsonl", "validation")
+    assert [r["step"] for r in validations] == [2, 4] and all(r["denoise"] is None for r in validations)
+    assert [r["step"] for r in read_log(whole / "train_log.jsonl")] == [1, 2, 3, 4]
+    recorded = json.loads((whole / "run.json").read_text())["validation"]
+    assert recorded["fraction"] == 0.34 and recorded["every"] == 2 and recorded["samples"] == 4
+    position = json.loads((whole / "checkpoints" / "step_0000002" / "position.json").read_text())
+    assert position["settings"]["held_out"] == recorded["shards"] and len(recorded["shards"]) == 1
+    assert (whole / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    broken = tmp_path / "broken"  # stopped at step 2, resumed validating every step: the same run
+    run_train(_config(store, tiny_models, broken, max_steps=2, **VALIDATED, **FEATURES_ONLY))
+    run_train(_config(store, tiny_models, broken, resume="latest", val_every=1, **VALIDATED, **FEATURES_ONLY))
+    assert _losses(broken) == _losses(whole)
+    again = {r["step"]: r for r in read_log(broken / "train_log.jsonl", "validation")}
+    assert sorted(again) == [2, 3, 4] and again[2] == validations[0] and again[4] == validations[1]
+    assert json.loads((broken / "run.json").read_text())["validation"]["shards"] == recorded["shards"]
+    with pytest.raises(ValueError) as error:
+        run_train(_config(store, tiny_models, broken, resume="latest", val_fraction=0.0, **FEATURES_ONLY))
+    assert "--val-fraction: checkpoint 0.34, now 0.0" in str(error.value)
+    assert "held-out shards (--val-fraction, --seed)" in str(error.value)
+
+
+def test_a_store_with_too_few_shards_to_hold_one_out_is_refused(store, tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="holds out 3 of the store's 3 shards .* leaving none to train on"):
+        setup(_config(store, tiny_models, tmp_path / "run", val_fraction=0.9, **FEATURES_ONLY))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_validation_stops_the_run_naming_the_held_out_samples(store, tiny_models, tmp_path):
+    from sur_cache.stages.train import validate
+
+    run = setup(_config(store, tiny_models, tmp_path / "run", **VALIDATED, **FEATURES_ONLY))
+    held = [int(i) for u in run.held_out.units for i in u.samples]
+    fetch = run.held_out.source.fetch
+
+    def poisoned(indices, flipped):
+        rows = fetch(indices, flipped)
+        if held[3] in indices:
+            rows["clip_complex"] = torch.full_like(rows["clip_complex"], float("nan"))
+        return rows
+
+    run.held_out.source.fetch = poisoned
+    with pytest.raises(ValueError, match=re.escape(f"step 0: validation is not finite (held-out samples {held[2:]})")):
+        validate(run)  # batches of 2: the poisoned sample's batch is named
+    run.loader.close()
