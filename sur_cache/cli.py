@@ -635,6 +635,19 @@ def demo_assets_command(out, num_samples, llm) -> None:
     help="Write a checkpoint folder every N optimizer steps.",
 )
 @click.option(
+    "--val-fraction",
+    type=float,
+    default=TrainConfig.val_fraction,
+    help="Hold out this share of the store's shards (whole shards, seeded, at least one) that training never "
+    "reads, and validate on them (0: no validation).",
+)
+@click.option(
+    "--val-every",
+    type=int,
+    default=TrainConfig.val_every,
+    help="Validate every N optimizer steps and at the end (needs --val-fraction)  [default: --checkpoint-every]",
+)
+@click.option(
     "--resume",
     default=TrainConfig.resume,
     help="Continue from a checkpoint folder, or 'latest' (the newest under OUT/checkpoints); a setting that changes "
