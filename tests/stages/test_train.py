@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -370,6 +371,7 @@ def test_gpu_bf16_fused_run_resumes_to_the_same_losses(store, tiny_models, tmp_p
     """The CUDA-only paths: bf16 autocast and UNet, the fused kernel (attention auto), fused AdamW, pinned copies,
     device-side draws, the reader process; resume matches to rounding (cuDNN backward may not be bitwise stable)."""
     options = {"device": "cuda", "mixed_precision": "bf16", "attention": "auto", "read_workers": 1, "random_flip": True}
+    options |= VALIDATED  # validation under bf16 autocast, with per-sample CUDA generators
     whole = tmp_path / "whole"
     run_train(_config(store, tiny_models, whole, **options))
     assert json.loads((whole / "run.json").read_text())["attention"] == "fused"
@@ -378,6 +380,10 @@ def test_gpu_bf16_fused_run_resumes_to_the_same_losses(store, tiny_models, tmp_p
     run_train(_config(store, tiny_models, broken, resume="latest", **options))
     for a, b in zip(_losses(whole), _losses(broken), strict=True):
         assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-3)
+    validations = [read_log(folder / "train_log.jsonl", "validation") for folder in (whole, broken)]
+    assert [r["step"] for r in validations[0]] == [r["step"] for r in validations[1]] == [2, 4]
+    for a, b in zip(*validations, strict=True):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-3) and math.isfinite(a["cosine_adapted_complex"])
 
 
 def test_v_prediction_and_min_snr_follow_the_scheduler_config(store, tiny_models, tmp_path):
