@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sur_cache.adapter import SURAdapter, resolve_attention
 from sur_cache.config import GenerateConfig
 from sur_cache.devices import resolve_device, resolve_dtype
-from sur_cache.models import DTYPES, encode_clip
+from sur_cache.models import DTYPES, encode_clip, sd_model_facts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 COMPARE_LABELS = ("base", "with adapter")
@@ -89,15 +89,19 @@ def load_adapter(folder: Path, pipe, attention: str = "auto") -> SURAdapter:
     return fit_to_pipeline(adapter, folder, pipe)
 
 
-def fit_to_pipeline(adapter: SURAdapter, folder: Path, pipe) -> SURAdapter:
-    """`adapter` (loaded from `folder`) in float32 eval mode on the pipeline's device, if its width fits."""
-    clip_width = pipe.text_encoder.config.hidden_size
+def check_adapter_fits(adapter: SURAdapter, folder: Path, clip_width: int) -> None:
+    """Refuse an adapter trained on CLIP embeddings of another width than the model's text encoder gives."""
     if adapter.config.width != clip_width:
         raise ValueError(
             f"--adapter {folder}: the adapter was trained on CLIP embeddings of width {adapter.config.width}, but "
             f"the pipeline's text encoder has width {clip_width}. Use the Stable Diffusion model whose features "
             "trained this adapter (--sd), or train an adapter on features extracted with this one."
         )
+
+
+def fit_to_pipeline(adapter: SURAdapter, folder: Path, pipe) -> SURAdapter:
+    """`adapter` (loaded from `folder`) in float32 eval mode on the pipeline's device, if its width fits."""
+    check_adapter_fits(adapter, folder, pipe.text_encoder.config.hidden_size)
     return adapter.to(device=pipe.device, dtype=torch.float32).eval()
 
 
@@ -192,6 +196,7 @@ def run_generate(config: GenerateConfig) -> list[PlannedImage]:
         _refuse_existing_outputs(config, planned)
     device = resolve_device(config.device)
     adapter = SURAdapter.from_pretrained(config.adapter, attention=resolve_attention(config.attention, device))
+    check_adapter_fits(adapter, config.adapter, sd_model_facts(config.sd).clip_width)  # before the pipeline loads
     pipe = load_pipeline(config.sd, device=device, dtype=DTYPES[resolve_dtype(config.dtype, device)])
     adapter = fit_to_pipeline(adapter, config.adapter, pipe)
     settings = dict(

@@ -285,3 +285,12 @@ def test_existing_images_are_never_replaced_without_overwrite(tiny_models, adapt
     replaced = CliRunner().invoke(main, [*args, "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert Image.open(planned[1].path).size == (TINY_RESOLUTION, TINY_RESOLUTION)
+
+
+def test_an_adapter_of_another_width_is_refused_from_the_configs_before_the_pipeline_loads(
+    tiny_models, tmp_path, monkeypatch
+):
+    wide = _save_adapter(tmp_path / "wide", width=64)
+    _pipeline_must_not_load(monkeypatch)
+    result = CliRunner().invoke(main, [*_generate_args(tiny_models, wide, tmp_path / "x.png"), "--prompt", PROMPT])
+    assert result.exit_code == 1 and "width 64, but the pipeline's text encoder has width 32" in result.output
