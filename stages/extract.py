@@ -37,7 +37,17 @@ from tqdm.auto import tqdm
 
 from sur_cache import __version__
 from sur_cache.config import ExtractConfig
-from sur_cache.dataset import BadRow, ImageDataset, Row, digest_array, metadata_sha256, read_metadata, text_sha256
+from sur_cache.dataset import (
+    BadRow,
+    ImageDataset,
+    Row,
+    digest_array,
+    file_problem,
+    metadata_sha256,
+    read_metadata,
+    text_sha256,
+)
+from sur_cache.devices import resolve_device, resolve_dtype
 from sur_cache.models import (
     DTYPES,
     LLM_LAYER_SOURCE,
@@ -130,6 +140,11 @@ def load_llm_features(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_rows(config: ExtractConfig, llm_table: dict | None) -> tuple[list[Row], list[BadRow]]:
+    """The metadata pass: rows and bad rows, in one stream of the file and no file-system call per row.
+
+    A row's file is checked by the image worker that reads it (missing, outside the folder: a skipped sample), except
+    with `--strict`, where every file is checked here so that one error lists every bad row before any model runs.
+    """
     rows, bad = read_metadata(
         config.data,
         text_column=config.text_column,
@@ -137,12 +152,14 @@ def _read_rows(config: ExtractConfig, llm_table: dict | None) -> tuple[list[Row]
         image_column=config.image_column,
     )
     if llm_table is not None:
-        missing = [row for row in rows if row.text not in llm_table]
         bad += [
             BadRow(row.line, row.file_name, "missing_llm_feature", f"simple prompt {row.text!r} not in the file")
-            for row in missing
+            for row in rows
+            if row.text not in llm_table
         ]
         rows = [row for row in rows if row.text in llm_table]
+    if config.strict:
+        bad += [BadRow(row.line, row.file_name, *problem) for row in rows if (problem := file_problem(row))]
     bad.sort(key=lambda b: b.line)
     if bad and config.strict:
         listing = "\n  ".join(f"line {b.line}: {b.reason}: {b.detail}" for b in bad[:20])
@@ -173,12 +190,6 @@ def _teacher(config: ExtractConfig, llm_table: dict | None) -> _Teacher:
     if not -count <= config.llm_layer < count:
         raise ValueError(f"--llm-layer {config.llm_layer} is out of range: {config.llm} has {count} layers")
     return _Teacher(llm.hidden_size, config.llm_layer % count)
-
-
-def _sd_dtype(config: ExtractConfig, device: torch.device) -> str:
-    if config.sd_dtype != "auto":
-        return config.sd_dtype
-    return "float16" if device.type == "cuda" else "float32"
 
 
 def _sd_fingerprint(sd: str) -> ModelRef:
@@ -220,7 +231,7 @@ def build_manifest(
     return Manifest(
         sur_cache_version=__version__,
         sd_model=_sd_fingerprint(config.sd),
-        sd_dtype=_sd_dtype(config, device),
+        sd_dtype=resolve_dtype(config.sd_dtype, device),
         **_teacher_fields(config),
         llm_layer=teacher.llm_layer,
         llm_per_token=config.llm_per_token,
@@ -256,10 +267,6 @@ def _open_store(config: ExtractConfig, manifest: Manifest, rows: list[Row]) -> F
         store = FeatureStore.create(config.out, manifest, names, overwrite=config.overwrite)
     store.remove_partial_files()
     return store
-
-
-def _resolve_device(name: str, state) -> torch.device:
-    return state.device if name == "auto" else torch.device(name)
 
 
 def default_num_workers(num_processes: int) -> int:
@@ -503,9 +510,8 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
             f"--out {config.out}: a memory:// store lives inside this process and is gone when extract exits; pass "
             "a folder or a URL that outlives it (file://..., s3://...)"
         )
-    # accelerate only forms a CPU process group (gloo) when told the processes are CPU ones
-    state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
-    device = _resolve_device(config.device, state)
+    device = resolve_device(config.device)  # builds accelerate's state to agree (gloo for CPU processes)
+    state = PartialState()
     llm_table = load_llm_features(config.llm_features) if config.llm_features is not None else None
     rows, bad = _read_rows(config, llm_table)
     if not state.is_main_process:
