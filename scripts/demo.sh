@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: the whole sur-cache pipeline on a bundled dataset and tiny models, on the CPU.
 #   demo-assets -> extract (stage one) -> inspect -> train (stage two, from the store) -> generate --compare
+#   -> evaluate
 # The diffusion models are tiny and random, so the images are noise-like: the demo shows the wiring, not quality.
 # Knobs (environment): SUR_CACHE (the CLI), DEMO_OUT, DEMO_SAMPLES, DEMO_TRAIN_STEPS, DEMO_GEN_STEPS, DEMO_SIZE.
 set -euo pipefail
@@ -35,6 +36,10 @@ step "generate: the same seed without and with the adapter, side by side" \
     "$SUR_CACHE" generate --sd "$OUT/models/sd" --adapter "$OUT/run/adapter" \
     --prompt "a red circle waits by the sea" --prompt "a blue square waits in a quiet park" \
     --steps "$GEN_STEPS" --height "$SIZE" --width "$SIZE" --compare --out "$OUT/images"
+step "evaluate: CLIP scores of base and adapted images per category (tiny random CLIP: the wiring, not a verdict)" \
+    "$SUR_CACHE" evaluate --sd "$OUT/models/sd" --adapter "$OUT/run/adapter" --clip "$OUT/models/clip" \
+    --prompts "$OUT/eval_prompts.jsonl" --num-seeds 1 --steps "$GEN_STEPS" --height "$SIZE" --width "$SIZE" \
+    --no-progress --out "$OUT/evaluation"
 
 cat <<EOF
 
@@ -43,4 +48,5 @@ dataset        $OUT/data
 feature store  $OUT/features.zarr
 adapter        $OUT/run/adapter  (training log: $OUT/run/train_log.jsonl, loss curve: $OUT/run/loss.png)
 images         $OUT/images  (base | with adapter, per prompt and seed)
+evaluation     $OUT/evaluation/report.html  (open it in a browser; metrics.json and scores.csv beside it)
 EOF

@@ -482,6 +482,8 @@ def demo_assets_command(out, num_samples, llm) -> None:
     click.echo(f"dataset   {assets.data}  ({num_samples} images, metadata.jsonl)")
     click.echo(f"sd        {assets.sd}  (tiny random Stable Diffusion)")
     click.echo(f"llm       {assets.llm}  ({assets.llm_kind})")
+    click.echo(f"clip      {assets.clip}  (tiny random CLIP, scores images in evaluate)")
+    click.echo(f"prompts   {assets.eval_prompts}  (a few evaluation prompts per category)")
 
 
 @main.command("train")

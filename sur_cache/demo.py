@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from sur_cache.demo_data import build_demo_dataset
+from sur_cache.eval_prompts import bundled_prompts_path
 from sur_cache.tiny_models import build_llm, build_sd_pipeline, build_tiny_clip
 
 LLM_CHOICES = ("auto", "minilm", "tiny")
+EVAL_PROMPTS_FILE, EVAL_PROMPTS_PER_CATEGORY = "eval_prompts.jsonl", 2  # a CPU-sized evaluation
 MARKER_FILE = "sur-cache-demo.json"  # written first: a folder holding it is demo-assets' own, safe to write again
 
 
 @dataclass(frozen=True)
 class DemoAssets:
-    """Where the demo's inputs are: the dataset folder, the SD pipeline folder, the LLM folder and its kind, and the
-    CLIP folder that `sur-cache evaluate --clip` scores with."""
+    """Where the demo's inputs are: the dataset folder, the SD pipeline folder, the LLM folder and its kind, the
+    CLIP folder that `sur-cache evaluate --clip` scores with and the few prompts it evaluates."""
 
     data: Path
     sd: Path
     llm: Path
     llm_kind: str
     clip: Path
+    eval_prompts: Path
 
 
 def packaged_minilm() -> Path | None:
@@ -72,8 +76,22 @@ def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", se
     else:
         build_llm(llm_folder, seed=seed)
     clip = build_tiny_clip(out / "models" / "clip", seed=seed)
+    prompts = _write_eval_prompts(out / EVAL_PROMPTS_FILE)
     kind = "all-MiniLM-L6-v2" if minilm else "tiny random Llama"
-    return DemoAssets(data, out / "models" / "sd", llm_folder, kind, clip)
+    return DemoAssets(data, out / "models" / "sd", llm_folder, kind, clip, prompts)
+
+
+def _write_eval_prompts(path: Path) -> Path:
+    """The first EVAL_PROMPTS_PER_CATEGORY prompts of each category of the bundled set: enough to show the report."""
+    lines = bundled_prompts_path().read_text(encoding="utf-8").splitlines()
+    kept, seen = [], Counter()
+    for line in lines:
+        category = json.loads(line)["category"]
+        if seen[category] < EVAL_PROMPTS_PER_CATEGORY:
+            kept.append(line)
+            seen[category] += 1
+    path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return path
 
 
 def _claim_folder(out: Path) -> None:

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from sur_cache import demo
 from sur_cache.cli import main
 from sur_cache.config import ExtractConfig, GenerateConfig, ImportReferenceConfig, TrainConfig
+from sur_cache.stages.evaluate import EvaluateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("sur_cache", "stages", "kernels")
@@ -121,6 +122,7 @@ CONFIGS = {
     "train": (TrainConfig, ()),
     "generate": (GenerateConfig, ("prompts", "prompts_file", "seed", "num_seeds")),
     "import-reference": (ImportReferenceConfig, ()),
+    "evaluate": (EvaluateConfig, ()),
 }
 
 
@@ -207,7 +209,7 @@ def test_every_computing_command_takes_the_same_device_option():
     from sur_cache.devices import DEVICE_HELP
 
     with_device = {name for name, command in main.commands.items() if "device" in {p.name for p in command.params}}
-    assert {"extract", "train", "generate"} <= with_device
+    assert {"extract", "train", "generate", "evaluate"} <= with_device
     for name in with_device:
         (option,) = [o for o in _click_options(main.commands[name]) if o.name == "device"]
         assert option.opts == ["--device"] and option.help == DEVICE_HELP, name

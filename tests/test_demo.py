@@ -77,6 +77,12 @@ def test_demo_script_runs_every_stage_end_to_end(tmp_path):
         assert str(image) in run.stdout
         width, height = Image.open(image).size
         assert width == 2 * 32 and height > 32
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert f"{out / 'evaluation' / 'report.html'}" in run.stdout
+    prompts = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
+    assert sorted(p["category"] for p in prompts) == ["action"] * 2 + ["colour"] * 2 + ["counting"] * 2
+    assert len(metrics["targets"]["simple"]["prompts"]) == 6  # every demo prompt scored
+    assert (out / "evaluation" / "report.html").is_file()
 
 
 def test_demo_assets_never_write_into_a_folder_they_did_not_make(tmp_path):
