@@ -48,6 +48,7 @@ from sur_cache.dataset import (
     text_sha256,
 )
 from sur_cache.devices import resolve_device, resolve_dtype
+from sur_cache.locations import StoreURLError, in_process_only
 from sur_cache.models import (
     DTYPES,
     LLM_LAYER_SOURCE,
@@ -72,12 +73,10 @@ from sur_cache.store import (
     FileRef,
     Manifest,
     ModelRef,
-    StoreURLError,
-    in_process_only,
     name_bytes,
     names_sha256,
-    writer_lock,
 )
+from sur_cache.writer_lock import writer_lock
 
 _IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
 

@@ -40,36 +40,31 @@ Schema 1 (sur-cache 0.1.0) kept the file names in the manifest and left unwritte
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
-import os
 import re
-import socket
-import time
 import typing
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.implementations.memory import MemoryFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from sur_cache.locations import filesystem, names_in, normalise_url, read_files
+from sur_cache.writer_lock import LOCK_FILE, writer_lock
 
 SCHEMA_VERSION = 2  # 2: a typed manifest with a store id and field checksums, names in an array, commit markers
 PENDING, DONE, SKIPPED = 0, 1, 2
 SKIPPED_DIR = "skipped"  # per-writer skip reports, one JSON-lines file per shard (plus one for the metadata pass)
 SKIPPED_REPORT = "skipped.jsonl"  # the merged report, rewritten at the end of each extract run
 COMMITS_DIR = "commits"  # one commit marker per committed shard (see `FeatureStore.commit_shard`)
-LOCK_FILE = "writer.lock"  # the exclusive writer lock of an extract run (see `writer_lock`)
 METADATA_PART, SHARD_PART_PREFIX = "metadata", "shard-"
 FILE_NAME_ARRAY = "file_name"  # written whole by `create`, like the status; not part of a shard's writes
 COMPRESSIONS = ("none", "zstd", "blosc")
@@ -89,14 +84,6 @@ class ManifestMismatchError(ValueError):
 
 class StoreFormatError(ValueError):
     """A path is not a sur-cache store, its manifest was edited, or its data is missing, corrupt or replaced."""
-
-
-class StoreLockedError(OSError):
-    """Another extract run holds the store's writer lock."""
-
-
-class StoreURLError(ValueError):
-    """A store URL that cannot be used: a protocol whose package is missing, or one that cannot outlive the process."""
 
 
 # ---- the manifest ----------------------------------------------------------------------------------------------------
@@ -479,61 +466,12 @@ def _decode_names(rows: np.ndarray) -> list[str]:
     return [name.decode() for name in np.ascontiguousarray(rows).view(f"S{rows.shape[1]}").ravel()]
 
 
-# ---- where a store lives ---------------------------------------------------------------------------------------------
-_EXTRAS = {"s3": "s3"}  # fsspec protocol -> the sur-cache extra that installs its package
-
-
-def _normalise_url(url: str | Path) -> str:
-    """A local path for `file://` URLs (so the lock, the skip reports and zarr all see one path), else `url`."""
-    url = str(url)
-    return LocalFileSystem._strip_protocol(url) if url.startswith("file://") else url
-
-
-def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and root path of `url`; a protocol whose package is missing names what to install."""
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-    except ImportError as error:
-        protocol = url.split("://", 1)[0]
-        fix = f"pip install 'sur-cache[{_EXTRAS[protocol]}]'" if protocol in _EXTRAS else str(error)
-        raise StoreURLError(f"{url}: {protocol}:// URLs need a package that is not installed: {fix}") from error
-    return fs, root.rstrip("/")
-
-
-def in_process_only(url: str) -> bool:
-    """True for a URL whose data lives in this process's memory and is gone when it exits (`memory://`)."""
-    fs, _ = _filesystem(_normalise_url(url))
-    return isinstance(fs, MemoryFileSystem)
-
-
-def _names_in(fs, folder: str) -> list[str]:
-    """The names in `folder` (one listing call), [] if it does not exist.
-
-    Local folders are listed with `os.listdir`: fsspec's local `ls` normalises every path, which costs seconds at
-    the 39k shards of a 10M-sample store.
-    """
-    try:
-        if isinstance(fs, LocalFileSystem):
-            return os.listdir(folder)
-        return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _read_files(fs, paths: list[str]) -> list[bytes]:
-    """The bytes of each file in `paths`: plain reads when local, one batched `cat` elsewhere (object stores)."""
-    if isinstance(fs, LocalFileSystem):
-        return [Path(path).read_bytes() for path in paths]
-    contents = fs.cat(paths) if paths else {}
-    return [contents[path] for path in paths]
-
-
 # ---- recognising a store ---------------------------------------------------------------------------------------------
 def _entries(fs, root: str) -> list[str]:
     """Names in the folder `root` ([] if there is none), the writer's lock file left out."""
     if not fs.isdir(root):
         return []
-    return [name for name in sorted(_names_in(fs, root)) if name != LOCK_FILE]
+    return [name for name in sorted(names_in(fs, root)) if name != LOCK_FILE]
 
 
 def _group_metadata(fs, root: str) -> dict[str, Any] | None:
@@ -609,8 +547,8 @@ def _owned(fs, root: str) -> list[str]:
 
 def what_overwrite_removes(url: str) -> str:
     """One phrase for messages: what `--overwrite` would remove from the store at `url`, and what it keeps."""
-    url = _normalise_url(url)
-    fs, root = _filesystem(url)
+    url = normalise_url(url)
+    fs, root = filesystem(url)
     owned = _owned(fs, root)
     kept = [name for name in _entries(fs, root) if name not in owned]
     keeps = f"; it keeps {_listing(kept)}" if kept else ""
@@ -646,7 +584,7 @@ def _remove_if_empty(fs, folder: str) -> None:
 def _missing_status_shards(fs, root: str, num_shards: int) -> np.ndarray:
     """Indices of the status shard files that do not exist, from one listing of `status/c/`."""
     present = np.zeros(num_shards, dtype=bool)
-    found = np.array([int(name) for name in _names_in(fs, f"{root}/status/c") if name.isdigit()], dtype=np.int64)
+    found = np.array([int(name) for name in names_in(fs, f"{root}/status/c") if name.isdigit()], dtype=np.int64)
     present[found[found < num_shards]] = True
     return np.flatnonzero(~present)
 
@@ -664,108 +602,6 @@ def _creation_interrupted(fs, root: str, attributes: dict[str, Any]) -> bool:
     whole = arrays and not len(_missing_status_shards(fs, root, shards))
     written = any(fs.exists(f"{root}/{name}/c") for name in features) or fs.exists(f"{root}/{COMMITS_DIR}")
     return not whole and not written
-
-
-# ---- one writer per store --------------------------------------------------------------------------------------------
-def _holder_record() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def _describe_holder(raw: bytes) -> str:
-    try:
-        holder = json.loads(raw)
-        return f"process {holder['pid']} on host {holder['host']} (since {holder['since']})"
-    except (ValueError, KeyError, TypeError):
-        return "another process (its lock file names no holder)"
-
-
-def _dead_local_process(raw: bytes) -> bool:
-    """True when the lock was written on this host by a process that no longer exists."""
-    try:
-        holder = json.loads(raw)
-        if holder["host"] != socket.gethostname():
-            return False
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (ValueError, KeyError, TypeError, PermissionError):
-        return False
-    return False
-
-
-@contextmanager
-def writer_lock(url: str | Path) -> Iterator[None]:
-    """Hold the store's exclusive writer lock, `<store>/writer.lock`, for the `with` block; refuse if it is held.
-
-    Local stores: `fcntl.flock` on the lock file, which names the holder (host, pid, start time). The kernel drops a
-    dead process's lock, so a stale lock is taken over without any guess. Other fsspec URLs (object stores): the lock
-    file is created with exclusive-create (`mode="xb"`) and removed on release; a lock left by a dead process on
-    this host is taken over, one left from another host must be deleted by hand (its holder is named).
-    """
-    url = _normalise_url(url)
-    fs, root = _filesystem(url)
-    path = f"{root}/{LOCK_FILE}"
-    holding = _flock(url, path) if isinstance(fs, LocalFileSystem) else _exclusive_file(url, fs, path)
-    with holding:
-        yield
-
-
-@contextmanager
-def _flock(url: str, path: str) -> Iterator[None]:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreLockedError(_locked_message(url, path, os.pread(descriptor, 4096, 0))) from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, json.dumps(_holder_record()).encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(descriptor, 0)  # an empty lock file names no holder; the flock itself is released below
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-    finally:
-        os.close(descriptor)
-
-
-@contextmanager
-def _exclusive_file(url: str, fs, path: str) -> Iterator[None]:
-    record = json.dumps(_holder_record()).encode()
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    for attempt in range(2):
-        if _create_exclusively(fs, path, record):
-            break
-        raw = fs.cat_file(path)
-        if attempt or not _dead_local_process(raw):
-            raise StoreLockedError(_locked_message(url, path, raw) + f"; if that process is gone, delete {path}")
-        fs.rm(path)  # the lock of a dead process on this host: taken over
-    try:
-        yield
-    finally:
-        fs.rm(path)
-
-
-def _create_exclusively(fs, path: str, data: bytes) -> bool:
-    """Create `path` holding `data` unless it exists; False if it does."""
-    try:
-        with fs.open(path, "xb") as f:
-            f.write(data)
-    except FileExistsError:
-        return False
-    except (ValueError, NotImplementedError):  # a filesystem without exclusive create: check, then write (racy)
-        if fs.exists(path):
-            return False
-        fs.pipe_file(path, data)
-    return True
-
-
-def _locked_message(url: str, path: str, raw: bytes) -> str:
-    return (
-        f"{url} is being written by {_describe_holder(raw)}, which holds {path}: one extract writes a store at a "
-        "time; wait for it to finish or stop it, or extract into another --out path"
-    )
 
 
 # ---- the shard-level summary -----------------------------------------------------------------------------------------
@@ -789,7 +625,7 @@ def _read_markers(fs, root: str, num_shards: int) -> np.ndarray:
     A shard with more than one marker (never written so, since a commit removes its old marker first) counts as
     uncommitted, and so is recomputed.
     """
-    names = "\n".join(_names_in(fs, f"{root}/{COMMITS_DIR}"))
+    names = "\n".join(names_in(fs, f"{root}/{COMMITS_DIR}"))
     rows = np.array(_COMMIT_NAME.findall(names), dtype=np.int64).reshape(-1, 3)
     rows = rows[rows[:, 0] < num_shards]
     shards, counts = np.unique(rows[:, 0], return_counts=True)
@@ -807,7 +643,7 @@ class FeatureStore:
     def __init__(self, url: str, group: zarr.Group, manifest: Manifest) -> None:
         self.url = url
         self._group = group
-        self._fs, self._root = _filesystem(url)
+        self._fs, self._root = filesystem(url)
         self.manifest = manifest
         self.num_samples = manifest.num_samples
         self.shard_rows = manifest.shard_rows
@@ -825,8 +661,8 @@ class FeatureStore:
         False for nothing, an empty folder, a folder or Zarr group that is not a sur-cache store (`create` refuses
         those by name), and a store whose creation was interrupted before any sample was written (created anew).
         """
-        url = _normalise_url(url)
-        fs, root = _filesystem(url)
+        url = normalise_url(url)
+        fs, root = filesystem(url)
         try:
             attributes = _group_attributes(fs, root)
         except StoreFormatError:
@@ -836,8 +672,8 @@ class FeatureStore:
     @staticmethod
     def refuse_foreign(url: str | Path) -> None:
         """Raise unless `url` is absent, an empty folder, or a sur-cache store: what a writer may write into."""
-        url = _normalise_url(url)
-        _refuse_foreign(url, *_filesystem(url))
+        url = normalise_url(url)
+        _refuse_foreign(url, *filesystem(url))
 
     @classmethod
     def create(
@@ -849,9 +685,9 @@ class FeatureStore:
         Refuses a folder that is not a sur-cache store, and a store unless `overwrite` (which removes only what the
         store owns) or its creation was interrupted (nothing in it was written yet).
         """
-        url = _normalise_url(url)
+        url = normalise_url(url)
         _check_layout(manifest, file_names)
-        fs, root = _filesystem(url)
+        fs, root = filesystem(url)
         found = _refuse_foreign(url, fs, root)
         if found is not None:
             if not overwrite and not _creation_interrupted(fs, root, found):
@@ -887,10 +723,10 @@ class FeatureStore:
         ManifestMismatchError listing every differing field. Every other problem is a StoreFormatError naming the
         file and the fix.
         """
-        url = _normalise_url(url)
+        url = normalise_url(url)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        fs, root = _filesystem(url)
+        fs, root = filesystem(url)
         attributes = _group_attributes(fs, root)
         if attributes is None:
             raise FileNotFoundError(f"no sur-cache store at {url}; create one with `sur-cache extract --out {url}`")
@@ -965,7 +801,7 @@ class FeatureStore:
             f"{self._root}/{COMMITS_DIR}/{_commit_marker(int(s), int(counts.done[s]), int(counts.skipped[s]))}"
             for s in shards
         ]
-        return json.loads(b"[" + b",".join(_read_files(self._fs, paths)) + b"]")  # one parse for all: 39k at 10M
+        return json.loads(b"[" + b",".join(read_files(self._fs, paths)) + b"]")  # one parse for all: 39k at 10M
 
     def status(self) -> np.ndarray:
         """Every sample's status as the commits record it: a shard without a commit marker is pending.
@@ -1101,7 +937,7 @@ class FeatureStore:
     def _skipped_records(self, counts: ShardCounts) -> list[dict[str, Any]]:
         folder = f"{self._root}/{SKIPPED_DIR}"
         records = []
-        for name in sorted(_names_in(self._fs, folder)):
+        for name in sorted(names_in(self._fs, folder)):
             if not name.endswith(".jsonl"):
                 continue  # a `.partial` leftover
             if name.startswith(SHARD_PART_PREFIX):
@@ -1161,7 +997,7 @@ class FeatureStore:
         folder = f"{self._root}/{COMMITS_DIR}"
         raw = self._raw_status(shard)
         if raw is None:
-            names = [n for n in _names_in(self._fs, folder) if (m := _COMMIT_NAME.fullmatch(n)) and int(m[1]) == shard]
+            names = [n for n in names_in(self._fs, folder) if (m := _COMMIT_NAME.fullmatch(n)) and int(m[1]) == shard]
         elif (raw == PENDING).any():
             names = []
         else:
@@ -1429,8 +1265,8 @@ def migrate(url: str | Path) -> bool:
     migration that stops at any point leaves a schema-1 store that migrates again from the start. Feature bytes
     are never rewritten.
     """
-    url = _normalise_url(url)
-    fs, root = _filesystem(url)
+    url = normalise_url(url)
+    fs, root = filesystem(url)
     with writer_lock(url):
         metadata = _group_metadata(fs, root)
         if metadata is None:
@@ -1496,7 +1332,7 @@ def _migrate_commit_markers(migration: _Migration) -> None:
     """A commit marker for every shard whose status is final (schema 1's commit), none for the others."""
     store = migration.store()
     folder = f"{migration.root}/{COMMITS_DIR}"
-    for name in _names_in(migration.fs, folder):  # a stopped migration's markers: written again below
+    for name in names_in(migration.fs, folder):  # a stopped migration's markers: written again below
         migration.fs.rm(f"{folder}/{name}")
     for shard, (start, stop) in enumerate(store.shard_ranges()):
         status = store.array("status")[start:stop]

@@ -383,65 +383,6 @@ def test_an_s3_url_without_s3fs_names_the_extra(monkeypatch):
             call("s3://bucket/s.zarr")
 
 
-_HOLDER = """
-import sys, time
-from sur_cache.store import writer_lock
-with writer_lock(sys.argv[1]):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
-def test_the_writer_lock_names_a_live_holder_and_a_dead_ones_lock_is_taken_over(tmp_path):
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    from sur_cache.store import LOCK_FILE, StoreLockedError, writer_lock
-
-    out = tmp_path / "s.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(StoreLockedError, match=rf"process {holder.pid} on host {socket.gethostname()} \(since "):
-            with writer_lock(out):
-                pass
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
-    assert str(holder.pid) in (out / LOCK_FILE).read_text()  # its record is still there, its flock is gone
-    with writer_lock(f"file://{out}"):
-        assert f'"pid": {os.getpid()}' in (out / LOCK_FILE).read_text()
-    assert (out / LOCK_FILE).read_text() == ""
-
-
-def test_the_writer_lock_of_an_object_store_is_an_exclusive_file(monkeypatch):
-    import fsspec
-
-    from sur_cache.store import LOCK_FILE, StoreLockedError, writer_lock
-
-    url = f"memory://sur-cache-lock-{uuid.uuid4().hex}/s.zarr"
-    fs, root = fsspec.core.url_to_fs(url)
-    with writer_lock(url):
-        with pytest.raises(StoreLockedError, match=rf"if that process is gone, delete .*{LOCK_FILE}"):
-            with writer_lock(url):
-                pass
-    assert not fs.exists(f"{root}/{LOCK_FILE}")  # removed on release
-    import socket
-
-    fs.pipe_file(
-        f"{root}/{LOCK_FILE}", json.dumps({"host": socket.gethostname(), "pid": 2**22 + 1, "since": "x"}).encode()
-    )
-    with writer_lock(url):  # that pid does not exist on this host: a stale lock, taken over
-        assert json.loads(fs.cat_file(f"{root}/{LOCK_FILE}"))["pid"] != 2**22 + 1
-    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"host": "elsewhere", "pid": 1, "since": "x"}).encode())
-    with pytest.raises(StoreLockedError, match="process 1 on host elsewhere"):
-        with writer_lock(url):
-            pass
-
-
 # ---- the typed manifest ------------------------------------------------------------------------------------------
 def _attributes_with(manifest: Manifest, edit) -> dict:
     """`manifest.to_json()` edited by `edit`, with checksums recomputed: what another writer could have written."""

@@ -19,6 +19,7 @@ import torch
 
 from sur_cache.config import ExtractConfig
 from sur_cache.dataset import ImageDataset, read_metadata
+from sur_cache.locations import StoreURLError
 from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
 from sur_cache.stages import extract
 from sur_cache.stages.extract import load_llm_features, run_extract
@@ -28,11 +29,9 @@ from sur_cache.store import (
     SKIPPED,
     FeatureStore,
     ManifestMismatchError,
-    StoreLockedError,
-    StoreURLError,
-    writer_lock,
 )
 from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_WIDTH, TINY_RESOLUTION
+from sur_cache.writer_lock import StoreLockedError, writer_lock
 
 VENV_BIN = Path(sys.executable).parent
 LAYER = 1  # of the tiny Llama's 3: not the last, so `output_hidden_states[LAYER + 1]` is the same tensor
