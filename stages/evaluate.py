@@ -41,7 +41,7 @@ from sur_cache.report import (
     write_report,
 )
 from sur_cache.scoring import VARIANTS, ClipScorer, PromptResult, summarise, summarise_by_category
-from sur_cache.stages.generate import fit_to_pipeline, generate, load_pipeline
+from sur_cache.stages.generate import drawing_settings, fit_to_pipeline, generate, load_pipeline
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the CLIP score's usual model (torchmetrics' default too)
 UNCATEGORISED = "uncategorised"
@@ -138,14 +138,7 @@ def generate_and_score(
     config: EvaluateConfig, prompts: tuple[EvalPrompt, ...], pipe, adapter: SURAdapter, scorer: ClipScorer
 ) -> tuple[ScoredImage, ...]:
     """Each prompt's base and adapted image for every seed, saved under `config.out` and scored."""
-    settings = dict(
-        seeds=config.seeds,
-        negative_prompt=config.negative_prompt,
-        steps=config.steps,
-        guidance=config.guidance,
-        height=config.height,
-        width=config.width,
-    )
+    settings = dict(seeds=config.seeds, **drawing_settings(config))
     (config.out / IMAGES_FOLDER).mkdir(parents=True, exist_ok=True)
     scored = []
     total = len(prompts) * len(config.seeds) * len(VARIANTS)

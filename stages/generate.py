@@ -183,6 +183,17 @@ def plan_outputs(prompts: Sequence[str], seeds: Sequence[int], out: Path, compar
     ]
 
 
+def drawing_settings(config) -> dict:
+    """What a generate or evaluate config says about drawing an image, as `generate`'s keyword arguments."""
+    return dict(
+        negative_prompt=config.negative_prompt,
+        steps=config.steps,
+        guidance=config.guidance,
+        height=config.height,
+        width=config.width,
+    )
+
+
 def run_generate(config: GenerateConfig) -> list[PlannedImage]:
     """Load the pipeline and adapter, write one image (or one comparison) per prompt and seed, and say where.
 
@@ -199,13 +210,7 @@ def run_generate(config: GenerateConfig) -> list[PlannedImage]:
     check_adapter_fits(adapter, config.adapter, sd_model_facts(config.sd).clip_width)  # before the pipeline loads
     pipe = load_pipeline(config.sd, device=device, dtype=DTYPES[resolve_dtype(config.dtype, device)])
     adapter = fit_to_pipeline(adapter, config.adapter, pipe)
-    settings = dict(
-        negative_prompt=config.negative_prompt,
-        steps=config.steps,
-        guidance=config.guidance,
-        height=config.height,
-        width=config.width,
-    )
+    settings = drawing_settings(config)
     per_prompt = len(config.seeds)
     for index, prompt in enumerate(config.prompts):
         outputs = planned[index * per_prompt : (index + 1) * per_prompt]

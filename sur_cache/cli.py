@@ -111,35 +111,67 @@ def import_reference_command(**options) -> None:
     click.echo(f"wrote {run_import_reference(ImportReferenceConfig(**options))}")
 
 
+def _pipeline_options(config: type, runs_in_float32: str):
+    """The options of every command that draws images with the SD pipeline and an adapter (generate, evaluate),
+    each default read from that command's config; `runs_in_float32` completes the --dtype help."""
+    options = [
+        click.option(
+            "--sd", required=True, help="Stable Diffusion folder or hub id (the one the adapter was trained on)."
+        ),
+        click.option(
+            "--adapter",
+            required=True,
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            help="Adapter folder written by `sur-cache train` or `sur-cache import-reference`.",
+        ),
+        click.option(
+            "--negative-prompt",
+            default=config.negative_prompt,
+            help="Negative prompt (its CLIP embedding is not adapted, except in reference-compat mode).",
+        ),
+        click.option("--steps", type=int, default=config.steps, help="Denoising steps."),
+        click.option(
+            "--guidance",
+            type=float,
+            default=config.guidance,
+            help="Classifier-free guidance scale (<= 1 turns guidance off).",
+        ),
+        click.option(
+            "--height",
+            type=int,
+            default=config.height,
+            help="Image height in pixels, a multiple of 8  [default: the model's]",
+        ),
+        click.option(
+            "--width",
+            type=int,
+            default=config.width,
+            help="Image width in pixels, a multiple of 8  [default: the model's]",
+        ),
+        click.option("--device", default=config.device, help=DEVICE_HELP),
+        click.option(
+            "--dtype",
+            type=click.Choice(DTYPE_CHOICES),
+            default=config.dtype,
+            help=f"Pipeline precision (auto: float16 on CUDA, float32 elsewhere); {runs_in_float32}.",
+        ),
+    ]
+
+    def apply(command):
+        for option in reversed(options):  # click lists options in decorator order, top first
+            command = option(command)
+        return command
+
+    return apply
+
+
 @main.command("generate")
-@click.option(
-    "--sd",
-    required=True,
-    help="Stable Diffusion model: a diffusers folder or hub id (the one the adapter was trained on).",
-)
-@click.option(
-    "--adapter",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Adapter folder written by `sur-cache train` or `sur-cache import-reference`.",
-)
+@_pipeline_options(GenerateConfig, "the adapter runs in float32")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
 @click.option(
     "--prompts-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A text file with one prompt per line (added after the --prompt ones).",
-)
-@click.option(
-    "--negative-prompt",
-    default=GenerateConfig.negative_prompt,
-    help="Negative prompt (its CLIP embedding is not adapted, except in reference-compat mode).",
-)
-@click.option("--steps", type=int, default=GenerateConfig.steps, help="Denoising steps.")
-@click.option(
-    "--guidance",
-    type=float,
-    default=GenerateConfig.guidance,
-    help="Classifier-free guidance scale (<= 1 turns guidance off).",
 )
 @click.option(
     "--seed",
@@ -148,25 +180,6 @@ def import_reference_command(**options) -> None:
     help=f"Seed of the starting noise (repeatable)  [default: {', '.join(map(str, GenerateConfig.seeds))}]",
 )
 @click.option("--num-seeds", type=int, help="Use this many consecutive seeds, from the --seed given (or the default).")
-@click.option(
-    "--height",
-    type=int,
-    default=GenerateConfig.height,
-    help="Image height in pixels, a multiple of 8  [default: the model's]",
-)
-@click.option(
-    "--width",
-    type=int,
-    default=GenerateConfig.width,
-    help="Image width in pixels, a multiple of 8  [default: the model's]",
-)
-@click.option("--device", default=GenerateConfig.device, help=DEVICE_HELP)
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPE_CHOICES),
-    default=GenerateConfig.dtype,
-    help="Pipeline precision (auto: float16 on CUDA, float32 elsewhere); the adapter runs in float32.",
-)
 @click.option(
     "--attention", type=click.Choice(ATTENTION_CHOICES), default=GenerateConfig.attention, help=ATTENTION_HELP
 )
@@ -193,13 +206,7 @@ def generate_command(prompts, prompts_file, seed, num_seeds, **options) -> None:
 
 
 @main.command("evaluate")
-@click.option("--sd", required=True, help="Stable Diffusion folder or hub id (the one the adapter was trained on).")
-@click.option(
-    "--adapter",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Adapter folder written by `sur-cache train` or `sur-cache import-reference`.",
-)
+@_pipeline_options(EvaluateConfig, "the adapter and CLIP run in float32")
 @click.option(
     "--clip",
     default=EvaluateConfig.clip,
@@ -214,37 +221,6 @@ def generate_command(prompts, prompts_file, seed, num_seeds, **options) -> None:
 )
 @click.option("--seed", type=int, default=EvaluateConfig.seed, help="First seed of the starting noise.")
 @click.option("--num-seeds", type=int, default=EvaluateConfig.num_seeds, help="Seeds per prompt, from --seed up.")
-@click.option("--steps", type=int, default=EvaluateConfig.steps, help="Denoising steps.")
-@click.option(
-    "--guidance",
-    type=float,
-    default=EvaluateConfig.guidance,
-    help="Classifier-free guidance scale (<= 1 turns guidance off).",
-)
-@click.option(
-    "--negative-prompt",
-    default=EvaluateConfig.negative_prompt,
-    help="Negative prompt of both variants (its CLIP embedding is not adapted, except in reference-compat mode).",
-)
-@click.option(
-    "--height",
-    type=int,
-    default=EvaluateConfig.height,
-    help="Image height in pixels, a multiple of 8  [default: the model's]",
-)
-@click.option(
-    "--width",
-    type=int,
-    default=EvaluateConfig.width,
-    help="Image width in pixels, a multiple of 8  [default: the model's]",
-)
-@click.option("--device", default=EvaluateConfig.device, help=DEVICE_HELP)
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPE_CHOICES),
-    default=EvaluateConfig.dtype,
-    help="Pipeline precision (auto: float16 on CUDA, float32 elsewhere); the adapter and CLIP run in float32.",
-)
 @click.option(
     "--overwrite",
     is_flag=True,

@@ -206,3 +206,13 @@ def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
     build_sd_pipeline(root / "sd", seed=seed)
     build_llm(root / "llm", seed=seed)
     return TinyModels(sd=root / "sd", llm=root / "llm")
+
+
+def randomized(module, seed: int = 0):
+    """`module` with every parameter drawn at random (std 0.2), so no zero-initialised layer hides a wrong wiring
+    in a test that compares two implementations."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return module

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from sur_cache.adapter import (
     AdapterConfig,
@@ -23,21 +22,13 @@ from sur_cache.adapter import (
     resolve_attention,
 )
 from sur_cache.losses import alignment_loss, distillation_loss
+from sur_cache.tiny_models import randomized
 
 L = 77
 
 
 def _config(width=32, **overrides) -> AdapterConfig:
     return AdapterConfig(width=width, llm_width=48, feedforward=64, **overrides)
-
-
-def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter random values, so no zero-initialised layer hides a wrong wiring."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return module
 
 
 def _x(batch: int, width: int = 32, seed: int = 1) -> torch.Tensor:
@@ -150,7 +141,7 @@ def _eager_and(backend: str) -> tuple[SURAdapter, SURAdapter]:
     """An eager adapter with random weights and the same weights behind `backend`'s calibration core."""
     if backend == "fused":
         _fused_or_skip()
-    eager = _randomize(SURAdapter(_config(dropout=0.0)))
+    eager = randomized(SURAdapter(_config(dropout=0.0)))
     other = SURAdapter(_config(dropout=0.0, attention=backend))
     other.load_state_dict(eager.state_dict())
     return eager, other
@@ -241,7 +232,7 @@ def test_config_validation_lists_every_problem():
 
 
 def test_compat_mode_at_batch_one_transforms_each_token_on_its_own():
-    compat = _randomize(SURAdapter(_config(dropout=0.0, reference_compat=True)))
+    compat = randomized(SURAdapter(_config(dropout=0.0, reference_compat=True)))
     tokens = SURAdapter(_config(dropout=0.0))
     tokens.load_state_dict(compat.state_dict())
     x = _x(1)
@@ -255,7 +246,7 @@ def test_compat_mode_at_batch_one_transforms_each_token_on_its_own():
 
 
 def test_compat_mode_mixes_the_batch_and_token_mode_does_not():
-    compat = _randomize(SURAdapter(_config(dropout=0.0, reference_compat=True)))
+    compat = randomized(SURAdapter(_config(dropout=0.0, reference_compat=True)))
     tokens = SURAdapter(_config(dropout=0.0))
     tokens.load_state_dict(compat.state_dict())
     x = _x(3)
@@ -270,7 +261,7 @@ def test_compat_mode_mixes_the_batch_and_token_mode_does_not():
 @pytest.mark.parametrize("reference_compat", [False, True])
 def test_save_load_round_trip_is_exact(tmp_path, reference_compat):
     config = _config(adapter_weight=0.3, reference_compat=reference_compat, freeze_llm_proj=True, llm_proj_seed=5)
-    adapter = _randomize(SURAdapter(config)).eval()
+    adapter = randomized(SURAdapter(config)).eval()
     folder = adapter.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     saved = json.loads((folder / "config.json").read_text())
@@ -303,7 +294,7 @@ def test_from_pretrained_errors_name_the_problem(tmp_path):
 
 
 def _saved_adapter(folder, seed=0) -> Path:
-    return _randomize(SURAdapter(_config()), seed).save_pretrained(folder)
+    return randomized(SURAdapter(_config()), seed).save_pretrained(folder)
 
 
 def _drop_weights_checksum(folder: Path) -> None:
@@ -360,7 +351,7 @@ def test_from_pretrained_refuses_weights_that_do_not_fit_the_config(tmp_path):
 
 
 def test_from_pretrained_refuses_non_finite_weights_naming_the_tensor(tmp_path):
-    adapter = _randomize(SURAdapter(_config()))
+    adapter = randomized(SURAdapter(_config()))
     with torch.no_grad():
         adapter.attention.key_layer.weight[3, 1] = float("nan")
         adapter.fc.bias[0] = float("inf")

@@ -14,17 +14,9 @@ from torch import nn
 from sur_cache.adapter import AdapterConfig, SURAdapter, read_adapter_config
 from sur_cache.cli import main
 from sur_cache.stages.import_reference import ReferenceCheckpointError, adapter_from_reference, reference_adapter_config
+from sur_cache.tiny_models import randomized
 
 L = 77
-
-
-def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter random values, so no zero-initialised layer hides a wrong wiring."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return module
 
 
 def _x(batch: int, width: int = 32, seed: int = 1) -> torch.Tensor:
@@ -75,7 +67,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:Use
 @pytest.fixture
 def reference(tmp_path):
     """A randomised reference adapter (width 32, 3 layers, feed-forward 96) and its checkpoint file."""
-    model = _randomize(_ReferenceAdapter(depth=3, adapter_weight=0.1, width=32, feedforward=96), seed=11).eval()
+    model = randomized(_ReferenceAdapter(depth=3, adapter_weight=0.1, width=32, feedforward=96), seed=11).eval()
     path = tmp_path / "adapter_checkpoint5000.pt"
     torch.save(model.state_dict(), path)
     return model, path
