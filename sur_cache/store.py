@@ -90,6 +90,13 @@ class StoreFormatError(ValueError):
 _STORE_OWNED = {"store_owned": True}  # field metadata: the store sets it, it is no setting, a resume never compares it
 
 
+def added_field(default: Any, version: str):
+    """A manifest field that stores written before sur-cache `version` lack: read from them as `default`, which must
+    describe what those stores hold (a new field never reinterprets an old store's numbers)."""
+    return field(default=default, metadata={"added_in": version})
+
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model by id and revision: the hub commit, or `sha256:` over a local folder's files."""
@@ -274,7 +281,8 @@ def _optional(hint) -> tuple[Any, bool]:
 def _field_problems(cls, data: dict[str, Any], prefix: str) -> list[str]:
     """Every missing, unexpected or mistyped field of `data` read as the dataclass `cls`, named with `prefix`."""
     names = [f.name for f in dataclasses.fields(cls)]
-    problems = [f"missing field {prefix}{name}" for name in names if name not in data]
+    optional = {f.name for f in dataclasses.fields(cls) if "added_in" in f.metadata}
+    problems = [f"missing field {prefix}{name}" for name in names if name not in data and name not in optional]
     problems += [f"unexpected field {prefix}{name}" for name in data if name not in names]
     for name in (name for name in names if name in data):
         problems += _value_problems(data[name], _hints(cls)[name], f"{prefix}{name}")

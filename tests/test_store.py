@@ -613,3 +613,15 @@ def test_tensorstore_reads_every_array_as_the_store_does(store):
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{store.url}/{name}/"}}
         values = tensorstore.open(spec, read=True).result().read().result()
         np.testing.assert_array_equal(values, store.read([name], 0, 10)[name], err_msg=name)
+
+
+def test_a_field_added_later_may_be_absent_and_reads_as_its_default():
+    @dataclasses.dataclass(frozen=True)
+    class Fields:
+        kept: int
+        newer: str = store_module.added_field("old meaning", "0.2")
+
+    assert store_module._field_problems(Fields, {"kept": 1}, "") == []
+    assert store_module._build(Fields, {"kept": 1}) == Fields(kept=1, newer="old meaning")
+    assert store_module._field_problems(Fields, {"newer": "x"}, "") == ["missing field kept"]
+    assert store_module._field_problems(Fields, {"kept": 1, "newer": 2}, "") == ["newer: expected a string, found 2"]
