@@ -1,5 +1,9 @@
 """Stage one: a SURD folder -> a feature store, running the frozen CLIP, VAE and LLM once per sample.
 
+SD 1.x/2.x and SDXL (detected from the model's model_index.json): for SDXL, both text encoders' penultimate states
+(concatenated), the pooled `text_embeds` of both prompts and each image's original size are stored too, and the VAE
+runs in float32 by default (docs/models.md).
+
     setup    read and check the metadata, build the manifest, create or resume the store (main process first)
     extract  for each pending shard this process owns: decode images (DataLoader workers), CLIP + VAE, then LLM
     cleanup  merge the skip reports, summarise
@@ -47,18 +51,18 @@ from sur_cache.dataset import (
     read_metadata,
     text_sha256,
 )
-from sur_cache.devices import resolve_device, resolve_dtype
+from sur_cache.devices import AUTO, resolve_device, resolve_dtype
 from sur_cache.locations import StoreURLError, in_process_only
 from sur_cache.models import (
     DTYPES,
     LLM_LAYER_SOURCE,
     LLM_SOURCE,
     SDModelFacts,
-    encode_clip,
     encode_llm,
+    encode_prompts,
     encode_vae,
-    load_clip,
     load_llm,
+    load_text_encoders,
     load_vae,
     model_fingerprint,
     naming_the_source,
@@ -171,11 +175,27 @@ def _read_rows(config: ExtractConfig, llm_table: dict | None) -> tuple[list[Row]
 
 def _sd_facts(config: ExtractConfig) -> SDModelFacts:
     facts = sd_model_facts(config.sd)
-    if config.resolution % facts.vae_downsampling:
+    resolution = _resolution(config, facts)
+    if resolution % facts.vae_downsampling:
         raise ValueError(
-            f"--resolution {config.resolution} must be a multiple of the VAE's downsampling {facts.vae_downsampling}"
+            f"--resolution {resolution} must be a multiple of the VAE's downsampling {facts.vae_downsampling}"
         )
     return facts
+
+
+def _resolution(config: ExtractConfig, sd: SDModelFacts) -> int:
+    return config.resolution if config.resolution is not None else sd.default_resolution
+
+
+def _vae_dtype(config: ExtractConfig, sd: SDModelFacts, device: torch.device) -> str | None:
+    """The VAE's dtype, None when it is the text encoders' (`Manifest.vae_dtype`). `auto`: float32 for an SDXL VAE
+    whose config asks to be upcast (SDXL's overflows in float16, as StableDiffusionXLPipeline knows), else sd_dtype."""
+    sd_dtype = resolve_dtype(config.sd_dtype, device)
+    if config.vae_dtype != AUTO:
+        chosen = resolve_dtype(config.vae_dtype, device)
+    else:
+        chosen = "float32" if sd.kind == "sdxl" and sd.vae_force_upcast else sd_dtype
+    return None if chosen == sd_dtype else chosen
 
 
 def _teacher(config: ExtractConfig, llm_table: dict | None) -> _Teacher:
@@ -191,9 +211,10 @@ def _teacher(config: ExtractConfig, llm_table: dict | None) -> _Teacher:
     return _Teacher(llm.hidden_size, config.llm_layer % count)
 
 
-def _sd_fingerprint(sd: str) -> ModelRef:
-    """One revision for the three SD parts we use (tokenizer, text encoder, VAE), not the UNet we never load."""
-    parts = [model_fingerprint(sd, sub) for sub in ("tokenizer", "text_encoder", "vae")]
+def _sd_fingerprint(sd: str, kind: str) -> ModelRef:
+    """One revision for the SD parts we use (tokenizers, text encoders, VAE), not the UNet we never load."""
+    used = ("tokenizer", "text_encoder", "vae") + (("tokenizer_2", "text_encoder_2") if kind == "sdxl" else ())
+    parts = [model_fingerprint(sd, sub) for sub in used]
     revisions = {part["revision"] for part in parts}
     if len(revisions) == 1:  # a hub commit covers all parts
         return ModelRef(sd, revisions.pop())
@@ -227,14 +248,15 @@ def build_manifest(
 ) -> Manifest:
     """Everything that decides the stored numbers and the layout; a resumed run must match it field by field."""
     names = [row.file_name for row in rows]
+    resolution = _resolution(config, sd)
     return Manifest(
         sur_cache_version=__version__,
-        sd_model=_sd_fingerprint(config.sd),
+        sd_model=_sd_fingerprint(config.sd, sd.kind),
         sd_dtype=resolve_dtype(config.sd_dtype, device),
         **_teacher_fields(config),
         llm_layer=teacher.llm_layer,
         llm_per_token=config.llm_per_token,
-        resolution=config.resolution,
+        resolution=resolution,
         crop=config.crop,
         crop_seed=config.seed,
         flip_variants=config.flip_variants,
@@ -249,12 +271,15 @@ def build_manifest(
         clip_width=sd.clip_width,
         llm_width=teacher.llm_width,
         latent_channels=sd.latent_channels,
-        latent_size=config.resolution // sd.vae_downsampling,
+        latent_size=resolution // sd.vae_downsampling,
         vae_scaling_factor=sd.vae_scaling_factor,
         store_dtype=config.store_dtype,
         shard_rows=config.shard_rows,
         chunk_rows=min(config.chunk_rows, config.shard_rows),
         compression=config.compression,
+        sd_kind=sd.kind,
+        pooled_width=sd.pooled_width,
+        vae_dtype=_vae_dtype(config, sd, device),
     )
 
 
@@ -282,13 +307,14 @@ def _batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 class _ImageTextEncoder:
-    """CLIP of both prompts, the VAE's latent distribution (and its mirror), hashes and truncation flags."""
+    """CLIP of both prompts, the VAE's latent distribution (and its mirror), hashes and truncation flags; for SDXL
+    also the pooled embeddings and the original image sizes."""
 
     def __init__(self, config: ExtractConfig, manifest: Manifest, rows: list[Row], device: torch.device, workers: int):
         dtype = DTYPES[manifest.sd_dtype]
         self.config, self.manifest, self.rows, self.device = config, manifest, rows, device
-        self.tokenizer, self.text_encoder = load_clip(config.sd, device=device, dtype=dtype)
-        self.vae = load_vae(config.sd, device=device, dtype=dtype)
+        self.text = load_text_encoders(config.sd, manifest.sd_kind, device=device, dtype=dtype)
+        self.vae = load_vae(config.sd, device=device, dtype=DTYPES[manifest.vae_compute_dtype])
         flip = manifest.flip_variants
         self.dataset = ImageDataset(rows, manifest.resolution, manifest.crop, manifest.crop_seed, flip=flip)
         self.workers = workers
@@ -314,8 +340,8 @@ class _ImageTextEncoder:
         for position, error in zip(positions, batch["error"], strict=True):
             if error:
                 self._skip(shard, position, error)
-        simple = encode_clip(self.tokenizer, self.text_encoder, [r.text for r in rows])
-        complex_ = encode_clip(self.tokenizer, self.text_encoder, [r.prompt for r in rows])
+        simple = encode_prompts(self.text, [r.text for r in rows])
+        complex_ = encode_prompts(self.text, [r.prompt for r in rows])
         latents = encode_vae(self.vae, batch["pixels"].to(self.device))
         out = {
             "clip_simple": simple.embeddings.cpu().numpy(),
@@ -329,6 +355,10 @@ class _ImageTextEncoder:
             "text_sha256": np.stack([digest_array(text_sha256(r.text)) for r in rows]),
             "prompt_sha256": np.stack([digest_array(text_sha256(r.prompt)) for r in rows]),
         }
+        if self.manifest.sd_kind == "sdxl":
+            out["pooled_simple"] = simple.pooled.cpu().numpy()
+            out["pooled_complex"] = complex_.pooled.cpu().numpy()
+            out["original_size"] = batch["original_size"].numpy().astype(np.int32)
         if self.manifest.flip_variants:
             flipped = encode_vae(self.vae, batch["pixels_flipped"].to(self.device))
             out["latent_mean_flipped"] = flipped.mean.cpu().numpy()

@@ -8,6 +8,11 @@ An adapter in reference-compat mode is applied the way the reference release app
 `[negative, positive]` pair in one forward, so that its batch-attending transformer (DESIGN.md section 3) sees the
 same two-row batch, and the negative embedding comes out adapted too. Otherwise only the positive prompt is adapted.
 
+SDXL goes through the stock `StableDiffusionXLPipeline` the same way: `prompt_embeds` = adapter(both encoders'
+states, `models.encode_clip_sdxl`), `pooled_prompt_embeds` the prompt's own pooled embedding (not adapted, as in
+training), and their negatives; an empty negative prompt is zeros, as the pipeline's `force_zeros_for_empty_prompt`
+makes it.
+
 Each image's starting noise comes from a CPU generator seeded with its seed, so an image depends on its prompt, seed
 and settings only, and the two halves of a `--compare` image start from the same noise.
 """
@@ -26,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sur_cache.adapter import SURAdapter, resolve_attention
 from sur_cache.config import GenerateConfig
 from sur_cache.devices import resolve_device, resolve_dtype
-from sur_cache.models import DTYPES, encode_clip, sd_model_facts
+from sur_cache.models import DTYPES, TextEncoders, encode_prompts, sd_kind, sd_model_facts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 COMPARE_LABELS = ("base", "with adapter")
@@ -71,10 +76,12 @@ def read_prompts_file(path: Path) -> list[str]:
 
 
 def load_pipeline(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The stock `StableDiffusionPipeline` from a hub id or folder, on `device`, progress bar off."""
-    from diffusers import StableDiffusionPipeline
+    """The stock `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (by the model's family, `models.sd_kind`)
+    from a hub id or folder, on `device`, progress bar off."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(sd, torch_dtype=dtype)
+    pipeline_class = StableDiffusionXLPipeline if sd_kind(sd) == "sdxl" else StableDiffusionPipeline
+    pipe = pipeline_class.from_pretrained(sd, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -101,20 +108,46 @@ def check_adapter_fits(adapter: SURAdapter, folder: Path, clip_width: int) -> No
 
 def fit_to_pipeline(adapter: SURAdapter, folder: Path, pipe) -> SURAdapter:
     """`adapter` (loaded from `folder`) in float32 eval mode on the pipeline's device, if its width fits."""
-    check_adapter_fits(adapter, folder, pipe.text_encoder.config.hidden_size)
+    encoders = pipeline_text_encoders(pipe).encoders
+    check_adapter_fits(adapter, folder, sum(encoder.config.hidden_size for encoder in encoders))
     return adapter.to(device=pipe.device, dtype=torch.float32).eval()
 
 
+def pipeline_text_encoders(pipe) -> TextEncoders:
+    """The pipeline's own tokenizers and text encoders (two for SDXL)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return TextEncoders("sdxl", (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2))
+    return TextEncoders("sd", (pipe.tokenizer,), (pipe.text_encoder,))
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """The pipeline's embedding arguments for one prompt, each `[1, ...]` in the pipeline's dtype; the pooled pair
+    is None for SD 1.x/2.x."""
+
+    positive: torch.Tensor
+    negative: torch.Tensor
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    def pipeline_arguments(self) -> dict[str, torch.Tensor]:
+        arguments = {"prompt_embeds": self.positive, "negative_prompt_embeds": self.negative}
+        if self.pooled is not None:
+            arguments.update(pooled_prompt_embeds=self.pooled, negative_pooled_prompt_embeds=self.negative_pooled)
+        return arguments
+
+
 @torch.inference_mode()
-def prompt_embeddings(
-    pipe, adapter: SURAdapter | None, prompt: str, negative_prompt: str = ""
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(prompt_embeds, negative_prompt_embeds)`, each `[1, 77, d]` in the pipeline's dtype.
+def prompt_embeddings(pipe, adapter: SURAdapter | None, prompt: str, negative_prompt: str = "") -> PromptEmbeddings:
+    """The embeddings `pipe` draws `prompt` with: `[1, 77, d]` each, plus `[1, p]` pooled ones for SDXL.
 
     With `adapter=None` these are the plain CLIP embeddings, the same the pipeline computes from text.
     """
-    clip = encode_clip(pipe.tokenizer, pipe.text_encoder, [negative_prompt, prompt]).embeddings
-    clip = clip.to(device=pipe.device, dtype=torch.float32)
+    features = encode_prompts(pipeline_text_encoders(pipe), [negative_prompt, prompt])
+    clip = features.embeddings.to(device=pipe.device, dtype=torch.float32)
+    if features.pooled is not None and not negative_prompt and pipe.config.force_zeros_for_empty_prompt:
+        clip[:1] = 0  # what StableDiffusionXLPipeline does with no negative prompt
+        features.pooled[:1] = 0
     if adapter is None:
         negative, positive = clip[:1], clip[1:]
     elif adapter.config.reference_compat:
@@ -123,7 +156,10 @@ def prompt_embeddings(
     else:
         negative, positive = clip[:1], adapter(clip[1:]).embedding
     dtype = pipe.unet.dtype
-    return positive.to(dtype), negative.to(dtype)
+    if features.pooled is None:
+        return PromptEmbeddings(positive.to(dtype), negative.to(dtype))
+    pooled = features.pooled.to(device=pipe.device, dtype=dtype)
+    return PromptEmbeddings(positive.to(dtype), negative.to(dtype), pooled[1:], pooled[:1])
 
 
 def generate(
@@ -139,10 +175,9 @@ def generate(
     width: int | None = None,
 ) -> list[Image.Image]:
     """One image per seed for `prompt`, with the adapter (or without it, `adapter=None`)."""
-    positive, negative = prompt_embeddings(pipe, adapter, prompt, negative_prompt)
+    embeddings = prompt_embeddings(pipe, adapter, prompt, negative_prompt)
     result = pipe(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
+        **embeddings.pipeline_arguments(),
         num_images_per_prompt=len(seeds),
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         num_inference_steps=steps,

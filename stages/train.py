@@ -13,8 +13,9 @@ after a resume equal an uninterrupted run's), the reference's detached UNet inpu
 features-only objective (`--denoise-weight 0`: no UNet, no latents), and `--online` (features recomputed from the
 images by stage one's code, to prove the cache exact or to measure what it saves).
 
-Never loads the LLM, the CLIP text encoder or the VAE unless `--online`: the SD model is read for its UNet, its noise
-scheduler, and three config.json files.
+Never loads the LLM, the CLIP text encoder(s) or the VAE unless `--online`: the SD model is read for its UNet, its
+noise scheduler, and its config files. SDXL: the UNet also gets `added_cond_kwargs` (the simple prompt's pooled
+embedding and the time ids) from the store; docs/models.md says why the pooled embedding is not adapted.
 
 Trust: the run folder is marked as sur-cache's (sur-cache-run.json) before anything else is written into it, and a
 non-empty folder without the mark is refused; checkpoints are safetensors and JSON only, checksummed, verified
@@ -280,7 +281,7 @@ def _check_settings(folder: Path, recorded: dict[str, Any], now: dict[str, Any])
 
 def _build_loader(config: TrainConfig, store: FeatureStore, accelerator, units: list[ReadUnit]) -> FeatureLoader:
     world, rank = accelerator.num_processes, accelerator.process_index
-    names = array_names(latents=not config.features_only, flips=config.random_flip)
+    names = array_names(latents=not config.features_only, flips=config.random_flip, sdxl=_is_sdxl(store.manifest))
     if config.online:
         from sur_cache.online import OnlineSource
 
@@ -306,8 +307,18 @@ def _build_loader(config: TrainConfig, store: FeatureStore, accelerator, units: 
         scaling_factor=store.manifest.vae_scaling_factor,
         rank=rank,
         world_size=world,
+        sdxl_target_size=_sdxl_target_size(store.manifest),
     )
     return FeatureLoader(source, units, settings, accelerator.device)
+
+
+def _is_sdxl(manifest: Manifest) -> bool:
+    return manifest.sd_kind == "sdxl"
+
+
+def _sdxl_target_size(manifest: Manifest) -> int | None:
+    """The time ids' target size for an SDXL store (its square resolution); None for SD 1.x/2.x."""
+    return manifest.resolution if _is_sdxl(manifest) else None
 
 
 def _held_out(
@@ -322,10 +333,11 @@ def _held_out(
     if config.online:
         source = loader.source
     else:
-        names = array_names(latents=not config.features_only, flips=False)
+        names = array_names(latents=not config.features_only, flips=False, sdxl=_is_sdxl(store.manifest))
         source = StoreSource(store, share, names, capacity=2, readers=0)
     timesteps = None if noise_scheduler is None else noise_scheduler.config.num_train_timesteps
-    draws = DrawSettings(config.seed, store.manifest.vae_scaling_factor, timesteps)
+    manifest = store.manifest
+    draws = DrawSettings(config.seed, manifest.vae_scaling_factor, timesteps, _sdxl_target_size(manifest))
     return HeldOut(units, share, source, draws)
 
 
@@ -539,19 +551,27 @@ def loss_terms(run: TrainingRun, batch, out, draws: tuple[torch.Tensor, torch.Te
     denoise = None
     if run.unet is not None:
         embedding = out.embedding.detach() if config.detach_unet_input else out.embedding
-        denoise = denoising_term(run, batch.latents, embedding, *draws)
+        denoise = denoising_term(run, batch.latents, embedding, *draws, batch.added_cond)
         total = total + config.denoise_weight * denoise
     return LossTerms(denoise, distill, align, total)
 
 
 def denoising_term(
-    run: TrainingRun, latents: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    run: TrainingRun,
+    latents: torch.Tensor,
+    embedding: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    added_cond: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """MSE of the frozen UNet's prediction given the adapted embedding (epsilon or v, per the scheduler)."""
+    """MSE of the frozen UNet's prediction given the adapted embedding (epsilon or v, per the scheduler); an SDXL
+    UNet also gets `added_cond` (`loader.sdxl_conditioning`)."""
     scheduler = run.noise_scheduler
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = denoising_target(scheduler, latents, noise, timesteps)
-    pred = run.unet(noisy.to(run.unet.dtype), timesteps, encoder_hidden_states=embedding.to(run.unet.dtype)).sample
+    dtype = run.unet.dtype
+    extra = {} if added_cond is None else {"added_cond_kwargs": {k: v.to(dtype) for k, v in added_cond.items()}}
+    pred = run.unet(noisy.to(dtype), timesteps, encoder_hidden_states=embedding.to(dtype), **extra).sample
     snr = compute_snr(scheduler, timesteps) if run.config.snr_gamma is not None else None
     return denoising_loss(pred, target, snr, run.config.snr_gamma, scheduler.config.prediction_type)
 

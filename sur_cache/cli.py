@@ -26,6 +26,7 @@ from sur_cache.config import (
 from sur_cache.demo import LLM_CHOICES as DEMO_LLM_CHOICES
 from sur_cache.demo import build_demo_assets
 from sur_cache.devices import DEVICE_HELP, DTYPE_CHOICES
+from sur_cache.models import DEFAULT_RESOLUTION
 from sur_cache.stages.evaluate import EvaluateConfig
 from sur_cache.store import COMPRESSIONS
 
@@ -262,7 +263,10 @@ def evaluate_command(**options) -> None:
     help="Feature store to write or resume: a folder or a file:// or fsspec URL (s3://... with the s3 extra).",
 )
 @click.option(
-    "--sd", required=True, help="Stable Diffusion folder or hub id (tokenizer/, text_encoder/, vae/ are used)."
+    "--sd",
+    required=True,
+    help="Stable Diffusion 1.x/2.x or SDXL folder or hub id (its family is read from model_index.json; the "
+    "tokenizers, text encoders and vae/ are used).",
 )
 @click.option(
     "--llm", default=ExtractConfig.llm, help="LLM teacher: hub id, local folder, or alias llama-7b/llama-13b/llama-30b."
@@ -274,7 +278,12 @@ def evaluate_command(**options) -> None:
     help="Instead of --llm: a reference {simple prompt: tensor[D]} .pt file (e.g. prompt2vec/13B/39.pt).",
 )
 @click.option(
-    "--resolution", type=int, default=ExtractConfig.resolution, help="Image side in pixels after resize + crop."
+    "--resolution",
+    type=int,
+    default=ExtractConfig.resolution,
+    help="Image side in pixels after resize + crop [default: "
+    + ", ".join(f"{size} for {kind}" for kind, size in DEFAULT_RESOLUTION.items())
+    + "].",
 )
 @click.option("--batch-size", type=int, default=ExtractConfig.batch_size, help="Samples per CLIP and VAE call.")
 @click.option(
@@ -289,6 +298,13 @@ def evaluate_command(**options) -> None:
     type=click.Choice(DTYPE_CHOICES),
     default=ExtractConfig.sd_dtype,
     help="CLIP and VAE weights dtype (auto: float16 on CUDA, float32 elsewhere).",
+)
+@click.option(
+    "--vae-dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default=ExtractConfig.vae_dtype,
+    help="VAE dtype (auto: float32 for an SDXL VAE whose config asks to be upcast, since it overflows in float16; "
+    "else --sd-dtype).",
 )
 @click.option(
     "--llm-layer",

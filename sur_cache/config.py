@@ -49,11 +49,12 @@ class ExtractConfig:
     sd: str
     llm: str | None = None
     llm_features: Path | None = None
-    resolution: int = 512
+    resolution: int | None = None  # None: the model family's (models.DEFAULT_RESOLUTION)
     batch_size: int = 16
     llm_batch_size: int = 64
     device: str = AUTO
     sd_dtype: str = AUTO
+    vae_dtype: str = AUTO  # auto: float32 for an SDXL VAE that asks to be upcast (fp16 overflows), else --sd-dtype
     llm_layer: int = -1
     llm_pooling: str = "mean"
     llm_per_token: bool = False
@@ -82,6 +83,7 @@ class ExtractConfig:
         "store_dtype": STORE_DTYPES,
         "llm_dtype": LLM_DTYPES,
         "sd_dtype": DTYPE_CHOICES,
+        "vae_dtype": DTYPE_CHOICES,
         "compression": COMPRESSIONS,
     }
 
@@ -92,7 +94,7 @@ class ExtractConfig:
         if self.llm_features is not None and self.llm_per_token:
             problems.append("--llm-per-token needs --llm: a --llm-features file holds one pooled vector per prompt")
         for name in ("resolution", "batch_size", "llm_batch_size", "shard_rows", "chunk_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         if self.num_workers is not None and self.num_workers < 0:
             problems.append(f"--num-workers must be >= 0, got {self.num_workers}")

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -240,6 +240,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as `to_rgb` turns it upright (EXIF orientations 5-8 swap the sides)."""
+    width, height = image.size
+    swapped = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (width, height) if swapped else (height, width)
+
+
 def crop_seed(seed: int, line: int) -> int:
     """The per-sample random-crop seed: a function of the run's seed and the row's line, nothing else.
 
@@ -310,6 +317,7 @@ class ImageDataset(torch.utils.data.Dataset):
       pixels          float32 [3, R, R] in [-1, 1] (zeros if `error`)
       pixels_flipped  the horizontally mirrored pixels (only with `flip=True`)
       crop_offset     int64 [2]: (top, left) of the crop in the resized image
+      original_size   int64 [2]: (height, width) of the decoded image, before the resize (SDXL's time ids)
       image_sha256    uint8 [32]: sha256 of the file's bytes (zeros if the file could not be read)
       error           "" when fine, else "<reason>: <detail>": unsafe_path, missing_file or invalid_path
                       (`file_problem`), unreadable_image (the file cannot be read or decoded), unusable_image
@@ -331,7 +339,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         row = self.rows[position]
         item = {"position": position, "line": row.line, "image_sha256": torch.zeros(32, dtype=torch.uint8)}
-        pixels, offset = torch.zeros(3, self.resolution, self.resolution), (0, 0)
+        pixels, offset, size = torch.zeros(3, self.resolution, self.resolution), (0, 0), (0, 0)
         reason = "unexpected_error"  # checking the file; then reading and decoding it; then preparing it
         try:
             problem = file_problem(row)
@@ -341,6 +349,7 @@ class ImageDataset(torch.utils.data.Dataset):
             data = row.path.read_bytes()
             item["image_sha256"] = torch.from_numpy(digest_array(hashlib.sha256(data).digest()))
             image = load_image(data)
+            size = oriented_size(image)
             reason = "unusable_image"  # decodes, but cannot be resized to this resolution
             resized_long_side(image.size, self.resolution)
             reason = "unexpected_error"
@@ -354,6 +363,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.flip:
             item["pixels_flipped"] = pixels.flip(-1)
         item["crop_offset"] = torch.tensor(offset, dtype=torch.int64)
+        item["original_size"] = torch.tensor(size, dtype=torch.int64)
         item["error"] = error
         return item
 

@@ -31,6 +31,7 @@ from sur_cache.store import FeatureStore, Manifest, ManifestMismatchError, Store
 TEXT_ARRAYS = ("clip_simple", "clip_complex", "llm")
 LATENT_ARRAYS = ("latent_mean", "latent_logvar")
 FLIPPED_ARRAYS = ("latent_mean_flipped", "latent_logvar_flipped")
+SDXL_ARRAYS = ("pooled_simple", "original_size", "crop_offset")  # an SDXL UNet's added conditioning
 _FINISH_EXTRACTION = "re-run the `sur-cache extract` command that wrote it (it resumes where it stopped)"
 
 
@@ -135,9 +136,12 @@ def batch_generator(
 
 def check_manifest(manifest: Manifest, sd: str, store_url: str = "the store") -> None:
     """Refuse a store whose features do not fit the SD model (its config files: `models.sd_model_facts`); one error
-    names every mismatching field. The store's latent channels must be what the UNet takes (its in_channels)."""
+    names every mismatching field. The store's latent channels must be what the UNet takes (its in_channels); a store
+    of one family (sd_kind: SD 1.x/2.x or SDXL) never feeds a model of the other."""
     facts = sd_model_facts(sd)
     fits = {
+        "sd_kind": facts.kind,
+        "pooled_width": facts.pooled_width,
         "clip_width": facts.clip_width,
         "latent_channels": facts.unet_in_channels,
         "vae_scaling_factor": facts.vae_scaling_factor,
@@ -151,6 +155,11 @@ def check_manifest(manifest: Manifest, sd: str, store_url: str = "the store") ->
         problems.append(
             f"cross_attention_dim: the UNet of {sd} expects {facts.cross_attention_dim}-wide text embeddings, "
             f"its text encoder gives {facts.clip_width}"
+        )
+    if facts.kind == "sdxl" and facts.unet_in_channels is not None and not facts.time_ids_fit:
+        problems.append(
+            f"projection_class_embeddings_input_dim: the UNet of {sd} takes {facts.projection_input_dim}, not six "
+            f"time ids of {facts.addition_time_embed_dim} plus the {facts.pooled_width}-wide pooled embedding"
         )
     if problems:
         raise ManifestMismatchError(
@@ -172,21 +181,36 @@ class FeatureSource(Protocol):
 
     `fetch` returns tensors (any float dtype; the loader converts them to float32 on the training device)
     `clip_simple`, `clip_complex` [B, L, d], `llm` [B, D] and, when latents are wanted, `latent_mean`,
-    `latent_logvar` [B, c, s, s] (of the flipped image where `flipped` is True).
+    `latent_logvar` [B, c, s, s] (of the flipped image where `flipped` is True), and for SDXL `pooled_simple` [B, p],
+    `original_size`, `crop_offset` [B, 2].
     Optional: `plan(indices)`, told the epoch's samples in order before its first fetch, and `close()`.
     """
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]: ...
 
 
-def array_names(*, latents: bool, flips: bool) -> list[str]:
-    """The store arrays a run reads: text features always, latents unless features-only, flips if drawn."""
+def array_names(*, latents: bool, flips: bool, sdxl: bool = False) -> list[str]:
+    """The store arrays a run reads: text features always, latents unless features-only, flips if drawn, and for
+    an SDXL UNet its added conditioning."""
     names = list(TEXT_ARRAYS)
     if latents:
         names += LATENT_ARRAYS
         if flips:
             names += FLIPPED_ARRAYS
+        if sdxl:
+            names += SDXL_ARRAYS
     return names
+
+
+def sdxl_conditioning(features: dict[str, torch.Tensor], target_size: int) -> dict[str, torch.Tensor]:
+    """An SDXL UNet's `added_cond_kwargs` for a batch: the simple prompt's pooled `text_embeds` and the six time ids
+    (original height and width, crop top and left, target height and width), in the order of
+    `StableDiffusionXLPipeline._get_add_time_ids` (tested against it); the target is the store's square resolution.
+
+    A flipped variant keeps its unflipped crop's ids (docs/models.md)."""
+    original, crop = features["original_size"].float(), features["crop_offset"].float()
+    target = original.new_full(original.shape, float(target_size))
+    return {"text_embeds": features["pooled_simple"], "time_ids": torch.cat([original, crop, target], dim=1)}
 
 
 _MIRROR = dict(zip(LATENT_ARRAYS, FLIPPED_ARRAYS, strict=True))
@@ -425,6 +449,7 @@ class Batch:
     llm: torch.Tensor
     latents: torch.Tensor | None
     generator: torch.Generator
+    added_cond: dict[str, torch.Tensor] | None = None  # SDXL: `sdxl_conditioning`
 
 
 def sample_latents(
@@ -447,6 +472,7 @@ class LoaderSettings:
     scaling_factor: float = DEFAULT_VAE_SCALING_FACTOR
     rank: int = 0
     world_size: int = 1
+    sdxl_target_size: int | None = None  # SDXL stores: the resolution, the time ids' target size
 
 
 class FeatureLoader:
@@ -502,9 +528,11 @@ class FeatureLoader:
         flipped = flipped.numpy() if s.random_flip else np.zeros(len(samples), dtype=bool)
         features = {name: _to(rows, self.device).float() for name, rows in self.source.fetch(samples, flipped).items()}
         generator = batch_generator(s.seed, epoch, index, s.rank, DRAW_STREAM, self.device)
-        latents = None
+        latents = added_cond = None
         if s.latents:
             latents = sample_latents(features["latent_mean"], features["latent_logvar"], s.scaling_factor, generator)
+            if s.sdxl_target_size is not None:
+                added_cond = sdxl_conditioning(features, s.sdxl_target_size)
         return Batch(
             epoch,
             index,
@@ -514,4 +542,5 @@ class FeatureLoader:
             features["llm"],
             latents,
             generator,
+            added_cond,
         )

@@ -34,7 +34,7 @@ LLM_ALIASES: dict[str, tuple[str, int]] = {
 }
 
 # What `--sd` and `--llm` may name, for the errors of a source that cannot be loaded.
-SD_SOURCE = "a diffusers Stable Diffusion folder or hub id"
+SD_SOURCE = "a diffusers Stable Diffusion (1.x/2.x or XL) folder or hub id"
 LLM_SOURCE = f"a hub id, a local model folder, or one of the aliases {', '.join(LLM_ALIASES)}"
 
 LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
@@ -42,13 +42,33 @@ DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/confi
 
 Pooling = Literal["mean", "last"]
 
+# The SD model families, by the pipeline class their model_index.json names (never by a flag the user could get wrong)
+SD_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+SDKind = Literal["sd", "sdxl"]
+# `extract --resolution`'s default per family: SD 1.x/2.x as the reference (512), SDXL at its native 1024
+DEFAULT_RESOLUTION: dict[str, int] = {"sd": 512, "sdxl": 1024}
+
 
 @dataclass
 class ClipFeatures:
-    """`embeddings` [B, 77, d] float32 (`last_hidden_state`); `truncated` [B] bool: the prompt did not fit."""
+    """`embeddings` [B, 77, d] float32 (`last_hidden_state`); `truncated` [B] bool: the prompt did not fit.
+
+    For SDXL, `embeddings` are both encoders' penultimate hidden states concatenated ([B, 77, d1 + d2]) and `pooled`
+    [B, p] is the second encoder's projected `text_embeds`, as `StableDiffusionXLPipeline.encode_prompt` builds them.
+    """
 
     embeddings: torch.Tensor
     truncated: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+@dataclass
+class TextEncoders:
+    """A model's tokenizers and frozen text encoders: one pair for SD 1.x/2.x, two for SDXL."""
+
+    kind: SDKind
+    tokenizers: tuple
+    encoders: tuple
 
 
 @dataclass
@@ -88,6 +108,22 @@ def load_clip(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype
         tokenizer = CLIPTokenizer.from_pretrained(str(sd), subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder", dtype=dtype)
     return tokenizer, _frozen(text_encoder.to(device))
+
+
+def load_text_encoders(
+    sd: str, kind: SDKind, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> TextEncoders:
+    """The text side of an SD model of family `kind`: SDXL adds tokenizer_2/ and text_encoder_2/ (with projection)."""
+    if kind == "sd":
+        tokenizer, text_encoder = load_clip(sd, device=device, dtype=dtype)
+        return TextEncoders(kind, (tokenizer,), (text_encoder,))
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with naming_the_source("--sd", sd, f"{SD_SOURCE} with tokenizer(_2)/ and text_encoder(_2)/"):
+        tokenizers = tuple(CLIPTokenizer.from_pretrained(str(sd), subfolder=s) for s in ("tokenizer", "tokenizer_2"))
+        first = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder", dtype=dtype)
+        second = CLIPTextModelWithProjection.from_pretrained(str(sd), subfolder="text_encoder_2", dtype=dtype)
+    return TextEncoders(kind, tokenizers, (_frozen(first.to(device)), _frozen(second.to(device))))
 
 
 def load_vae(sd: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -137,10 +173,12 @@ def load_llm(
 class SDModelFacts:
     """What a Stable Diffusion model's config files say about the features it takes and gives (no weights loaded).
 
-    The UNet and scheduler facts are None for a folder without `unet/` or `scheduler/` (extract needs neither).
+    The UNet and scheduler facts are None for a folder without `unet/` or `scheduler/` (extract needs neither);
+    the SDXL-only facts are None for SD 1.x/2.x.
     """
 
-    clip_width: int  # text_encoder hidden_size
+    kind: SDKind  # from model_index.json's pipeline class (SD_KINDS)
+    clip_width: int  # the text embedding's width: text_encoder hidden_size (SDXL: + text_encoder_2's)
     tokenizer_max_length: int  # tokenizer model_max_length (77 for SD's CLIP)
     latent_channels: int  # vae latent_channels
     vae_downsampling: int  # 2 ** (number of VAE down blocks - 1): pixels per latent cell along each side
@@ -149,6 +187,16 @@ class SDModelFacts:
     unet_sample_size: int | None  # latent cells per side the UNet was trained at
     cross_attention_dim: int | None  # the text-embedding width the UNet expects
     prediction_type: str | None  # scheduler's: epsilon, v_prediction, ...
+    default_resolution: int  # DEFAULT_RESOLUTION of the kind
+    vae_force_upcast: bool  # vae config force_upcast (AutoencoderKL's default True): SDXL runs such a VAE in fp32
+    pooled_width: int | None = None  # SDXL: text_encoder_2 projection_dim (the pooled `text_embeds`)
+    addition_time_embed_dim: int | None = None  # SDXL UNet: width of each of the six time ids' embeddings
+    projection_input_dim: int | None = None  # SDXL UNet projection_class_embeddings_input_dim: 6 x above + pooled
+
+    @property
+    def time_ids_fit(self) -> bool:
+        """The SDXL UNet's added embedding takes six time ids and the pooled text embedding."""
+        return self.projection_input_dim == 6 * (self.addition_time_embed_dim or 0) + (self.pooled_width or 0)
 
 
 _SD_CONFIGS = {  # part -> its config file, and whether every use of an SD model needs it
@@ -158,6 +206,7 @@ _SD_CONFIGS = {  # part -> its config file, and whether every use of an SD model
     "unet": ("config.json", False),
     "scheduler": ("scheduler_config.json", False),
 }
+_SDXL_CONFIGS = {"text_encoder_2": ("config.json", True), "tokenizer_2": ("tokenizer_config.json", True)}
 
 
 def sd_model_facts(sd: str) -> SDModelFacts:
@@ -166,13 +215,17 @@ def sd_model_facts(sd: str) -> SDModelFacts:
     A missing required config is an OSError naming `--sd`; used by extract (the store's shapes), train (the store
     must fit the model) and generate.
     """
-    configs = {part: _sd_config(sd, part, name, required) for part, (name, required) in _SD_CONFIGS.items()}
+    kind = sd_kind(sd)
+    parts = dict(_SD_CONFIGS, **(_SDXL_CONFIGS if kind == "sdxl" else {}))
+    configs = {part: _sd_config(sd, part, name, required) for part, (name, required) in parts.items()}
     text, tokenizer, vae = configs["text_encoder"], configs["tokenizer"], configs["vae"]
     unet, scheduler = configs["unet"] or {}, configs["scheduler"] or {}
     if not isinstance(tokenizer.get("model_max_length"), int):
         raise OSError(f"--sd {sd}: tokenizer/tokenizer_config.json names no model_max_length (77 for SD's CLIP)")
+    second = configs.get("text_encoder_2") or {}
     return SDModelFacts(
-        clip_width=int(text["hidden_size"]),
+        kind=kind,
+        clip_width=int(text["hidden_size"]) + int(second.get("hidden_size", 0)),
         tokenizer_max_length=tokenizer["model_max_length"],
         latent_channels=int(vae["latent_channels"]),
         vae_downsampling=2 ** (len(vae["block_out_channels"]) - 1),
@@ -181,7 +234,28 @@ def sd_model_facts(sd: str) -> SDModelFacts:
         unet_sample_size=unet.get("sample_size"),
         cross_attention_dim=unet.get("cross_attention_dim"),
         prediction_type=scheduler.get("prediction_type"),
+        default_resolution=DEFAULT_RESOLUTION[kind],
+        vae_force_upcast=bool(vae.get("force_upcast", True)),
+        pooled_width=second.get("projection_dim"),
+        addition_time_embed_dim=unet.get("addition_time_embed_dim") if kind == "sdxl" else None,
+        projection_input_dim=unet.get("projection_class_embeddings_input_dim") if kind == "sdxl" else None,
     )
+
+
+def sd_kind(sd: str) -> SDKind:
+    """The family of the SD model `sd`, from its model_index.json's `_class_name` (SD_KINDS).
+
+    A folder without model_index.json (assembled by hand from parts) is SD 1.x/2.x unless it has a text_encoder_2/.
+    """
+    index = _sd_config(sd, "", "model_index.json", required=False)
+    if index is None:
+        return "sdxl" if (Path(sd) / "text_encoder_2").is_dir() else "sd"
+    name = index.get("_class_name")
+    if name not in SD_KINDS:
+        raise ValueError(
+            f"--sd {sd}: model_index.json names the pipeline {name!r}; sur-cache supports {', '.join(SD_KINDS)}"
+        )
+    return SD_KINDS[name]
 
 
 def _sd_config(sd: str, part: str, name: str, required: bool) -> dict | None:
@@ -189,17 +263,18 @@ def _sd_config(sd: str, part: str, name: str, required: bool) -> dict | None:
     import json
 
     local = Path(sd) / part / name
+    where = f"{part}/{name}" if part else name
     if Path(sd).is_dir() and not local.is_file():
         if required:
-            raise OSError(f"--sd {sd}: cannot load it as {SD_SOURCE}: {part}/{name} is missing")
+            raise OSError(f"--sd {sd}: cannot load it as {SD_SOURCE}: {where} is missing")
         return None
     if not Path(sd).is_dir():
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-        with naming_the_source("--sd", sd, f"{SD_SOURCE} with {part}/{name}"):
+        with naming_the_source("--sd", sd, f"{SD_SOURCE} with {where}"):
             try:
-                local = Path(hf_hub_download(sd, name, subfolder=part))
+                local = Path(hf_hub_download(sd, name, subfolder=part or None))
             except HFValidationError as error:  # neither a folder nor a valid hub id
                 raise OSError(str(error)) from error
             except EntryNotFoundError:
@@ -299,13 +374,44 @@ def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> ClipFeatures:
     The prompts are tokenized once, untruncated, and fitted here: `[BOS] + first tokens + [EOS]`, then padding,
     which is what the tokenizer's own truncation produces (tested) without paying for a second tokenization.
     """
+    input_ids, truncated = _fitted_ids(tokenizer, prompts)
+    embeddings = text_encoder(input_ids.to(text_encoder.device)).last_hidden_state
+    return ClipFeatures(embeddings.float(), truncated.to(embeddings.device))
+
+
+@torch.no_grad()
+def encode_prompts(text: TextEncoders, prompts: list[str]) -> ClipFeatures:
+    """The text embeddings the model's UNet takes: `encode_clip` for SD 1.x/2.x, `encode_clip_sdxl` for SDXL."""
+    if text.kind == "sd":
+        return encode_clip(text.tokenizers[0], text.encoders[0], prompts)
+    return encode_clip_sdxl(text.tokenizers, text.encoders, prompts)
+
+
+@torch.no_grad()
+def encode_clip_sdxl(tokenizers, text_encoders, prompts: list[str]) -> ClipFeatures:
+    """SDXL's prompt embedding, as `StableDiffusionXLPipeline.encode_prompt` computes it (clip_skip None, tested):
+    each encoder's penultimate hidden state (`hidden_states[-2]`), concatenated, and the second encoder's
+    projected `text_embeds` as the pooled embedding. Truncation as in `encode_clip`; `truncated` if either fit cut."""
+    states, truncated, pooled = [], [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        input_ids, cut = _fitted_ids(tokenizer, prompts)
+        output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        truncated.append(cut)
+        pooled = output[0] if output[0].ndim == 2 else pooled  # text_embeds of the encoder with projection
+    embeddings = torch.cat(states, dim=-1)
+    flags = torch.stack(truncated).any(0).to(embeddings.device)
+    return ClipFeatures(embeddings.float(), flags, pooled.float())
+
+
+def _fitted_ids(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[BOS] + first tokens + [EOS]` then padding to `model_max_length` (the tokenizer's own truncation, tested),
+    from one untruncated tokenization; and whether each prompt was cut."""
     max_length = tokenizer.model_max_length
     full = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
     fitted = [ids[: max_length - 1] + ids[-1:] if len(ids) > max_length else ids for ids in full]
     input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (max_length - len(ids)) for ids in fitted])
-    embeddings = text_encoder(input_ids.to(text_encoder.device)).last_hidden_state
-    truncated = torch.tensor([len(ids) > max_length for ids in full], dtype=torch.bool, device=embeddings.device)
-    return ClipFeatures(embeddings.float(), truncated)
+    return input_ids, torch.tensor([len(ids) > max_length for ids in full], dtype=torch.bool)
 
 
 @torch.no_grad()

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from sur_cache.dataset import ImageDataset, metadata_sha256, read_metadata
-from sur_cache.models import DTYPES, encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+from sur_cache.models import DTYPES, encode_llm, encode_prompts, encode_vae, load_llm, load_text_encoders, load_vae
 from sur_cache.store import Manifest, names_sha256
 
 
 class OnlineSource:
-    """A `FeatureSource` running the frozen CLIP text encoder, VAE and LLM on every batch."""
+    """A `FeatureSource` running the frozen CLIP text encoder(s), VAE and LLM on every batch (for SDXL also the
+    pooled embedding, and the original size and crop offset the dataset code measures, as stage one stores them)."""
 
     def __init__(
         self,
@@ -33,8 +34,9 @@ class OnlineSource:
         self.manifest, self.device = manifest, torch.device(device)
         self.rows = _matching_rows(manifest, Path(data))
         sd_dtype = DTYPES[manifest.sd_dtype]
-        self.tokenizer, self.text_encoder = load_clip(sd, device=self.device, dtype=sd_dtype)
-        self.vae = load_vae(sd, device=self.device, dtype=sd_dtype) if latents else None
+        self.text = load_text_encoders(sd, manifest.sd_kind, device=self.device, dtype=sd_dtype)
+        vae_dtype = DTYPES[manifest.vae_compute_dtype]
+        self.vae = load_vae(sd, device=self.device, dtype=vae_dtype) if latents else None
         self.dataset = ImageDataset(self.rows, manifest.resolution, manifest.crop, manifest.crop_seed)
         teacher = _teacher_id(manifest)
         self.llm_tokenizer, self.llm = load_llm(
@@ -50,9 +52,10 @@ class OnlineSource:
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         rows = [self.rows[i] for i in indices]
         texts = [row.text for row in rows]
+        simple = encode_prompts(self.text, texts)
         features = {
-            "clip_simple": encode_clip(self.tokenizer, self.text_encoder, texts).embeddings,
-            "clip_complex": encode_clip(self.tokenizer, self.text_encoder, [row.prompt for row in rows]).embeddings,
+            "clip_simple": simple.embeddings,
+            "clip_complex": encode_prompts(self.text, [row.prompt for row in rows]).embeddings,
             "llm": encode_llm(
                 self.llm_tokenizer,
                 self.llm,
@@ -71,6 +74,10 @@ class OnlineSource:
             pixels = torch.where(torch.from_numpy(flipped)[:, None, None, None], pixels.flip(-1), pixels)
             distribution = encode_vae(self.vae, pixels)
             features["latent_mean"], features["latent_logvar"] = distribution.mean, distribution.logvar
+            if simple.pooled is not None:  # SDXL: the UNet's added conditioning
+                features["pooled_simple"] = simple.pooled
+                features["original_size"] = torch.stack([item["original_size"] for item in items])
+                features["crop_offset"] = torch.stack([item["crop_offset"] for item in items])
         return {name: tensor.float() for name, tensor in features.items()}
 
 

@@ -10,6 +10,8 @@ brackets are the arrays' Zarr dimension names, one length per name across the st
     sample_line                 [sample] int64                   0-based line in metadata.jsonl
     truncated                   [sample, prompt] bool            CLIP truncated the (simple, complex) prompt
     crop_offset                 [sample, crop_axis] int32        (top, left) of the crop in the resized image
+    pooled_simple, pooled_complex  [sample, pooled_width]        store dtype (SDXL only: text_encoder_2's text_embeds)
+    original_size               [sample, size_axis] int32        (height, width) of the image file (SDXL only)
     image_sha256, text_sha256, prompt_sha256  [sample, hash_byte] uint8   content hashes
     file_name                   [sample, file_name_byte] uint8   the image's file name, UTF-8, zero-padded
     status                      [sample] uint8                   0 pending, 1 done, 2 skipped
@@ -96,7 +98,6 @@ def added_field(default: Any, version: str):
     return field(default=default, metadata={"added_in": version})
 
 
-
 @dataclass(frozen=True)
 class ModelRef:
     """A model by id and revision: the hub commit, or `sha256:` over a local folder's files."""
@@ -173,6 +174,15 @@ class Manifest:
     compression: str
     # drawn by FeatureStore.create: a copy keeps it, a re-extraction gets a new one
     store_id: str | None = field(default=None, metadata=_STORE_OWNED)
+    # the SD model's family and its SDXL-only shapes; stores before 0.2 are SD 1.x/2.x stores
+    sd_kind: str = added_field("sd", "0.2")  # models.SD_KINDS: "sd" or "sdxl"
+    pooled_width: int | None = added_field(None, "0.2")  # SDXL: width of pooled_simple/pooled_complex
+    vae_dtype: str | None = added_field(None, "0.2")  # None: the VAE ran in sd_dtype, as before 0.2
+
+    @property
+    def vae_compute_dtype(self) -> str:
+        """The dtype the VAE ran in (stage one) and runs in (`--online`)."""
+        return self.vae_dtype or self.sd_dtype
 
     def to_json(self) -> dict[str, Any]:
         """The group attributes: every field, `schema_version`, and `field_sha256` over all of them."""
@@ -423,6 +433,7 @@ def array_specs(manifest: Manifest) -> dict[str, ArraySpec]:
         dtype=manifest.store_dtype,
         flips=manifest.flip_variants,
         per_token=manifest.llm_per_token,
+        pooled_width=manifest.pooled_width,
     )
 
 
@@ -430,7 +441,7 @@ def file_name_spec(manifest: Manifest) -> ArraySpec:
     return ArraySpec((manifest.file_name_bytes,), "uint8", ("file_name_byte",))
 
 
-def _specs(*, length, clip_width, latent, llm_width, dtype, flips, per_token) -> dict[str, ArraySpec]:
+def _specs(*, length, clip_width, latent, llm_width, dtype, flips, per_token, pooled_width) -> dict[str, ArraySpec]:
     clip = ArraySpec((length, clip_width), dtype, ("token", "clip_width"))
     latent = ArraySpec(latent, dtype, ("latent_channel", "latent_y", "latent_x"))
     specs = {"clip_simple": clip, "clip_complex": clip, "latent_mean": latent, "latent_logvar": latent}
@@ -443,6 +454,9 @@ def _specs(*, length, clip_width, latent, llm_width, dtype, flips, per_token) ->
     specs["sample_line"] = ArraySpec((), "int64", ())
     specs["truncated"] = ArraySpec((2,), "bool", ("prompt",))
     specs["crop_offset"] = ArraySpec((2,), "int32", ("crop_axis",))
+    if pooled_width:  # SDXL: the UNet's added conditioning
+        specs["pooled_simple"] = specs["pooled_complex"] = ArraySpec((pooled_width,), dtype, ("pooled_width",))
+        specs["original_size"] = ArraySpec((2,), "int32", ("size_axis",))
     for name in ("image_sha256", "text_sha256", "prompt_sha256"):
         specs[name] = ArraySpec((_HASH_BYTES,), "uint8", ("hash_byte",))
     specs["status"] = ArraySpec((), "uint8", ())
@@ -451,7 +465,16 @@ def _specs(*, length, clip_width, latent, llm_width, dtype, flips, per_token) ->
 
 # Every array name a store can have (all options on), the status last: what `--overwrite` may remove.
 _ALL_ARRAY_NAMES = (
-    *_specs(length=1, clip_width=1, latent=(1, 1, 1), llm_width=1, dtype="float16", flips=True, per_token=True),
+    *_specs(
+        length=1,
+        clip_width=1,
+        latent=(1, 1, 1),
+        llm_width=1,
+        dtype="float16",
+        flips=True,
+        per_token=True,
+        pooled_width=1,
+    ),
 )[:-1] + (FILE_NAME_ARRAY, "status")
 
 

@@ -18,6 +18,11 @@ TINY_CLIP_WIDTH = 32
 TINY_LLM_WIDTH = 48
 TINY_LLM_LAYERS = 3
 TINY_RESOLUTION = 32  # pixels; the tiny VAE downsamples 4x, so latents are 4 x 8 x 8
+# Tiny SDXL: two text encoders of different widths (their sum is the UNet's cross-attention width) and a pooled
+# projection of a third width, so no code can swap them unnoticed.
+TINY_SDXL_CLIP_WIDTHS = (32, 40)
+TINY_SDXL_POOLED_WIDTH = 24
+TINY_SDXL_TIME_EMBED_DIM = 8
 
 _CORPUS = [
     "a cat sitting on a red sofa in the afternoon sun",
@@ -63,6 +68,15 @@ TINY_UNET_CONFIG = dict(
 )
 
 
+TINY_SDXL_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG,
+    cross_attention_dim=sum(TINY_SDXL_CLIP_WIDTHS),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + TINY_SDXL_POOLED_WIDTH,
+)
+
+
 @dataclass(frozen=True)
 class TinyModels:
     """Folders of the saved tiny models: `sd` is a diffusers StableDiffusionPipeline folder."""
@@ -100,24 +114,31 @@ def save_clip_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        save_clip_tokenizer(Path(scratch))
+        return CLIPTokenizer.from_pretrained(scratch)
+
+
+def _tiny_text_config(tokenizer, **overrides):
+    from transformers import CLIPTextConfig
+
+    special_ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return CLIPTextConfig(vocab_size=len(tokenizer), **special_ids, **dict(TINY_CLIP_CONFIG, **overrides))
+
+
 def build_sd_pipeline(folder: Path, seed: int = 0):
     """Save a tiny StableDiffusionPipeline (CLIP text encoder, VAE, UNet, PNDM scheduler) under `folder`."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        save_clip_tokenizer(Path(scratch))
-        tokenizer = CLIPTokenizer.from_pretrained(scratch)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **TINY_CLIP_CONFIG,
-        )
-    )
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     scheduler = PNDMScheduler(
@@ -132,6 +153,35 @@ def build_sd_pipeline(folder: Path, seed: int = 0):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return pipeline
+
+
+def build_sdxl_pipeline(folder: Path, seed: int = 0):
+    """Save a tiny StableDiffusionXLPipeline under `folder`: CLIPTextModel and CLIPTextModelWithProjection (widths
+    TINY_SDXL_CLIP_WIDTHS, pooled TINY_SDXL_POOLED_WIDTH), two tokenizers, a `text_time` UNet, a VAE, an Euler
+    scheduler, as SDXL base 1.0 ships them (force_zeros_for_empty_prompt, no watermarker)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer()
+    first, second = TINY_SDXL_CLIP_WIDTHS
+    pipeline = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**TINY_VAE_CONFIG),
+        text_encoder=CLIPTextModel(_tiny_text_config(tokenizer, hidden_size=first)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _tiny_text_config(tokenizer, hidden_size=second, projection_dim=TINY_SDXL_POOLED_WIDTH)
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=_tiny_tokenizer(),
+        unet=UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipeline.save_pretrained(folder)
     return pipeline

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sur_cache.loader import FeatureSource, ReadUnit, read_units, sample_latents
+from sur_cache.loader import FeatureSource, ReadUnit, read_units, sample_latents, sdxl_conditioning
 
 _HOLD_OUT_STREAM = 0x686F6C64  # "hold": keys the held-out choice apart from the loader's (seed, epoch) streams
 _DRAW_STREAM = 0x76616C  # "val": keys each held-out sample's fixed draws
@@ -76,6 +76,7 @@ class HeldOutBatch:
     latents: torch.Tensor | None
     noise: torch.Tensor | None
     timesteps: torch.Tensor | None
+    added_cond: dict[str, torch.Tensor] | None = None  # SDXL: `loader.sdxl_conditioning`
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class DrawSettings:
     seed: int
     scaling_factor: float
     num_train_timesteps: int | None
+    sdxl_target_size: int | None = None  # SDXL stores: the time ids' target size
 
 
 def sample_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
@@ -102,11 +104,20 @@ def held_out_batches(
         indices = samples[first : first + batch_size]
         rows = source.fetch(indices, np.zeros(len(indices), dtype=bool))
         features = {name: rows[name].to(device).float() for name in rows}
-        latents = noise = timesteps = None
+        latents = noise = timesteps = added_cond = None
         if draws.num_train_timesteps is not None:
             latents, noise, timesteps = _fixed_draws(features, indices, draws, device)
+            if draws.sdxl_target_size is not None:
+                added_cond = sdxl_conditioning(features, draws.sdxl_target_size)
         yield HeldOutBatch(
-            indices, features["clip_simple"], features["clip_complex"], features["llm"], latents, noise, timesteps
+            indices,
+            features["clip_simple"],
+            features["clip_complex"],
+            features["llm"],
+            latents,
+            noise,
+            timesteps,
+            added_cond,
         )
 
 

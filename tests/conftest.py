@@ -8,13 +8,52 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from sur_cache.demo_data import build_demo_dataset  # noqa: E402
-from sur_cache.tiny_models import build_tiny_models  # noqa: E402
+from sur_cache.tiny_models import build_sdxl_pipeline, build_tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """`TinyModels(sd=..., llm=...)`: folders loadable with the real `from_pretrained` paths."""
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """The folder of a tiny StableDiffusionXLPipeline, loadable with the real `from_pretrained` paths."""
+    folder = tmp_path_factory.mktemp("tiny_sdxl") / "sdxl"
+    build_sdxl_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_store(tiny_sdxl, tiny_models, demo_dataset, tmp_path_factory):
+    """A float32 store of the 12 demo samples from the tiny SDXL (random crops, flipped latents, shards of 4), on
+    the CPU so that `--online` recomputes the same numbers. Read-only by convention."""
+    from sur_cache.config import ExtractConfig
+    from sur_cache.stages.extract import run_extract
+    from sur_cache.tiny_models import TINY_RESOLUTION
+
+    out = tmp_path_factory.mktemp("sdxl_store") / "store.zarr"
+    config = ExtractConfig(
+        data=demo_dataset,
+        out=str(out),
+        sd=str(tiny_sdxl),
+        llm=str(tiny_models.llm),
+        resolution=TINY_RESOLUTION,
+        batch_size=4,
+        shard_rows=4,
+        num_workers=0,
+        llm_8bit=False,
+        llm_dtype="float32",
+        store_dtype="float32",
+        llm_layer=1,
+        crop="random",
+        flip_variants=True,
+        progress=False,
+        device="cpu",
+    )
+    run_extract(config)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,12 @@ def test_a_seed_gives_the_same_image_alone_or_batched_with_others(pipe, adapter)
 
 @torch.inference_mode()
 def test_positive_prompt_is_adapted_and_negative_prompt_is_plain_clip(pipe, adapter):
-    positive, negative = prompt_embeddings(pipe, adapter, PROMPT, "blurry")
+    embeddings = prompt_embeddings(pipe, adapter, PROMPT, "blurry")
+    positive, negative = embeddings.positive, embeddings.negative
+    assert embeddings.pooled is None and set(embeddings.pipeline_arguments()) == {
+        "prompt_embeds",
+        "negative_prompt_embeds",
+    }
     clip = encode_clip(pipe.tokenizer, pipe.text_encoder, ["blurry", PROMPT]).embeddings
     torch.testing.assert_close(negative, clip[:1])
     torch.testing.assert_close(positive, adapter(clip[1:]).embedding)
@@ -102,7 +107,8 @@ def test_negative_prompt_changes_the_image(pipe, adapter):
 @torch.inference_mode()
 def test_reference_compat_adapts_negative_and_positive_as_one_batch(pipe, tmp_path):
     compat = load_adapter(_save_adapter(tmp_path / "compat", reference_compat=True), pipe)
-    positive, negative = prompt_embeddings(pipe, compat, PROMPT, "blurry")
+    embeddings = prompt_embeddings(pipe, compat, PROMPT, "blurry")
+    positive, negative = embeddings.positive, embeddings.negative
     clip = encode_clip(pipe.tokenizer, pipe.text_encoder, ["blurry", PROMPT]).embeddings
     paired = compat(clip).embedding
     torch.testing.assert_close(negative, paired[:1])
@@ -201,10 +207,11 @@ def test_cuda_defaults_float16_pipeline_with_the_fused_adapter(tiny_models, adap
     pipe = load_pipeline(str(tiny_models.sd), device="cuda", dtype=torch.float16)
     fused = load_adapter(adapter_dir, pipe)
     assert fused.config.attention == "fused"
-    positive, negative = prompt_embeddings(pipe, fused, PROMPT)
+    embeddings = prompt_embeddings(pipe, fused, PROMPT)
+    positive, negative = embeddings.positive, embeddings.negative
     assert positive.dtype == negative.dtype == torch.float16 and positive.is_cuda
     eager = load_adapter(adapter_dir, pipe, attention="eager")
-    torch.testing.assert_close(positive, prompt_embeddings(pipe, eager, PROMPT)[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(positive, prompt_embeddings(pipe, eager, PROMPT).positive, atol=2e-3, rtol=2e-3)
     image = generate(pipe, fused, PROMPT, seeds=[0], **FAST)[0]
     assert image.size == (TINY_RESOLUTION, TINY_RESOLUTION)
 
