@@ -2,6 +2,8 @@
 # The one prepared run for a lent H100/H200 (15 minutes of device time per session, start-up included), in order of
 # priority, each step capped and the whole run kept under DEADLINE seconds:
 #   1. every GPU-marked test (kernel fp16/bf16 vs 2x PyTorch's error, models, generate, trainer),
+#   1b. SDXL at real shapes, B=8 at 1024 px: UNet-only vs cached vs online step (bench_sdxl.py), then the adapter at
+#       d=2048, B=8 with the eager, SDPA and fused cores (not yet measured, so ahead of the steps that were),
 #   2. `make bench`'s attention benchmark (eager, SDPA, fused, CUDA graphs; whole adapter; profiler traces),
 #   3. torch.compile rows for the two headline shapes,
 #   4. stage two's benchmark (UNet-only vs cached vs online step, features-only samples/s),
@@ -49,6 +51,13 @@ step "1. GPU tests"
 capped 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
 tests=$?
 
+step "1b. SDXL stage two and the adapter at d=2048 (B=8)"
+capped 200 python3 bench/bench_sdxl.py --batch-size 8
+sdxl=$?
+capped 60 python3 bench/bench_attention.py --providers eager,sdpa,fused --widths 2048 --batch-sizes 8 \
+  --adapter-batch-sizes 8 --adapter-providers eager,sdpa,fused --no-traces
+sdxl_adapter=$?
+
 step "2. attention benchmark (make bench)"
 capped 170 python3 bench/bench_attention.py --providers eager,sdpa,fused,fused+graph
 attention=$?
@@ -67,5 +76,5 @@ capped 110 python3 bench/bench_extract.py
 extract=$?
 
 step "summary (exit codes; 124 = time limit)"
-echo "gpu tests $tests | attention $attention | compile $compile | train $train | extract $extract"
+echo "gpu tests $tests | sdxl $sdxl | sdxl adapter $sdxl_adapter | attention $attention | compile $compile | train $train | extract $extract"
 ls -la bench/results/

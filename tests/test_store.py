@@ -625,3 +625,16 @@ def test_a_field_added_later_may_be_absent_and_reads_as_its_default():
     assert store_module._build(Fields, {"kept": 1}) == Fields(kept=1, newer="old meaning")
     assert store_module._field_problems(Fields, {"newer": "x"}, "") == ["missing field kept"]
     assert store_module._field_problems(Fields, {"kept": 1, "newer": 2}, "") == ["newer: expected a string, found 2"]
+
+
+def test_a_manifest_written_before_the_sdxl_fields_reads_as_an_sd_store_with_its_vae_in_sd_dtype(store):
+    def older(attributes):
+        for name in ("sd_kind", "pooled_width", "vae_dtype"):
+            del attributes[name]
+
+    manifest = Manifest.from_json(_attributes_with(store.manifest, older), store.url)
+    assert (manifest.sd_kind, manifest.pooled_width, manifest.vae_dtype) == ("sd", None, None)
+    assert manifest.vae_compute_dtype == manifest.sd_dtype
+    assert "pooled_simple" not in array_specs(manifest) and "original_size" not in array_specs(manifest)
+    sdxl = array_specs(dataclasses.replace(manifest, sd_kind="sdxl", pooled_width=1280))
+    assert sdxl["pooled_simple"].row_shape == (1280,) and sdxl["original_size"].dtype == "int32"
