@@ -306,3 +306,33 @@ def test_sd_model_facts_come_from_the_config_files_alone(tiny_models, tmp_path):
     shutil.rmtree(configs_only / "vae")
     with pytest.raises(OSError, match=r"--sd .*sd: cannot load it as a diffusers Stable Diffusion .*vae/config.json"):
         sd_model_facts(str(configs_only))
+
+
+def test_sd_model_facts_name_the_family_and_its_widths(tiny_models, tiny_sdxl):
+    from sur_cache.tiny_models import TINY_SDXL_CLIP_WIDTHS, TINY_SDXL_POOLED_WIDTH, TINY_SDXL_TIME_EMBED_DIM
+
+    sdxl, sd = sd_model_facts(str(tiny_sdxl)), sd_model_facts(str(tiny_models.sd))
+    assert (sdxl.kind, sdxl.clip_width, sdxl.pooled_width) == (
+        "sdxl",
+        sum(TINY_SDXL_CLIP_WIDTHS),
+        TINY_SDXL_POOLED_WIDTH,
+    )
+    assert sdxl.addition_time_embed_dim == TINY_SDXL_TIME_EMBED_DIM and sdxl.time_ids_fit
+    assert sdxl.cross_attention_dim == sdxl.clip_width and sdxl.vae_force_upcast
+    assert (sdxl.default_resolution, sd.default_resolution) == (1024, 512)
+    assert (sd.kind, sd.pooled_width, sd.addition_time_embed_dim) == ("sd", None, None)
+
+
+@torch.no_grad()
+def test_sdxl_prompts_longer_than_77_tokens_are_cut_as_the_pipeline_cuts_them(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sur_cache.models import encode_prompts, load_text_encoders
+
+    prompts = ["a cat", "a very long prompt " * 8]  # one token per character: far past 77
+    features = encode_prompts(load_text_encoders(str(tiny_sdxl), "sdxl"), prompts)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert features.truncated.tolist() == [False, True]
+    torch.testing.assert_close(features.embeddings, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(features.pooled, pooled, rtol=0, atol=0)
