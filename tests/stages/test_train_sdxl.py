@@ -15,7 +15,7 @@ from sur_cache.config import TrainConfig
 from sur_cache.losses import alignment_loss, distillation_loss
 from sur_cache.stages.train import compute_losses, run_train, setup
 from sur_cache.tiny_models import TINY_RESOLUTION, TINY_SDXL_CLIP_WIDTHS
-from sur_cache.train_log import read_log
+from sur_cache.train_log import VALIDATION, read_log
 
 WIDTH = sum(TINY_SDXL_CLIP_WIDTHS)
 
@@ -123,6 +123,7 @@ def test_online_features_equal_cached_ones(sdxl_store, tiny_sdxl, tiny_models, d
 
 
 def test_a_cached_run_never_loads_the_text_encoders_the_vae_or_the_llm(sdxl_store, tiny_sdxl, tmp_path, monkeypatch):
+    """...and validates (one of the three shards held out) with the same added conditioning."""
     import diffusers
     import transformers
 
@@ -139,6 +140,8 @@ def test_a_cached_run_never_loads_the_text_encoders_the_vae_or_the_llm(sdxl_stor
         monkeypatch.setattr(owner, "__init__", refuse)
         monkeypatch.setattr(owner, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
-    run_train(_config(sdxl_store, sd, tmp_path / "run", max_steps=2))
-    log = read_log(tmp_path / "run" / "train_log.jsonl")
-    assert [record["step"] for record in log] == [1, 2] and all(np.isfinite(r["denoise"]) for r in log)
+    run_train(_config(sdxl_store, sd, tmp_path / "run", max_steps=2, val_fraction=0.34))
+    log = tmp_path / "run" / "train_log.jsonl"
+    steps, validations = read_log(log), read_log(log, VALIDATION)
+    assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["denoise"]) for r in steps)
+    assert [(r["step"], r["samples"]) for r in validations] == [(2, 4)] and np.isfinite(validations[0]["denoise"])
