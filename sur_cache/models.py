@@ -55,6 +55,9 @@ SD_SOURCE = "a diffusers Stable Diffusion folder or hub id"
 LLM_SOURCE = f"a hub id, a local model folder, or one of the aliases {', '.join(LLM_ALIASES)}"
 
 LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
+LLM_LAYERS_SOURCE = (
+    "raw output of each decoder layer in `llm_layers` (forward hooks on the layer modules, before the final norm)"
+)
 DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
 
 Pooling = Literal["mean", "last"]
