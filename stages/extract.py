@@ -56,11 +56,13 @@ from sur_cache.locations import StoreURLError, in_process_only
 from sur_cache.models import (
     DTYPES,
     LLM_LAYER_SOURCE,
+    LLM_LAYERS_SOURCE,
     LLM_SOURCE,
     SDModelFacts,
     encode_llm,
     encode_prompts,
     encode_vae,
+    has_chat_template,
     load_llm,
     load_text_encoders,
     load_vae,
@@ -80,6 +82,7 @@ from sur_cache.store import (
     name_bytes,
     names_sha256,
 )
+from sur_cache.teacher_layers import extracted_layers, resolve_layer_list
 from sur_cache.writer_lock import writer_lock
 
 _IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
@@ -97,10 +100,12 @@ class _ShardState:
 
 @dataclass(frozen=True)
 class _Teacher:
-    """The LLM feature's width and layer (resolved, 0-based; None for a feature file), read without loading weights."""
+    """The LLM feature's width and layer or layers (resolved, 0-based; both None for a feature file), read without
+    loading weights."""
 
     llm_width: int
     llm_layer: int | None
+    llm_layers: tuple[int, ...] | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------ setup
@@ -205,10 +210,28 @@ def _teacher(config: ExtractConfig, llm_table: dict | None) -> _Teacher:
 
     with naming_the_source("--llm", config.llm, LLM_SOURCE):
         llm = AutoConfig.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
-    count = llm.num_hidden_layers
+    if config.llm_chat_template:
+        _require_chat_template(config)
+    text = llm.get_text_config()  # the config itself, or a multimodal model's language part
+    count = text.num_hidden_layers
+    if config.llm_layers is not None:
+        return _Teacher(text.hidden_size, None, resolve_layer_list(config.llm_layers, count, config.llm))
     if not -count <= config.llm_layer < count:
         raise ValueError(f"--llm-layer {config.llm_layer} is out of range: {config.llm} has {count} layers")
-    return _Teacher(llm.hidden_size, config.llm_layer % count)
+    return _Teacher(text.hidden_size, config.llm_layer % count)
+
+
+def _require_chat_template(config: ExtractConfig) -> None:
+    """--llm-chat-template is refused before any model runs when the LLM's tokenizer has no template."""
+    from transformers import AutoTokenizer
+
+    with naming_the_source("--llm", config.llm, LLM_SOURCE):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
+    if not has_chat_template(tokenizer):
+        raise ValueError(
+            f"--llm-chat-template: the tokenizer of --llm {config.llm} has no chat template; drop the flag to encode "
+            "the prompts raw, or pass an instruct/chat model"
+        )
 
 
 def _sd_fingerprint(sd: str, kind: str) -> ModelRef:
@@ -230,12 +253,14 @@ def _teacher_fields(config: ExtractConfig) -> dict[str, Any]:
             "llm_model": None,
             "llm_features_file": FileRef(str(Path(config.llm_features).resolve()), digest),
             "llm_layer_source": "llm_features_file",
+            "llm_chat_template": False,
             **dict.fromkeys(("llm_pooling", "llm_8bit", "llm_dtype", "llm_batch_size")),
         }
     return {
         "llm_model": ModelRef(**model_fingerprint(config.llm)),
         "llm_features_file": None,
-        "llm_layer_source": LLM_LAYER_SOURCE,
+        "llm_layer_source": LLM_LAYER_SOURCE if config.llm_layers is None else LLM_LAYERS_SOURCE,
+        "llm_chat_template": config.llm_chat_template,
         "llm_pooling": config.llm_pooling,
         "llm_8bit": config.llm_8bit,
         "llm_dtype": config.llm_dtype,
@@ -255,6 +280,7 @@ def build_manifest(
         sd_dtype=resolve_dtype(config.sd_dtype, device),
         **_teacher_fields(config),
         llm_layer=teacher.llm_layer,
+        llm_layers=teacher.llm_layers,
         llm_per_token=config.llm_per_token,
         resolution=resolution,
         crop=config.crop,
@@ -375,7 +401,7 @@ class _ImageTextEncoder:
 
 
 class _LLMEncoder:
-    """One LLM layer's hidden states of the simple prompts, pooled (and per token if asked)."""
+    """One LLM layer's hidden states of the simple prompts, pooled (and per token if asked), or several layers'."""
 
     def __init__(self, config: ExtractConfig, manifest: Manifest, rows: list[Row], device: torch.device):
         self.manifest, self.rows = manifest, rows
@@ -399,10 +425,11 @@ class _LLMEncoder:
             self.tokenizer,
             self.model,
             [row.text for row in self.rows[start:stop]],
-            layer=self.manifest.llm_layer,
+            layer=extracted_layers(self.manifest),
             pooling=self.manifest.llm_pooling,
             per_token=self.manifest.llm_per_token,
             max_length=self.manifest.tokenizer_max_length,
+            chat_template=self.manifest.llm_chat_template,
         )
         out = {"llm": features.pooled.cpu().numpy()}
         if self.manifest.llm_per_token:

@@ -59,6 +59,7 @@ from sur_cache.loader import (
 )
 from sur_cache.losses import alignment_loss, compute_snr, denoising_loss, denoising_target, distillation_loss
 from sur_cache.store import FeatureStore, Manifest
+from sur_cache.teacher_layers import TeacherLayer, resolve_teacher
 from sur_cache.train_log import STEP, VALIDATION, StepLog, plot_losses
 from sur_cache.validation import (
     COSINE_FIELDS,
@@ -92,8 +93,9 @@ RESOLVED_SETTINGS = {
     "lr_schedule_steps": "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear)",
     "held_out": "held-out shards (--val-fraction, --seed)",
 }
-# Settings a checkpoint of an older sur-cache does not record, and the value they had there (no validation).
-_ADDED_SETTINGS = {"val_fraction": 0.0, "held_out": []}
+# Settings a checkpoint of an older sur-cache does not record, and the value they had there (no validation; the
+# store's single LLM layer as the teacher).
+_ADDED_SETTINGS = {"val_fraction": 0.0, "held_out": [], "llm_layer": None}
 # Left out of the typed settings: compared through RESOLVED_SETTINGS, or naming where the run is, not what it means.
 _NOT_COMPARED_AS_TYPED = ("store", "device", "attention", "out", "resume")
 # Recorded by checkpoints of an older sur-cache and compared no more: the `--cpu` flag, which `--device` replaced
@@ -125,6 +127,7 @@ class TrainingRun:
     batch: int = 0
     lookahead: Any = None  # the next micro-batch, fetched while the GPU still runs the current step
     held_out: HeldOut | None = None  # with --val-fraction: what validation reads
+    teacher: TeacherLayer = dataclasses.field(default_factory=TeacherLayer)  # --llm-layer: the distillation target
 
     @property
     def samples_per_step(self) -> int:
@@ -165,6 +168,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     store = FeatureStore.open(config.store, mode="r")
     manifest = store.manifest
     check_manifest(manifest, config.sd, store.url)
+    teacher = resolve_teacher(config.llm_layer, manifest, store.url)
     if config.random_flip and not manifest.flip_variants:
         raise ValueError(
             f"--random-flip: {store.url} holds no flipped latents; extract with --flip-variants or drop --random-flip"
@@ -207,6 +211,7 @@ def setup(config: TrainConfig) -> TrainingRun:
         StepLog(out / LOG_FILE, enabled=accelerator.is_main_process),
         total_steps,
         held_out=held_out,
+        teacher=teacher,
     )
     # Seeded last, so that nothing setup loads (online models, the UNet) shifts the dropout stream.
     set_seed(config.seed)
@@ -545,7 +550,7 @@ def compute_losses(run: TrainingRun, batch) -> LossTerms:
 def loss_terms(run: TrainingRun, batch, out, draws: tuple[torch.Tensor, torch.Tensor] | None) -> LossTerms:
     """The terms of a batch given the adapter's output and, unless features-only, the noise and timesteps."""
     config = run.config
-    distill = distillation_loss(_unwrap(run).project_llm(batch.llm), out.h)
+    distill = distillation_loss(_unwrap(run).project_llm(run.teacher.select(batch.llm)), out.h)
     align = alignment_loss(batch.clip_complex, out.embedding)
     total = config.llm_weight * distill + config.align_weight * align
     denoise = None

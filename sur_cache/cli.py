@@ -269,7 +269,9 @@ def evaluate_command(**options) -> None:
     "tokenizers, text encoders and vae/ are used).",
 )
 @click.option(
-    "--llm", default=ExtractConfig.llm, help="LLM teacher: hub id, local folder, or alias llama-7b/llama-13b/llama-30b."
+    "--llm",
+    default=ExtractConfig.llm,
+    help="LLM teacher: hub id, local folder, or an alias (llama-13b, llama3-8b, qwen2.5-7b, ...: docs/models.md).",
 )
 @click.option(
     "--llm-features",
@@ -313,6 +315,12 @@ def evaluate_command(**options) -> None:
     help="Decoder layer whose raw output is the LLM feature (0-based; negative counts from the end).",
 )
 @click.option(
+    "--llm-layers",
+    default=ExtractConfig.llm_layers,
+    help="Instead of --llm-layer: several layers (20,30,39) or all, stored as llm [N, layers, D]; "
+    "train --llm-layer picks the teacher from them.",
+)
+@click.option(
     "--llm-pooling",
     type=click.Choice(LLM_POOLINGS),
     default=ExtractConfig.llm_pooling,
@@ -320,6 +328,11 @@ def evaluate_command(**options) -> None:
 )
 @click.option(
     "--llm-per-token", is_flag=True, help="Also store the per-token states padded to 77 (llm_tokens, llm_mask)."
+)
+@click.option(
+    "--llm-chat-template",
+    is_flag=True,
+    help="Encode each prompt as a user message through the tokenizer's chat template (default: the raw prompt).",
 )
 @click.option(
     "--llm-8bit/--no-8bit", default=ExtractConfig.llm_8bit, help="Load the LLM in 8-bit (bitsandbytes LLM.int8)."
@@ -538,6 +551,12 @@ def demo_assets_command(out, num_samples, llm) -> None:
 )
 @click.option(
     "--llm", default=TrainConfig.llm, help="With --online: the LLM teacher  [default: the one in the store's manifest]"
+)
+@click.option(
+    "--llm-layer",
+    default=TrainConfig.llm_layer,
+    help="Teacher: a stored LLM layer's number, mean (of the stored layers) or norm-mean (of RMS-normalised "
+    "layers)  [default: the store's layer; the last one of a multi-layer store]",
 )
 @click.option(
     "--adapter-weight",

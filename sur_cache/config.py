@@ -14,6 +14,7 @@ from sur_cache.dataset import CropMode
 from sur_cache.devices import AUTO, DTYPE_CHOICES
 from sur_cache.models import DTYPES, LLM_ALIASES, Pooling
 from sur_cache.store import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
+from sur_cache.teacher_layers import check_teacher_choice, parse_layer_list
 
 # The choices of the stages' options, each defined once here or by the module that owns the idea; the CLI offers
 # exactly these (tests/test_cli.py checks every click.Choice against its config's CHOICES).
@@ -56,8 +57,10 @@ class ExtractConfig:
     sd_dtype: str = AUTO
     vae_dtype: str = AUTO  # auto: float32 for an SDXL VAE that asks to be upcast (fp16 overflows), else --sd-dtype
     llm_layer: int = -1
+    llm_layers: str | None = None  # "20,30,39" or "all": several layers, `llm` [N, L, D] (sur_cache/teacher_layers.py)
     llm_pooling: str = "mean"
     llm_per_token: bool = False
+    llm_chat_template: bool = False
     llm_8bit: bool = True
     llm_dtype: str = "float16"
     llm_alongside: bool = False
@@ -93,6 +96,7 @@ class ExtractConfig:
             problems.append("pass exactly one LLM source: --llm MODEL or --llm-features FILE.pt")
         if self.llm_features is not None and self.llm_per_token:
             problems.append("--llm-per-token needs --llm: a --llm-features file holds one pooled vector per prompt")
+        problems += self._llm_layer_problems()
         for name in ("resolution", "batch_size", "llm_batch_size", "shard_rows", "chunk_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
@@ -101,6 +105,27 @@ class ExtractConfig:
         problems += _choice_problems(self, self.CHOICES)
         if problems:
             raise ValueError("invalid extract options: " + "; ".join(problems))
+
+    def _llm_layer_problems(self) -> list[str]:
+        """--llm-layers and --llm-chat-template against the options they exclude."""
+        problems = []
+        if self.llm_chat_template and self.llm_features is not None:
+            problems.append("--llm-chat-template needs --llm: a --llm-features file was computed already")
+        if self.llm_layers is None:
+            return problems
+        try:
+            parse_layer_list(self.llm_layers)
+        except ValueError as error:
+            problems.append(str(error))
+        if self.llm_features is not None:
+            problems.append("--llm-layers needs --llm: a --llm-features file holds one layer")
+        if self.llm_layer != -1:
+            problems.append("pass --llm-layer N (one layer) or --llm-layers LIST (several), not both")
+        if self.llm_per_token:
+            problems.append(
+                "--llm-per-token stores one layer's states per token: use it with --llm-layer, not --llm-layers"
+            )
+        return problems
 
 
 @dataclass(frozen=True)
@@ -178,6 +203,8 @@ class TrainConfig:
     online: bool = False
     data: Path | None = None
     llm: str | None = None
+    # the teacher: a stored layer's number, mean or norm-mean; None: the store's (last) layer (teacher_layers.py)
+    llm_layer: str | None = None
     # adapter (its hyper-parameters' defaults are AdapterConfig's)
     adapter_weight: float = AdapterConfig.adapter_weight
     num_layers: int = AdapterConfig.num_layers
@@ -239,6 +266,8 @@ class TrainConfig:
         if self.val_every is not None and self.val_fraction == 0:
             problems.append("--val-every validates on the held-out shards: add --val-fraction F (> 0), or drop it")
         problems += _choice_problems(self, self.CHOICES)
+        if (problem := check_teacher_choice(self.llm_layer)) is not None:
+            problems.append(problem)
         if self.online and self.data is None:
             problems.append("--online computes the features from the images: pass --data DATASET_DIR")
         if not self.online and (self.data is not None or self.llm is not None):

@@ -10,7 +10,9 @@ graph in `--online` training) and return float32 tensors on the model's device; 
 Which LLM tensor is "layer i" (DESIGN.md section 2): the raw output of decoder layer i, before the model's final
 norm, read with a forward hook on the layer module. `output_hidden_states` would give the same tensor for every
 layer but the last, whose entry has the final norm applied; the hook avoids that trap. LLM_LAYER_SOURCE records
-this in the store's manifest.
+this in the store's manifest. The same hook serves every decoder family (Llama 1/2/3, Mistral, Qwen 2/2.5/3,
+Gemma 1/2/3: tests/test_models.py checks each): the layer stack is found by its length, and a layer's output
+is taken whether the family's layer returns a tensor (transformers 5) or a tuple whose first entry is the states.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +30,24 @@ import torch
 from torch import nn
 
 # alias -> (public hub id, hidden size). The hidden size lets a user check an LLM feature file before loading.
+# The ids and widths are those of the models' hub pages (config.json `hidden_size`); the Meta and Gemma repositories
+# are gated (accept the licence on the hub, then `huggingface-cli login`). docs/models.md lists their layer counts.
 LLM_ALIASES: dict[str, tuple[str, int]] = {
     "llama-7b": ("huggyllama/llama-7b", 4096),
     "llama-13b": ("huggyllama/llama-13b", 5120),
     "llama-30b": ("huggyllama/llama-30b", 6656),
+    "llama2-7b": ("meta-llama/Llama-2-7b-hf", 4096),
+    "llama2-13b": ("meta-llama/Llama-2-13b-hf", 5120),
+    "llama3-8b": ("meta-llama/Meta-Llama-3-8B", 4096),
+    "llama3.1-8b": ("meta-llama/Llama-3.1-8B", 4096),
+    "mistral-7b": ("mistralai/Mistral-7B-v0.1", 4096),
+    "qwen2-7b": ("Qwen/Qwen2-7B", 3584),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", 3584),
+    "qwen2.5-14b": ("Qwen/Qwen2.5-14B", 5120),
+    "qwen3-8b": ("Qwen/Qwen3-8B", 4096),
+    "gemma-7b": ("google/gemma-7b", 3072),
+    "gemma2-9b": ("google/gemma-2-9b", 3584),
+    "gemma3-1b": ("google/gemma-3-1b-pt", 1152),
 }
 
 # What `--sd` and `--llm` may name, for the errors of a source that cannot be loaded.
@@ -38,6 +55,9 @@ SD_SOURCE = "a diffusers Stable Diffusion (1.x/2.x or XL) folder or hub id"
 LLM_SOURCE = f"a hub id, a local model folder, or one of the aliases {', '.join(LLM_ALIASES)}"
 
 LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
+LLM_LAYERS_SOURCE = (
+    "raw output of each decoder layer in `llm_layers` (forward hooks on the layer modules, before the final norm)"
+)
 DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
 
 Pooling = Literal["mean", "last"]
@@ -145,10 +165,12 @@ def load_llm(
 ):
     """The LLM's tokenizer and base model (`AutoModel`: no LM head), so decoder LLMs and BERT-like encoders both load.
 
-    `name` is an alias from LLM_ALIASES, a hub id, or a local folder. By default the weights are quantised to
-    LLM.int8 with bitsandbytes (`BitsAndBytesConfig(load_in_8bit=True)`, works on the CPU too) with `dtype` for
-    the non-quantised parts; `load_in_8bit=False` loads plain `dtype` weights. The tokenizer pads on the right
-    (with the EOS token if it has no pad token); the attention mask keeps padding out of every feature.
+    Any `AutoModelForCausalLM` checkpoint (Llama, Mistral, Qwen, Gemma, ...) loads this way as its base model; the
+    LM head, which no feature uses, is left on disk. `name` is an alias from LLM_ALIASES, a hub id, or a local
+    folder. By default the weights are quantised to LLM.int8 with bitsandbytes (`BitsAndBytesConfig(load_in_8bit=
+    True)`, works on the CPU too) with `dtype` for the non-quantised parts; `load_in_8bit=False` loads plain
+    `dtype` weights. The tokenizer pads on the right (with the EOS token if it has no pad token); the attention mask
+    keeps padding out of every feature.
     """
     from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
 
@@ -424,9 +446,12 @@ def encode_vae(vae, pixels: torch.Tensor) -> LatentDistribution:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer layers, found generically (model.layers, encoder.layer, h, ...).
 
-    It is the shortest-named `ModuleList` with `config.num_hidden_layers` entries.
+    It is the shortest-named `ModuleList` with `num_hidden_layers` entries of the model's text config (the config
+    itself for a text-only model; a multimodal one's `text_config`).
     """
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text_config, "num_hidden_layers", None)
     candidates = [
         (name.count("."), name, module)
         for name, module in model.named_modules()
@@ -460,58 +485,104 @@ def encode_llm(
     model,
     prompts: list[str],
     *,
-    layer: int = -1,
+    layer: int | Sequence[int] = -1,
     pooling: Pooling = "mean",
     per_token: bool = False,
     max_length: int = 77,
+    chat_template: bool = False,
 ) -> LLMFeatures:
     """Layer `layer`'s raw hidden states of the prompts, pooled over real tokens (`mean`) or the last real token.
 
-    Prompts are truncated to `max_length` tokens and each batch is right-padded only to its longest prompt;
-    the attention mask keeps padding out, so a prompt's feature does not depend on its batch-mates (up to
-    floating-point noise). With `per_token`, the states are also returned padded with zeros to `max_length`.
+    `layer` may be a sequence of layers: one forward reads them all and `pooled` is [B, len(layer), D], in the
+    order given (per-token states are one layer's only). Prompts are encoded as the tokenizer encodes them (with
+    the BOS token of a family that prepends one: Llama, Mistral, Gemma), or, with `chat_template`, as a user message
+    through the tokenizer's chat template (which then writes every special token). They are truncated to
+    `max_length` tokens and each batch is right-padded only to its longest prompt; the attention mask keeps
+    padding out, so a prompt's feature does not depend on its batch-mates (up to floating-point noise). With
+    `per_token`, the states are also returned padded with zeros to `max_length`.
     """
     if pooling not in ("mean", "last"):
         raise ValueError(f"--llm-pooling must be 'mean' or 'last', found {pooling!r}")
-    index = resolve_layer(model, layer)
-    batch = tokenizer(
-        prompts, padding="longest", padding_side="right", truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    layered = not isinstance(layer, int)
+    if layered and per_token:
+        raise ValueError("--llm-per-token stores one layer's states per token: pass a single --llm-layer with it")
+    stack = decoder_layers(model)
+    modules = [stack[resolve_layer(model, index)] for index in (layer if layered else [layer])]
+    batch = _tokenize(tokenizer, prompts, max_length, chat_template)
     batch = {key: value.to(model.device) for key, value in batch.items()}
-    states = _layer_output(model, decoder_layers(model)[index], batch).float()
+    outputs = [states.float() for states in _layer_outputs(model, modules, batch)]
     mask = batch["attention_mask"].bool()
-    weights = mask.unsqueeze(-1).float()
-    if pooling == "mean":
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    else:
-        last = mask.long().sum(1).clamp_min(1) - 1
-        pooled = states[torch.arange(states.shape[0], device=states.device), last]
+    pooled = [_pool(states, mask, pooling) for states in outputs]
+    if layered:
+        return LLMFeatures(torch.stack(pooled, 1))
     if not per_token:
-        return LLMFeatures(pooled)
+        return LLMFeatures(pooled[0])
+    states = outputs[0]
     tokens = states.new_zeros(states.shape[0], max_length, states.shape[-1])
-    tokens[:, : states.shape[1]] = states * weights
+    tokens[:, : states.shape[1]] = states * mask.unsqueeze(-1).float()
     token_mask = mask.new_zeros(mask.shape[0], max_length)
     token_mask[:, : mask.shape[1]] = mask
-    return LLMFeatures(pooled, tokens, token_mask)
+    return LLMFeatures(pooled[0], tokens, token_mask)
 
 
-def _layer_output(model: nn.Module, layer_module: nn.Module, batch: dict) -> torch.Tensor:
-    captured: list[torch.Tensor] = []
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as one user message through the tokenizer's chat template, without a generation prompt."""
+    if not has_chat_template(tokenizer):
+        raise ValueError(
+            f"--llm-chat-template: the tokenizer {tokenizer.name_or_path} has no chat template; drop the flag to "
+            "encode the prompts raw, or pass an instruct model's folder or hub id"
+        )
+    message = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=False)
 
-    def hook(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _LayerReached
 
-    handle = layer_module.register_forward_hook(hook)
+def has_chat_template(tokenizer) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def _tokenize(tokenizer, prompts: list[str], max_length: int, chat_template: bool) -> dict:
+    texts = [chat_prompt(tokenizer, prompt) for prompt in prompts] if chat_template else prompts
+    return tokenizer(
+        texts,
+        padding="longest",
+        padding_side="right",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        add_special_tokens=not chat_template,  # a chat template writes the BOS itself where the family has one
+    )
+
+
+def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """[B, T, D] states -> [B, D]: the mean over the real tokens, or the last real token (right padding)."""
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).float()
+        return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    last = mask.long().sum(1).clamp_min(1) - 1
+    return states[torch.arange(states.shape[0], device=states.device), last]
+
+
+def _layer_outputs(model: nn.Module, modules: list[nn.Module], batch: dict) -> list[torch.Tensor]:
+    """The outputs of `modules` (layers of `model`) in one forward, stopped once the last of them has run."""
+    captured: dict[int, torch.Tensor] = {}
+    distinct = {id(module): module for module in modules}
+
+    def hook(module, _inputs, output):
+        captured[id(module)] = output[0] if isinstance(output, tuple) else output
+        if len(captured) == len(distinct):
+            raise _LayerReached
+
+    handles = [module.register_forward_hook(hook) for module in distinct.values()]
     try:
         model(**_forward_inputs(model, batch))
     except _LayerReached:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"the forward of {type(model).__name__} never ran the selected layer")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    if len(captured) < len(distinct):
+        raise RuntimeError(f"the forward of {type(model).__name__} never ran a selected layer")
+    return [captured[id(module)] for module in modules]
 
 
 def _forward_inputs(model: nn.Module, batch: dict) -> dict:

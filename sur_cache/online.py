@@ -15,6 +15,7 @@ import torch
 from sur_cache.dataset import ImageDataset, metadata_sha256, read_metadata
 from sur_cache.models import DTYPES, encode_llm, encode_prompts, encode_vae, load_llm, load_text_encoders, load_vae
 from sur_cache.store import Manifest, names_sha256
+from sur_cache.teacher_layers import extracted_layers
 
 
 class OnlineSource:
@@ -60,9 +61,10 @@ class OnlineSource:
                 self.llm_tokenizer,
                 self.llm,
                 texts,
-                layer=self.manifest.llm_layer,
+                layer=extracted_layers(self.manifest),  # [B, L, D] for a multi-layer store, as stored
                 pooling=self.manifest.llm_pooling,
                 max_length=self.manifest.tokenizer_max_length,
+                chat_template=self.manifest.llm_chat_template,
             ).pooled,
         }
         if self.vae is not None:

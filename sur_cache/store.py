@@ -6,6 +6,7 @@ brackets are the arrays' Zarr dimension names, one length per name across the st
     clip_simple, clip_complex   [sample, token, clip_width]                        store dtype (token = 77)
     latent_mean, latent_logvar  [sample, latent_channel, latent_y, latent_x]       store dtype (+ *_flipped)
     llm                         [sample, llm_width]                                store dtype
+                                [sample, llm_layer, llm_width] with several layers (manifest `llm_layers`)
     llm_tokens, llm_mask        [sample, token, llm_width], [sample, token]        store dtype, bool (per-token)
     sample_line                 [sample] int64                   0-based line in metadata.jsonl
     truncated                   [sample, prompt] bool            CLIP truncated the (simple, complex) prompt
@@ -140,7 +141,7 @@ class Manifest:
     # the LLM teacher
     llm_model: ModelRef | None
     llm_features_file: FileRef | None
-    llm_layer: int | None  # resolved, 0-based
+    llm_layer: int | None  # resolved, 0-based; None with a feature file or several layers (`llm_layers`)
     llm_layer_source: str
     llm_pooling: str | None
     llm_8bit: bool | None
@@ -172,6 +173,11 @@ class Manifest:
     shard_rows: int
     chunk_rows: int
     compression: str
+    # added after schema 2 (`added_field`): older stores lack them and read as these defaults
+    # the layers of a multi-layer store, resolved, 0-based, ascending: `llm` is [sample, llm_layer, llm_width]; None:
+    # one layer (`llm_layer`, or a feature file's), `llm` is [sample, llm_width], as every store before them
+    llm_layers: tuple[int, ...] | None = added_field(None, "0.2")
+    llm_chat_template: bool = added_field(False, "0.2")  # prompts went through the tokenizer's chat template
     # drawn by FeatureStore.create: a copy keeps it, a re-extraction gets a new one
     store_id: str | None = field(default=None, metadata=_STORE_OWNED)
     # the SD model's family and its SDXL-only shapes; stores before 0.2 are SD 1.x/2.x stores
@@ -310,6 +316,10 @@ def _value_problems(value: Any, hint, where: str) -> list[str]:
         if isinstance(value, dict):
             return _field_problems(base, value, f"{where}.")
         expected = f"an object {{{', '.join(f.name for f in dataclasses.fields(base))}}}"
+    elif typing.get_origin(base) is tuple:  # only `tuple[int, ...]` so far: a non-empty JSON list of integers
+        if isinstance(value, list) and value and all(type(item) is int for item in value):
+            return []
+        expected = "a non-empty list of integers"
     else:
         fits = {
             bool: type(value) is bool,
@@ -330,6 +340,8 @@ def _build(cls, data: dict[str, Any]):
         base, _ = _optional(_hints(cls)[name])
         if value is not None and dataclasses.is_dataclass(base):
             value = _build(base, value)
+        elif value is not None and typing.get_origin(base) is tuple:
+            value = tuple(value)
         elif value is not None and base is float:
             value = float(value)
         values[name] = value
@@ -434,6 +446,7 @@ def array_specs(manifest: Manifest) -> dict[str, ArraySpec]:
         flips=manifest.flip_variants,
         per_token=manifest.llm_per_token,
         pooled_width=manifest.pooled_width,
+        llm_layers=None if manifest.llm_layers is None else len(manifest.llm_layers),
     )
 
 
@@ -441,13 +454,18 @@ def file_name_spec(manifest: Manifest) -> ArraySpec:
     return ArraySpec((manifest.file_name_bytes,), "uint8", ("file_name_byte",))
 
 
-def _specs(*, length, clip_width, latent, llm_width, dtype, flips, per_token, pooled_width) -> dict[str, ArraySpec]:
+def _specs(
+    *, length, clip_width, latent, llm_width, dtype, flips, per_token, pooled_width, llm_layers
+) -> dict[str, ArraySpec]:
     clip = ArraySpec((length, clip_width), dtype, ("token", "clip_width"))
     latent = ArraySpec(latent, dtype, ("latent_channel", "latent_y", "latent_x"))
     specs = {"clip_simple": clip, "clip_complex": clip, "latent_mean": latent, "latent_logvar": latent}
     if flips:
         specs["latent_mean_flipped"] = specs["latent_logvar_flipped"] = latent
-    specs["llm"] = ArraySpec((llm_width,), dtype, ("llm_width",))
+    if llm_layers is None:
+        specs["llm"] = ArraySpec((llm_width,), dtype, ("llm_width",))
+    else:
+        specs["llm"] = ArraySpec((llm_layers, llm_width), dtype, ("llm_layer", "llm_width"))
     if per_token:
         specs["llm_tokens"] = ArraySpec((length, llm_width), dtype, ("token", "llm_width"))
         specs["llm_mask"] = ArraySpec((length,), "bool", ("token",))
@@ -474,6 +492,7 @@ _ALL_ARRAY_NAMES = (
         flips=True,
         per_token=True,
         pooled_width=1,
+        llm_layers=None,
     ),
 )[:-1] + (FILE_NAME_ARRAY, "status")
 

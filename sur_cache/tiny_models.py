@@ -1,4 +1,5 @@
-"""Tiny random-weight stand-ins for Stable Diffusion, a Llama teacher and a scoring CLIP, built from configs.
+"""Tiny random-weight stand-ins for Stable Diffusion, an LLM teacher (Llama by default; Mistral, Qwen and Gemma
+families too) and a scoring CLIP, built from configs.
 
 The tests and the demo save these with `save_pretrained` and load them back through the same
 `from_pretrained` paths a user's real models take, so nothing in the pipeline knows they are tiny.
@@ -214,38 +215,75 @@ def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_llm(folder: Path, seed: int = 0) -> None:
-    """Save a tiny Llama causal LM with a byte-level BPE tokenizer trained on the fly (a second, offline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# family -> (config class, causal-LM class, whether its tokenizer puts a BOS first, its chat template or None).
+# The BOS and chat-template conventions follow each family's public tokenizer: Llama 2/3, Mistral and Gemma prepend
+# a BOS token, Qwen does not; Qwen ships a ChatML template. The tiny Llama keeps no BOS and no template, so the
+# other stores built from it in the tests stay as they were.
+_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_LLM_FAMILIES: dict[str, tuple[str, str, bool, str | None]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", False, None),
+    "mistral": ("MistralConfig", "MistralForCausalLM", True, None),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", False, _CHATML),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", False, _CHATML),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", True, None),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", True, None),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", True, None),
+}
 
-    torch.manual_seed(seed)
+
+def _llm_tokenizer(adds_bos: bool, chat_template: str | None):
+    """A byte-level BPE trained on the fly on _CORPUS (a second, offline), with the family's BOS convention."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=["<unk>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    if adds_bos:
+        bos = ("<s>", bpe.token_to_id("<s>"))
+        bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[bos])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TINY_LLM_WIDTH,
-            intermediate_size=96,
-            num_hidden_layers=TINY_LLM_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_llm(folder: Path, seed: int = 0, family: str = "llama") -> None:
+    """Save a tiny causal LM of `family` (a key of TINY_LLM_FAMILIES) and its tokenizer under `folder`.
+
+    Every family gets the same widths (TINY_LLM_WIDTH, TINY_LLM_LAYERS layers, 4 query and 2 key-value heads of 12);
+    the family-specific parts (Gemma's scaled embeddings and extra norms, Qwen's biases, sliding windows) are the
+    model classes' own.
+    """
+    import transformers
+
+    config_class, model_class, adds_bos, chat_template = TINY_LLM_FAMILIES[family]
+    torch.manual_seed(seed)
+    tokenizer = _llm_tokenizer(adds_bos, chat_template)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_LLM_WIDTH,
+        intermediate_size=96,
+        num_hidden_layers=TINY_LLM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=TINY_LLM_WIDTH // 4,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
+    model = getattr(transformers, model_class)(config)
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)
 

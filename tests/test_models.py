@@ -21,7 +21,14 @@ from sur_cache.models import (
     resolve_llm,
     sd_model_facts,
 )
-from sur_cache.tiny_models import TINY_CLIP_WIDTH, TINY_LLM_LAYERS, TINY_LLM_WIDTH, TINY_RESOLUTION
+from sur_cache.tiny_models import (
+    TINY_CLIP_WIDTH,
+    TINY_LLM_FAMILIES,
+    TINY_LLM_LAYERS,
+    TINY_LLM_WIDTH,
+    TINY_RESOLUTION,
+    build_llm,
+)
 
 PROMPTS = ["a red circle waits by the sea", "a cat", "portrait of a knight, highly detailed, digital painting"]
 
@@ -194,11 +201,15 @@ def test_layer_index_validation(llm_fp32):
 
 def test_aliases_resolve_to_public_hub_ids():
     assert LLM_ALIASES["llama-13b"] == ("huggyllama/llama-13b", 5120)
-    assert {alias: width for alias, (_, width) in LLM_ALIASES.items()} == {
+    assert {alias: width for alias, (_, width) in LLM_ALIASES.items() if alias.startswith("llama-")} == {
         "llama-7b": 4096,
         "llama-13b": 5120,
         "llama-30b": 6656,
     }
+    assert LLM_ALIASES["llama3-8b"] == ("meta-llama/Meta-Llama-3-8B", 4096)
+    assert LLM_ALIASES["qwen2.5-7b"] == ("Qwen/Qwen2.5-7B", 3584)
+    assert all(alias == alias.lower() for alias in LLM_ALIASES)  # resolve_llm lower-cases what the user typed
+    assert resolve_llm("Qwen3-8B") == "Qwen/Qwen3-8B"
     assert resolve_llm("llama-7b") == "huggyllama/llama-7b"
     assert resolve_llm("LLaMA-30B") == "huggyllama/llama-30b"
     assert resolve_llm("meta-llama/Llama-2-13b-hf") == "meta-llama/Llama-2-13b-hf"
@@ -336,3 +347,77 @@ def test_sdxl_prompts_longer_than_77_tokens_are_cut_as_the_pipeline_cuts_them(ti
     assert features.truncated.tolist() == [False, True]
     torch.testing.assert_close(features.embeddings, embeds, rtol=0, atol=0)
     torch.testing.assert_close(features.pooled, pooled, rtol=0, atol=0)
+
+
+# ---- every decoder family: the same hook, the same meaning of "layer i" -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    """family -> folder of its tiny causal LM, saved with save_pretrained and loaded back by load_llm."""
+    root = tmp_path_factory.mktemp("llm_families")
+    for family in TINY_LLM_FAMILIES:
+        build_llm(root / family, family=family)
+    return {family: root / family for family in TINY_LLM_FAMILIES}
+
+
+@pytest.mark.parametrize("family", list(TINY_LLM_FAMILIES))
+def test_layer_i_is_the_raw_output_of_decoder_layer_i_in_every_family(family_folders, family):
+    tokenizer, model = load_llm(str(family_folders[family]), load_in_8bit=False, dtype=torch.float32)
+    hidden, mask = _reference_states(tokenizer, model, PROMPTS)
+    assert len(hidden) == TINY_LLM_LAYERS + 1
+    weights = mask[..., None].float()
+    for layer in range(TINY_LLM_LAYERS - 1):  # hidden_states[i + 1] is layer i's raw output but for the last layer
+        features = encode_llm(tokenizer, model, PROMPTS, layer=layer, per_token=True)
+        assert torch.allclose(features.pooled, (hidden[layer + 1] * weights).sum(1) / weights.sum(1), atol=1e-5)
+    last = encode_llm(tokenizer, model, PROMPTS, layer=-1, per_token=True)
+    tokens = last.tokens[:, : mask.shape[1]]
+    assert not torch.allclose(tokens[mask], hidden[-1][mask], atol=1e-2), "the final norm must not be applied"
+    assert torch.allclose(model.norm(tokens)[mask], hidden[-1][mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(TINY_LLM_FAMILIES))
+def test_every_family_keeps_its_tokenizers_bos_as_a_real_token(family_folders, family):
+    tokenizer, model = load_llm(str(family_folders[family]), load_in_8bit=False, dtype=torch.float32)
+    adds_bos = TINY_LLM_FAMILIES[family][2]
+    ids = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    assert all((row[0] == tokenizer.bos_token_id) == adds_bos for row in ids)
+    features = encode_llm(tokenizer, model, PROMPTS, layer=0, pooling="last", per_token=True)
+    assert features.mask.sum(1).tolist() == [len(row) for row in ids]  # BOS counted, padding not
+    alone = encode_llm(tokenizer, model, PROMPTS[1:2], layer=0, pooling="mean").pooled
+    assert torch.allclose(alone[0], encode_llm(tokenizer, model, PROMPTS, layer=0).pooled[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3"])
+def test_every_family_loads_in_8bit(family_folders, family):
+    from bitsandbytes.nn import Linear8bitLt
+
+    tokenizer, model = load_llm(str(family_folders[family]))
+    linears = [m for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, Linear8bitLt) for m in linears)
+    fp32 = load_llm(str(family_folders[family]), load_in_8bit=False, dtype=torch.float32)
+    expected = encode_llm(*fp32, PROMPTS).pooled  # the same weights, unquantised
+    assert torch.nn.functional.cosine_similarity(encode_llm(tokenizer, model, PROMPTS).pooled, expected).min() > 0.99
+
+
+def test_several_layers_in_one_forward_equal_each_layer_read_alone(family_folders):
+    tokenizer, model = load_llm(str(family_folders["qwen2"]), load_in_8bit=False, dtype=torch.float32)
+    layers = [2, 0, 1]
+    features = encode_llm(tokenizer, model, PROMPTS, layer=layers, pooling="last")
+    assert features.pooled.shape == (len(PROMPTS), len(layers), TINY_LLM_WIDTH) and features.tokens is None
+    for position, layer in enumerate(layers):
+        alone = encode_llm(tokenizer, model, PROMPTS, layer=layer, pooling="last").pooled
+        assert torch.equal(features.pooled[:, position], alone), layer
+    with pytest.raises(ValueError, match="--llm-per-token"):
+        encode_llm(tokenizer, model, PROMPTS, layer=layers, per_token=True)
+
+
+def test_the_chat_template_wraps_the_prompt_as_a_user_message(family_folders, llm_fp32):
+    tokenizer, model = load_llm(str(family_folders["qwen2"]), load_in_8bit=False, dtype=torch.float32)
+    templated = encode_llm(tokenizer, model, PROMPTS, layer=1, chat_template=True, per_token=True)
+    texts = [f"<|im_start|>user\n{prompt}<|im_end|>\n" for prompt in PROMPTS]
+    by_hand = encode_llm(tokenizer, model, texts, layer=1, per_token=True)  # Qwen adds no special token itself
+    assert torch.equal(templated.mask, by_hand.mask) and torch.allclose(templated.pooled, by_hand.pooled, atol=1e-6)
+    assert not torch.allclose(templated.pooled, encode_llm(tokenizer, model, PROMPTS, layer=1).pooled, atol=1e-3)
+    with pytest.raises(ValueError, match="--llm-chat-template: the tokenizer .* has no chat template"):
+        encode_llm(*llm_fp32, PROMPTS, chat_template=True)

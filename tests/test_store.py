@@ -638,3 +638,39 @@ def test_a_manifest_written_before_the_sdxl_fields_reads_as_an_sd_store_with_its
     assert "pooled_simple" not in array_specs(manifest) and "original_size" not in array_specs(manifest)
     sdxl = array_specs(dataclasses.replace(manifest, sd_kind="sdxl", pooled_width=1280))
     assert sdxl["pooled_simple"].row_shape == (1280,) and sdxl["original_size"].dtype == "int32"
+
+
+def test_a_tuple_of_integers_field_is_a_json_list_read_back_as_a_tuple():
+    @dataclasses.dataclass(frozen=True)
+    class Fields:
+        layers: tuple[int, ...] | None
+
+    assert store_module._field_problems(Fields, {"layers": [20, 30, 39]}, "") == []
+    assert store_module._build(Fields, {"layers": [20, 30, 39]}) == Fields(layers=(20, 30, 39))
+    assert store_module._build(Fields, {"layers": None}) == Fields(layers=None)
+    for bad in ([], [1, 2.0], [True], "20,30", 3):
+        expected = f"layers: expected a non-empty list of integers or null, found {json.dumps(bad)}"
+        assert store_module._field_problems(Fields, {"layers": bad}, "") == [expected], bad
+
+
+def test_a_store_written_before_llm_layers_reads_as_a_single_layer_store(store):
+    attributes = store.manifest.to_json()
+    older = {key: value for key, value in attributes.items() if key not in ("llm_layers", "llm_chat_template")}
+    older["field_sha256"] = store_module.field_digests(older)
+    manifest = Manifest.from_json(older, store.url)
+    assert manifest.llm_layers is None and manifest.llm_chat_template is False
+    assert array_specs(manifest)["llm"].row_shape == (40,)
+
+
+def test_a_multi_layer_store_holds_llm_as_sample_layer_width_and_xarray_opens_it(tmp_path):
+    xarray = pytest.importorskip("xarray")
+    fields = {**MANIFEST, "llm_layer": None, "llm_layers": (0, 2, 5), "llm_per_token": False}
+    store = synthetic_store(tmp_path / "layers.zarr", **fields, **LAYOUT)
+    assert store.array("llm").shape == (10, 3, 40)
+    assert store.specs["llm"].dimension_names == ("sample", "llm_layer", "llm_width")
+    reopened = FeatureStore.open(store.url)
+    assert reopened.manifest.llm_layers == (0, 2, 5) and reopened.manifest == store.manifest
+    _write_all(store)
+    dataset = xarray.open_zarr(store.url, consolidated=False)
+    assert dataset["llm"].dims == ("sample", "llm_layer", "llm_width") and dataset.sizes["llm_layer"] == 3
+    np.testing.assert_array_equal(dataset["llm"].values, store.read(["llm"], 0, 10)["llm"])

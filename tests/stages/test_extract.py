@@ -20,7 +20,7 @@ import torch
 from sur_cache.config import ExtractConfig
 from sur_cache.dataset import ImageDataset, read_metadata
 from sur_cache.locations import StoreURLError
-from sur_cache.models import encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
+from sur_cache.models import LLM_LAYERS_SOURCE, encode_clip, encode_llm, encode_vae, load_clip, load_llm, load_vae
 from sur_cache.stages import extract
 from sur_cache.stages.extract import load_llm_features, run_extract
 from sur_cache.store import (
@@ -447,3 +447,61 @@ def test_config_reports_every_bad_option_at_once(tiny_models, demo_dataset, tmp_
     message = str(error.value)
     assert "exactly one LLM source" in message and "--llm-per-token needs --llm" in message
     assert "--batch-size must be >= 1, got 0" in message
+
+
+def test_several_layers_are_stored_as_sample_layer_width_equal_to_single_layer_extracts(
+    reference, tiny_models, demo_dataset, tmp_path
+):
+    """`--llm-layers all` holds, on its llm_layer axis, exactly what one extract per layer stores (same batches)."""
+    single = {"llm_layer": -1, "llm_per_token": False}
+    run_extract(_config(demo_dataset, tmp_path / "all.zarr", tiny_models, **single, llm_layers="all"))
+    layered = FeatureStore.open(tmp_path / "all.zarr")
+    assert layered.manifest.llm_layers == (0, 1, 2) and layered.manifest.llm_layer is None
+    assert layered.manifest.llm_layer_source == LLM_LAYERS_SOURCE
+    stored = layered.array("llm")[:]
+    assert stored.shape == (12, 3, TINY_LLM_WIDTH)
+    np.testing.assert_array_equal(stored[:, LAYER], FeatureStore.open(reference[0]).array("llm")[:])
+    for layer in (0, 2):
+        out = tmp_path / f"layer{layer}.zarr"
+        run_extract(_config(demo_dataset, out, tiny_models, **{**single, "llm_layer": layer}))
+        np.testing.assert_array_equal(stored[:, layer], FeatureStore.open(out).array("llm")[:], err_msg=str(layer))
+    np.testing.assert_array_equal(
+        layered.array("clip_simple")[:], FeatureStore.open(reference[0]).array("clip_simple")[:]
+    )
+
+
+def test_layer_lists_are_checked_before_any_model_runs(tiny_models, demo_dataset, tmp_path):
+    out = tmp_path / "s.zarr"
+    with pytest.raises(ValueError, match=r"--llm-layers 0,3: \[3\] out of range: .* has 3 layers"):
+        run_extract(_config(demo_dataset, out, tiny_models, llm_layer=-1, llm_per_token=False, llm_layers="0,3"))
+    with pytest.raises(ValueError, match="named twice"):
+        run_extract(_config(demo_dataset, out, tiny_models, llm_layer=-1, llm_per_token=False, llm_layers="2,-1"))
+    assert not out.exists()
+    with pytest.raises(ValueError) as error:
+        _config(demo_dataset, out, tiny_models, llm_layers="1,x")
+    message = str(error.value)
+    assert "comma-separated layer numbers" in message and "not both" in message and "--llm-per-token stores" in message
+
+
+def test_the_chat_template_is_applied_recorded_and_refused_without_one(tiny_models, demo_dataset, tmp_path):
+    from sur_cache.tiny_models import build_llm
+
+    with pytest.raises(ValueError, match="--llm-chat-template: the tokenizer of --llm .* has no chat template"):
+        run_extract(_config(demo_dataset, tmp_path / "refused.zarr", tiny_models, llm_chat_template=True))
+    assert not (tmp_path / "refused.zarr").exists()
+    build_llm(tmp_path / "qwen2", family="qwen2")
+    out = tmp_path / "chat.zarr"
+    overrides = {
+        "llm": str(tmp_path / "qwen2"),
+        "llm_chat_template": True,
+        "llm_per_token": False,
+        "llm_batch_size": 12,
+    }
+    run_extract(_config(demo_dataset, out, tiny_models, **overrides))
+    store = FeatureStore.open(out)
+    assert store.manifest.llm_chat_template is True
+    texts = [json.loads(line)["text"] for line in (demo_dataset / "metadata.jsonl").read_text().splitlines()]
+    tokenizer, llm = load_llm(str(tmp_path / "qwen2"), load_in_8bit=False, dtype=torch.float32)
+    for start, stop in _extract_batches(12):
+        expected = encode_llm(tokenizer, llm, texts[start:stop], layer=LAYER, pooling="last", chat_template=True)
+        np.testing.assert_array_equal(store.read(["llm"], start, stop)["llm"], expected.pooled)

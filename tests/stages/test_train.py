@@ -712,3 +712,84 @@ def test_a_non_finite_validation_stops_the_run_naming_the_held_out_samples(store
     with pytest.raises(ValueError, match=re.escape(f"step 0: validation is not finite (held-out samples {held[2:]})")):
         validate(run)  # batches of 2: the poisoned sample's batch is named
     run.loader.close()
+
+
+# ---- the LLM teacher chosen at train time (--llm-layer) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layered_store(tiny_models, demo_dataset, tmp_path_factory):
+    """A float32 store of every layer of the tiny LLM (`extract --llm-layers all`): llm [12, 3, 48]."""
+    out = tmp_path_factory.mktemp("layered_store") / "store.zarr"
+    settings = dict(resolution=TINY_RESOLUTION, batch_size=4, shard_rows=4, num_workers=0, llm_8bit=False)
+    settings.update(llm_dtype="float32", store_dtype="float32", progress=False, device="cpu")
+    run_extract(
+        ExtractConfig(
+            data=demo_dataset,
+            out=str(out),
+            sd=str(tiny_models.sd),
+            llm=str(tiny_models.llm),
+            llm_layers="all",
+            **settings,
+        )
+    )
+    return out
+
+
+def _hand_teacher(stored: torch.Tensor, choice: str | None) -> torch.Tensor:
+    """docs/models.md's formulas, written out: [B, L, D] stored rows -> the teacher [B, D]."""
+    if choice == "mean":
+        return stored.sum(1) / stored.shape[1]
+    if choice == "norm-mean":
+        rms = torch.sqrt((stored**2).mean(-1, keepdim=True) + 1e-6)
+        return (stored / rms).sum(1) / stored.shape[1]
+    return stored[:, -1 if choice is None else int(choice)]
+
+
+@pytest.mark.parametrize("choice", [None, "0", "1", "mean", "norm-mean"])
+def test_each_llm_layer_choice_distils_the_documented_tensor(layered_store, tiny_models, tmp_path, choice):
+    from sur_cache.losses import distillation_loss
+    from sur_cache.stages.train import loss_terms
+    from sur_cache.store import FeatureStore
+
+    config = _config(layered_store, tiny_models, tmp_path / "run", denoise_weight=0.0, dropout=0.0, llm_layer=choice)
+    run = setup(config)
+    batch = next(run.loader.batches())
+    rows = FeatureStore.open(str(layered_store)).array("llm")[:][batch.samples]
+    assert rows.shape == (2, 3, 48) and np.array_equal(batch.llm.numpy(), rows)
+    adapter = run.accelerator.unwrap_model(run.adapter)
+    out = run.adapter(batch.clip_simple)
+    terms = loss_terms(run, batch, out, None)
+    expected = distillation_loss(adapter.project_llm(_hand_teacher(torch.from_numpy(rows), choice)), out.h)
+    torch.testing.assert_close(terms.distill, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_the_store_lacks_is_refused_naming_the_stored_ones(store, layered_store, tiny_models, tmp_path):
+    with pytest.raises(ValueError, match=r"--llm-layer 5: .* holds LLM layers 0, 1, 2 only"):
+        setup(_config(layered_store, tiny_models, tmp_path / "a", denoise_weight=0.0, llm_layer="5"))
+    with pytest.raises(ValueError, match=r"--llm-layer 0: .* holds LLM layer 1 only; .*--llm-layers 1,0"):
+        setup(_config(store, tiny_models, tmp_path / "b", denoise_weight=0.0, llm_layer="0"))
+    assert (
+        setup(_config(store, tiny_models, tmp_path / "c", denoise_weight=0.0, llm_layer="1")).teacher.position is None
+    )
+    with pytest.raises(ValueError, match="--llm-layer must be a stored layer's number .* got '-1'"):
+        _config(store, tiny_models, tmp_path / "d", llm_layer="-1")
+
+
+def test_resume_refuses_a_changed_llm_layer(layered_store, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run_train(_config(layered_store, tiny_models, out, max_steps=2, denoise_weight=0.0, llm_layer="mean"))
+    with pytest.raises(ValueError, match="--llm-layer: checkpoint 'mean', now 'norm-mean'"):
+        run_train(_config(layered_store, tiny_models, out, resume="latest", denoise_weight=0.0, llm_layer="norm-mean"))
+
+
+def test_online_recomputes_every_stored_layer(layered_store, tiny_models, demo_dataset, tmp_path):
+    fc_weight = torch.randn(32, 32, generator=torch.Generator().manual_seed(0)) * 0.1
+    options = dict(denoise_weight=0.0, dropout=0.0, llm_layer="norm-mean")
+    cached = _config(layered_store, tiny_models, tmp_path / "cached", **options)
+    online = dataclasses.replace(cached, out=tmp_path / "online", online=True, data=demo_dataset)
+    cached_terms, cached_grads = _first_grads(cached, fc_weight)
+    online_terms, online_grads = _first_grads(online, fc_weight)
+    assert online_terms == pytest.approx(cached_terms, rel=1e-5, abs=1e-6)
+    for name, grad in cached_grads.items():
+        torch.testing.assert_close(online_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
