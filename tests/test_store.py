@@ -301,6 +301,15 @@ def test_a_deleted_status_shard_is_damage_not_pending(store, tmp_path):
         synthetic_store(store.url, **MANIFEST, **LAYOUT)
 
 
+def test_create_writes_no_status_shard_and_an_uncommitted_shard_without_one_is_pending(store, tmp_path):
+    assert not (tmp_path / "s.zarr" / "status" / "c").exists()  # create wrote metadata only: O(1) in N
+    store.write_shard(1, _random_rows(store, 4, 8, seed=1), np.full(4, DONE, np.uint8))
+    assert sorted(p.name for p in (tmp_path / "s.zarr" / "status" / "c").iterdir()) == ["1"]
+    assert store.pending_shards() == [0, 2] and store.verify() == []
+    assert store.status().tolist() == [PENDING] * 4 + [DONE] * 4 + [PENDING] * 2
+    assert not store.read(["llm"], 0, 4)["llm"].any()  # never written: no file, no damage
+
+
 def test_verify_names_non_finite_complete_samples(store):
     rows = _random_rows(store, 4, 8, seed=1)
     rows["llm"][1, 3] = np.nan
