@@ -21,17 +21,13 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-# alias -> (public hub id, hidden size). The hidden size lets a user check an LLM feature file before loading.
-LLM_ALIASES: dict[str, tuple[str, int]] = {
-    "llama-7b": ("huggyllama/llama-7b", 4096),
-    "llama-13b": ("huggyllama/llama-13b", 5120),
-    "llama-30b": ("huggyllama/llama-30b", 6656),
-}
+# LLM_ALIASES: alias -> (public hub id, hidden size). The hidden size lets a user check an LLM feature file before
+# loading. It, Pooling and the dtype names are in sur_cache.choices, which the command line reads without torch.
+from sur_cache.choices import DTYPE_NAMES, LLM_ALIASES, Pooling  # noqa: F401 - defined there, owned here
 
 # What `--sd` and `--llm` may name, for the errors of a source that cannot be loaded.
 SD_SOURCE = "a diffusers Stable Diffusion folder or hub id"
@@ -39,8 +35,6 @@ LLM_SOURCE = f"a hub id, a local model folder, or one of the aliases {', '.join(
 
 LLM_LAYER_SOURCE = "raw output of decoder layer `llm_layer` (forward hook on the layer module, before the final norm)"
 DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
-
-Pooling = Literal["mean", "last"]
 
 
 @dataclass
@@ -71,7 +65,7 @@ class LLMFeatures:
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # CLI name -> dtype
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # CLI name -> dtype
 
 
 def resolve_llm(name: str) -> str:

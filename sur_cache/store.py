@@ -58,6 +58,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from sur_cache.choices import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
 from sur_cache.locations import filesystem, names_in, normalise_url, read_files
 from sur_cache.shard_files import ShardDamage, ShardLayout, plain_layout, read_rows
 from sur_cache.writer_lock import LOCK_FILE, writer_lock
@@ -69,10 +70,6 @@ SKIPPED_REPORT = "skipped.jsonl"  # the merged report, rewritten at the end of e
 COMMITS_DIR = "commits"  # one commit marker per committed shard (see `FeatureStore.commit_shard`)
 METADATA_PART, SHARD_PART_PREFIX = "metadata", "shard-"
 FILE_NAME_ARRAY = "file_name"  # written whole by `create`, like the status; not part of a shard's writes
-COMPRESSIONS = ("none", "zstd", "blosc")
-DEFAULT_COMPRESSION = "none"  # fp16 features barely compress; measured in docs/store.md
-DEFAULT_CHUNK_ROWS = 16  # contiguous shard reads near the best, one random row still cheap: docs/store.md
-DEFAULT_SHARD_ROWS = 256
 SAMPLE_DIMENSION = "sample"
 FIELD_SHA256 = "field_sha256"  # in zarr.json beside the fields: {field: sha256 of its canonical JSON}
 _SMALL_ROW_BYTES = 64  # arrays with rows this small get one chunk per shard: per-chunk overhead would dominate
