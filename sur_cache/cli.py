@@ -434,7 +434,8 @@ def migrate_command(store: str) -> None:
     Crash-safe: the new arrays and commit markers are written first and the store's zarr.json last, atomically, so
     a migration that stops can be run again. Feature data is never rewritten.
     """
-    from sur_cache.store import SCHEMA_VERSION, migrate
+    from sur_cache.migration import migrate
+    from sur_cache.store import SCHEMA_VERSION
 
     converted = migrate(store)
     click.echo(f"{store}: {'migrated to' if converted else 'already'} schema {SCHEMA_VERSION}")
