@@ -36,13 +36,13 @@ import numpy as np
 import torch
 
 from sur_cache.loader import FeatureLoader, LoaderSettings, PreloadedSource, StoreSource, array_names, read_units
-from sur_cache.store import DONE, FeatureStore, synthetic_store
+from sur_cache.store import DEFAULT_CHUNK_ROWS, DONE, FeatureStore, synthetic_store
 
 SD15 = dict(clip_width=768, llm_width=5120, latent_channels=4, latent_size=64, flip_variants=True)
 RESULTS = Path(__file__).parent / "results"
 
 
-def build_store(path: Path, samples: int, shard_rows: int, chunk_rows: int = 1) -> FeatureStore:
+def build_store(path: Path, samples: int, shard_rows: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> FeatureStore:
     """Random features at SD 1.5 shapes written through `FeatureStore.write_shard`."""
     store = synthetic_store(str(path), num_samples=samples, shard_rows=shard_rows, chunk_rows=chunk_rows, **SD15)
     rng = np.random.default_rng(0)
@@ -138,7 +138,9 @@ def time_preload(store: FeatureStore) -> float:
 @click.command()
 @click.option("--samples", type=int, default=3072, help="Samples in the synthetic store (about 378 KB each).")
 @click.option("--shard-rows", type=int, default=256, help="Samples per shard (the extract default).")
-@click.option("--chunk-rows", type=int, default=1, help="Samples per chunk inside a shard (the store's default: 1).")
+@click.option(
+    "--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="Samples per chunk inside a shard (the store's default)."
+)
 @click.option("--batch-size", type=int, default=16, help="Loader batch size.")
 @click.option("--buffer-shards", type=int, default=4, help="Shards shuffled together.")
 @click.option("--keep", type=click.Path(path_type=Path), default=None, help="Write the store here and keep it.")

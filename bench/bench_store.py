@@ -28,11 +28,12 @@ stores of `--sizes` samples (1-wide features, SD 1.5's 256-row shards) are built
   first_batch_s    open, plan, reader process start and the first batch of `sur-cache train`'s default loader
   rss_MB           the measuring process's peak resident memory
   metadata_pass_s  (at `--metadata-rows` only) extract's metadata pass (`_read_rows`) over a synthetic metadata.jsonl
-  resume_scan_s    (idem) what a resume of that finished store reads before any model runs: the metadata pass, open
-                   with the expected manifest, pending shards, summary and the skip report
+  resume_scan_s    (idem) what a resume of that finished store reads before any model runs: the finished-store check
+                   (`extract._finished_store`: open, the file's sha256, pending shards; the metadata pass is skipped),
+                   open with the expected manifest, pending shards, summary and the skip report
 
 Usage: python bench/bench_store.py [--parts compression,chunking] [--out bench/results/store_<machine>.csv]
-       python bench/bench_store.py --scale [--sizes 100000,1000000] [--metadata-rows 1000000]
+       python bench/bench_store.py --scale [--sizes 100000,1000000] [--metadata-rows 1000000] [--root DIR --keep]
 Rows are upserted by (bench, feature, setting).
 """
 
@@ -55,6 +56,7 @@ import numpy as np
 import torch
 import zarr
 
+from sur_cache.dataset import metadata_sha256
 from sur_cache.store import DONE, FeatureStore, _compressors, synthetic_store
 
 SHARD_ROWS = 256
@@ -174,10 +176,10 @@ def chunking_rows(root: Path, rng: np.random.Generator) -> list[dict]:
 
 
 # ---- scale ----------------------------------------------------------------------------------------------------------
-def build_scale_store(url: str, samples: int, processes: int) -> float:
+def build_scale_store(url: str, samples: int, processes: int, **fields) -> float:
     """A store of `samples` done samples, written shard by shard through the store's writer; returns the seconds."""
     started = time.perf_counter()
-    synthetic_store(url, num_samples=samples, shard_rows=SHARD_ROWS, **SCALE_SHAPES)
+    synthetic_store(url, num_samples=samples, shard_rows=SHARD_ROWS, **SCALE_SHAPES, **fields)
     bounds = np.linspace(0, -(-samples // SHARD_ROWS), processes + 1).round().astype(int)
     with multiprocessing.get_context("spawn").Pool(processes) as pool:  # spawn: zarr's event loop is not fork-safe
         pool.starmap(_write_done_shards, [(url, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
@@ -268,14 +270,15 @@ def write_metadata(folder: Path, rows: int, images: int = 256) -> None:
 
 def measure_metadata(data: Path, url: str) -> dict:
     from sur_cache.config import ExtractConfig
-    from sur_cache.stages.extract import _read_rows
+    from sur_cache.stages.extract import _finished_store, _read_rows
 
     config = ExtractConfig(data=data, out=url, sd="unused", llm="unused")
     seconds, _ = _timed(lambda: _read_rows(config, None))
 
-    def resume_scan():
-        _read_rows(config, None)
-        store = FeatureStore.open(url, mode="r+", expected=FeatureStore.open(url).manifest)
+    def resume_scan():  # what `extract` does before any model loads when the store is finished
+        finished = _finished_store(config)
+        assert finished is not None, "the store's metadata_sha256 is the file's: the metadata pass is skipped"
+        store = FeatureStore.open(url, mode="r+", expected=finished.manifest)
         assert store.pending_shards() == []
         store.summary()
         store.skipped_records()
@@ -289,21 +292,28 @@ def _in_fresh_process(function, *args) -> dict:
         return pool.submit(function, *args).result()
 
 
-def scale_rows(root: Path, sizes: list[int], metadata_rows: int, processes: int) -> list[dict]:
+def scale_rows(root: Path, sizes: list[int], metadata_rows: int, processes: int, keep: bool = False) -> list[dict]:
+    """One row per size; with `keep`, a finished store of that size left in `root` by an earlier run is reused
+    (its build time not measured again) and every store is kept."""
     rows = []
     for samples in sizes:
         url = str(root / f"scale_{samples}.zarr")
         row = {"bench": "scale", "feature": "store", "setting": f"N={samples}", "samples": samples}
-        row["build_s"] = build_scale_store(url, samples, processes)
+        fields = {}
+        if samples == metadata_rows:  # the store records the file's digest, as extract's would
+            write_metadata(root / "data", samples)
+            fields["metadata_sha256"] = metadata_sha256(root / "data")
+        if not (keep and FeatureStore.exists(url) and not FeatureStore.open(url).pending_shards()):
+            row["build_s"] = build_scale_store(url, samples, processes, **fields)
         row.update(_in_fresh_process(measure_scale, url))
         if samples == metadata_rows:
-            write_metadata(root / "data", samples)
             row.update(_in_fresh_process(measure_metadata, root / "data", url))
         row["load_1min"] = os.getloadavg()[0]
         row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
         print(row, flush=True)
         rows.append(row)
-        shutil.rmtree(url)
+        if not keep:
+            shutil.rmtree(url)
     return rows
 
 
@@ -315,6 +325,7 @@ def main() -> None:
     parser.add_argument("--metadata-rows", type=int, default=1_000_000, help="Size timing the metadata pass.")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="Writers building a store.")
     parser.add_argument("--root", type=Path, default=None, help="Folder for the scale stores (default: a temp dir).")
+    parser.add_argument("--keep", action="store_true", help="--scale: keep the stores in --root and reuse them.")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--latent-samples", type=int, default=64)
     parser.add_argument("--latent-resolution", type=int, default=256)
@@ -322,12 +333,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = [] if args.scale else args.parts.split(",")
-    root = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
+    root = args.root if args.keep and args.root else Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
     rows = []
     try:
         if args.scale:
             sizes = [int(size) for size in args.sizes.split(",")]
-            rows += scale_rows(root, sizes, args.metadata_rows, args.processes)
+            rows += scale_rows(root, sizes, args.metadata_rows, args.processes, args.keep)
         if "compression" in parts:
             started = time.perf_counter()
             clip = clip_outputs(args.samples)
@@ -338,7 +349,8 @@ def main() -> None:
         if "chunking" in parts:
             rows += chunking_rows(root / "k.zarr", np.random.default_rng(0))
     finally:
-        shutil.rmtree(root)
+        if not args.keep:
+            shutil.rmtree(root)
     name = f"store_scale_{args.machine}.csv" if args.scale else f"store_{args.machine}.csv"
     out = args.out or Path(__file__).parent / "results" / name
     _upsert(out, [{"machine": args.machine, **row} for row in rows])

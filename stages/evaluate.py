@@ -19,16 +19,15 @@ width) or a non-finite score; OSError for a CLIP model that cannot be loaded.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from tqdm.auto import tqdm
 
 from sur_cache import __version__
 from sur_cache.adapter import SURAdapter, resolve_attention
-from sur_cache.devices import AUTO, DTYPE_CHOICES, resolve_device, resolve_dtype
-from sur_cache.eval_prompts import EvalPrompt, bundled_prompts_path, read_eval_prompts
+from sur_cache.config import DEFAULT_CLIP, EvaluateConfig  # noqa: F401 - the stage's config, torch-free
+from sur_cache.devices import AUTO, resolve_device, resolve_dtype
+from sur_cache.eval_prompts import EvalPrompt, read_eval_prompts
 from sur_cache.models import DTYPES
 from sur_cache.report import (
     IMAGES_FOLDER,
@@ -43,56 +42,7 @@ from sur_cache.report import (
 from sur_cache.scoring import VARIANTS, ClipScorer, PromptResult, summarise, summarise_by_category
 from sur_cache.stages.generate import drawing_settings, fit_to_pipeline, generate, load_pipeline
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the CLIP score's usual model (torchmetrics' default too)
 UNCATEGORISED = "uncategorised"
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """`sur-cache evaluate`: an adapter and a prompts file -> a report of CLIP scores with and without the adapter."""
-
-    sd: str
-    adapter: Path
-    out: Path
-    clip: str = DEFAULT_CLIP
-    prompts: Path | None = None  # None: the bundled set
-    seed: int = 0
-    num_seeds: int = 4
-    steps: int = 50
-    guidance: float = 7.5
-    negative_prompt: str = ""
-    height: int | None = None
-    width: int | None = None
-    device: str = AUTO
-    dtype: str = AUTO
-    overwrite: bool = False
-    progress: bool = True
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"dtype": DTYPE_CHOICES}
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-            for name, allowed in self.CHOICES.items()
-            if getattr(self, name) not in allowed
-        ]
-        for name in ("num_seeds", "steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("height", "width"):
-            size = getattr(self, name)
-            if size is not None and (size < 8 or size % 8):
-                problems.append(f"--{name} must be a positive multiple of 8, got {size}")
-        if problems:
-            raise ValueError("invalid evaluate options: " + "; ".join(problems))
-
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        return tuple(range(self.seed, self.seed + self.num_seeds))
-
-    @property
-    def prompts_path(self) -> Path:
-        return self.prompts if self.prompts is not None else bundled_prompts_path()
 
 
 def run_evaluate(config: EvaluateConfig) -> Evaluation:

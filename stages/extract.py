@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -569,15 +569,35 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     device = resolve_device(config.device)  # builds accelerate's state to agree (gloo for CPU processes)
     state = PartialState()
     llm_table = load_llm_features(config.llm_features) if config.llm_features is not None else None
-    rows, bad = _read_rows(config, llm_table)
+    finished = _finished_store(config)
+    rows, bad = ([], None) if finished is not None else _read_rows(config, llm_table)
     if not state.is_main_process:
         return _write_store(config, state, rows, device, llm_table, started)
     manifest = build_manifest(config, rows, _sd_facts(config), _teacher(config, llm_table), device)
+    if finished is not None:  # the rows the metadata pass would give are the store's: same file, same settings
+        manifest = replace(manifest, **{key: getattr(finished.manifest, key) for key in _ROW_FIELDS})
     FeatureStore.refuse_foreign(config.out)  # before the lock file goes in: never into a folder that is not ours
     with writer_lock(config.out):  # the main process holds it for the whole run; the other ranks share it
         store = _open_store(config, manifest, rows)
-        store.write_skipped(None, [asdict(b) for b in bad])
+        if bad is not None:
+            store.write_skipped(None, [asdict(b) for b in bad])
         return _write_store(config, state, rows, device, llm_table, started, store)
+
+
+_ROW_FIELDS = ("num_samples", "file_names_sha256", "file_name_bytes")  # the manifest fields the rows decide
+
+
+def _finished_store(config: ExtractConfig) -> FeatureStore | None:
+    """The store at --out when resuming it has nothing left to do, else None: every shard committed and its
+    `metadata_sha256` that of --data's metadata.jsonl. Its rows then follow from that file and settings the resume
+    compares anyway (columns, the LLM feature file), so the metadata pass (7 s at 1M rows) is skipped. Not with
+    --strict, whose contract is to check every row's file, nor --overwrite."""
+    if config.overwrite or config.strict or not FeatureStore.exists(config.out):
+        return None
+    store = FeatureStore.open(config.out)
+    if store.manifest.metadata_sha256 != metadata_sha256(config.data) or store.pending_shards():
+        return None
+    return store
 
 
 def _write_store(config, state, rows, device, llm_table, started, store=None) -> dict[str, Any]:

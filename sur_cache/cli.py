@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from sur_cache import __version__
-from sur_cache.adapter import ATTENTION_CHOICES
+from sur_cache.adapter_config import ATTENTION_CHOICES
+from sur_cache.choices import COMPRESSIONS, DEFAULT_RESOLUTION, DEVICE_HELP, DTYPE_CHOICES
 from sur_cache.config import (
     CROP_MODES,
     LLM_DTYPES,
@@ -18,6 +19,7 @@ from sur_cache.config import (
     PRELOAD,
     REFERENCE_MAX_STEPS,
     STORE_DTYPES,
+    EvaluateConfig,
     ExtractConfig,
     GenerateConfig,
     ImportReferenceConfig,
@@ -25,10 +27,6 @@ from sur_cache.config import (
 )
 from sur_cache.demo import LLM_CHOICES as DEMO_LLM_CHOICES
 from sur_cache.demo import build_demo_assets
-from sur_cache.devices import DEVICE_HELP, DTYPE_CHOICES
-from sur_cache.models import DEFAULT_RESOLUTION
-from sur_cache.stages.evaluate import EvaluateConfig
-from sur_cache.store import COMPRESSIONS
 
 # Every default below is read from the config dataclass (or function) the option feeds, and every choice list from
 # the module that owns it, so that changing one is a one-line edit there (tests/test_cli.py checks they agree).
@@ -464,7 +462,8 @@ def migrate_command(store: str) -> None:
     Crash-safe: the new arrays and commit markers are written first and the store's zarr.json last, atomically, so
     a migration that stops can be run again. Feature data is never rewritten.
     """
-    from sur_cache.store import SCHEMA_VERSION, migrate
+    from sur_cache.migration import migrate
+    from sur_cache.store import SCHEMA_VERSION
 
     converted = migrate(store)
     click.echo(f"{store}: {'migrated to' if converted else 'already'} schema {SCHEMA_VERSION}")

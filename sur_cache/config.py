@@ -1,6 +1,7 @@
 """One frozen dataclass per stage, built from the CLI options and passed down to functions.
 
-Config flows one way: click options -> these dataclasses -> the stage functions. Nothing here is global.
+Config flows one way: click options -> these dataclasses -> the stage functions. Nothing here is global. This
+module imports neither torch nor zarr (the command line reads it for `--help`; tests/test_cli.py checks).
 """
 
 from __future__ import annotations
@@ -9,18 +10,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, get_args
 
-from sur_cache.adapter import ATTENTION_CHOICES, AdapterConfig
-from sur_cache.dataset import CropMode
-from sur_cache.devices import AUTO, DTYPE_CHOICES
-from sur_cache.models import DTYPES, LLM_ALIASES, Pooling
-from sur_cache.store import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
+from sur_cache.adapter_config import ATTENTION_CHOICES, AdapterConfig
+from sur_cache.choices import (
+    AUTO,
+    COMPRESSIONS,
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_COMPRESSION,
+    DEFAULT_SHARD_ROWS,
+    DTYPE_CHOICES,
+    DTYPE_NAMES,
+    LLM_ALIASES,
+    CropMode,
+    Pooling,
+)
+from sur_cache.eval_prompts import bundled_prompts_path
 from sur_cache.teacher_layers import check_teacher_choice, parse_layer_list
 
 # The choices of the stages' options, each defined once here or by the module that owns the idea; the CLI offers
 # exactly these (tests/test_cli.py checks every click.Choice against its config's CHOICES).
 LLM_POOLINGS = get_args(Pooling)  # how models.encode_llm pools a layer's states
 CROP_MODES = get_args(CropMode)  # how dataset.preprocess crops
-LLM_DTYPES = tuple(DTYPES)
+LLM_DTYPES = DTYPE_NAMES
 STORE_DTYPES = ("float16", "float32")  # fp16 by default: half the bytes, every feature checked to fit (docs/store.md)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -297,3 +307,54 @@ class TrainConfig:
         if self.max_steps is None and self.epochs is None:
             return REFERENCE_MAX_STEPS
         return self.max_steps
+
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the CLIP score's usual model (torchmetrics' default too)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`sur-cache evaluate`: an adapter and a prompts file -> a report of CLIP scores with and without the adapter."""
+
+    sd: str
+    adapter: Path
+    out: Path
+    clip: str = DEFAULT_CLIP
+    prompts: Path | None = None  # None: the bundled set
+    seed: int = 0
+    num_seeds: int = 4
+    steps: int = 50
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    device: str = AUTO
+    dtype: str = AUTO
+    overwrite: bool = False
+    progress: bool = True
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"dtype": DTYPE_CHOICES}
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+            for name, allowed in self.CHOICES.items()
+            if getattr(self, name) not in allowed
+        ]
+        for name in ("num_seeds", "steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("height", "width"):
+            size = getattr(self, name)
+            if size is not None and (size < 8 or size % 8):
+                problems.append(f"--{name} must be a positive multiple of 8, got {size}")
+        if problems:
+            raise ValueError("invalid evaluate options: " + "; ".join(problems))
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(range(self.seed, self.seed + self.num_seeds))
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.prompts if self.prompts is not None else bundled_prompts_path()

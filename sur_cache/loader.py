@@ -224,7 +224,7 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _UnitReads(torch.utils.data.Dataset):
-    """`(unit, slot)` -> read the unit's rows of the named arrays into shared-memory slot `slot`, return `(unit, slot)`.
+    """`(unit, slot)` -> decode the unit's rows of the named arrays into shared-memory slot `slot`; returns the pair.
 
     The slots are allocated once by the training process and shared with the reader at its start, so a unit is
     handed over by its slot number: no fresh shared memory, page faults or file descriptors per unit. The store is
@@ -246,12 +246,12 @@ class _UnitReads(torch.utils.data.Dataset):
             self._store = FeatureStore.open(self.url, mode="r")
             for slots in self.slots.values():  # map every page once now, not one page fault at a time per unit
                 slots.zero_()
+        start, stop = self.units[unit].start, self.units[unit].stop
+        out = {name: self.slots[name][slot, : stop - start].numpy() for name in self.names}
         try:
-            block = self._store.read(self.names, self.units[unit].start, self.units[unit].stop)
+            self._store.read(self.names, start, stop, out=out)  # decoded straight into the slot
         except StoreFormatError as error:
             return unit, str(error)
-        for name, rows in block.items():
-            self.slots[name][slot, : len(rows)].copy_(torch.from_numpy(rows))
         return unit, slot
 
     def __getstate__(self) -> dict:

@@ -24,31 +24,14 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-# alias -> (public hub id, hidden size). The hidden size lets a user check an LLM feature file before loading.
-# The ids and widths are those of the models' hub pages (config.json `hidden_size`); the Meta and Gemma repositories
-# are gated (accept the licence on the hub, then `huggingface-cli login`). docs/models.md lists their layer counts.
-LLM_ALIASES: dict[str, tuple[str, int]] = {
-    "llama-7b": ("huggyllama/llama-7b", 4096),
-    "llama-13b": ("huggyllama/llama-13b", 5120),
-    "llama-30b": ("huggyllama/llama-30b", 6656),
-    "llama2-7b": ("meta-llama/Llama-2-7b-hf", 4096),
-    "llama2-13b": ("meta-llama/Llama-2-13b-hf", 5120),
-    "llama3-8b": ("meta-llama/Meta-Llama-3-8B", 4096),
-    "llama3.1-8b": ("meta-llama/Llama-3.1-8B", 4096),
-    "mistral-7b": ("mistralai/Mistral-7B-v0.1", 4096),
-    "qwen2-7b": ("Qwen/Qwen2-7B", 3584),
-    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", 3584),
-    "qwen2.5-14b": ("Qwen/Qwen2.5-14B", 5120),
-    "qwen3-8b": ("Qwen/Qwen3-8B", 4096),
-    "gemma-7b": ("google/gemma-7b", 3072),
-    "gemma2-9b": ("google/gemma-2-9b", 3584),
-    "gemma3-1b": ("google/gemma-3-1b-pt", 1152),
-}
+# LLM_ALIASES: alias -> (public hub id, hidden size). The hidden size lets a user check an LLM feature file before
+# loading. It, Pooling, the SD families' default resolution and the dtype names are in sur_cache.choices, which the
+# command line reads without torch.
+from sur_cache.choices import DEFAULT_RESOLUTION, DTYPE_NAMES, LLM_ALIASES, Pooling, SDKind  # noqa: F401 - owned here
 
 # What `--sd` and `--llm` may name, for the errors of a source that cannot be loaded.
 SD_SOURCE = "a diffusers Stable Diffusion (1.x/2.x or XL) folder or hub id"
@@ -60,13 +43,8 @@ LLM_LAYERS_SOURCE = (
 )
 DEFAULT_VAE_SCALING_FACTOR = 0.18215  # AutoencoderKL's default when a vae/config.json does not name one
 
-Pooling = Literal["mean", "last"]
-
 # The SD model families, by the pipeline class their model_index.json names (never by a flag the user could get wrong)
-SD_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
-SDKind = Literal["sd", "sdxl"]
-# `extract --resolution`'s default per family: SD 1.x/2.x as the reference (512), SDXL at its native 1024
-DEFAULT_RESOLUTION: dict[str, int] = {"sd": 512, "sdxl": 1024}
+SD_KINDS: dict[str, SDKind] = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 
 
 @dataclass
@@ -111,7 +89,7 @@ class LLMFeatures:
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # CLI name -> dtype
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # CLI name -> dtype
 
 
 def resolve_llm(name: str) -> str:

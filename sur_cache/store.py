@@ -25,7 +25,8 @@ single random sample still decodes only 16; docs/store.md has the measurements),
 features barely compress), and every chunk and every shard index carries a crc32c checksum.
 
 The manifest (`Manifest`) is the group's attributes, a few KB whatever N is: everything O(N) (names, lines, hashes)
-is an array. `create` writes the manifest, every array, the names, then the whole status array (all pending).
+is an array. `create` writes the manifest, every array but the status, the names, then the status array's
+metadata last; a status shard file is written by its shard's commit (none: pending).
 
 The writer of a shard writes all its arrays first, then its `status` slice, then its commit marker (the commit);
 a shard without a marker is pending, whatever its status slice says, and is recomputed from scratch, so a crash at
@@ -36,8 +37,8 @@ sample), never a read of the status array. Local writes go to a `*.partial` file
 LocalStore), so a killed write never leaves a torn file; `remove_partial_files` sweeps the leftovers. There is
 no fsync: a process crash is covered, a power loss may lose the page cache's last writes.
 
-Schema 1 (sur-cache 0.1.0) kept the file names in the manifest and left unwritten status shards absent;
-`migrate` converts such a store in place.
+Schema 1 (sur-cache 0.1.0) kept the file names in the manifest; `sur_cache.migration.migrate` converts such a
+store in place.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from sur_cache.choices import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
 from sur_cache.locations import filesystem, names_in, normalise_url, read_files
-from sur_cache.writer_lock import LOCK_FILE, writer_lock
+from sur_cache.shard_files import ShardDamage, ShardLayout, plain_layout, read_rows
+from sur_cache.writer_lock import LOCK_FILE
 
 SCHEMA_VERSION = 2  # 2: a typed manifest with a store id and field checksums, names in an array, commit markers
 PENDING, DONE, SKIPPED = 0, 1, 2
@@ -70,10 +73,6 @@ SKIPPED_REPORT = "skipped.jsonl"  # the merged report, rewritten at the end of e
 COMMITS_DIR = "commits"  # one commit marker per committed shard (see `FeatureStore.commit_shard`)
 METADATA_PART, SHARD_PART_PREFIX = "metadata", "shard-"
 FILE_NAME_ARRAY = "file_name"  # written whole by `create`, like the status; not part of a shard's writes
-COMPRESSIONS = ("none", "zstd", "blosc")
-DEFAULT_COMPRESSION = "none"  # fp16 features barely compress; measured in docs/store.md
-DEFAULT_CHUNK_ROWS = 16  # contiguous shard reads near the best, one random row still cheap: docs/store.md
-DEFAULT_SHARD_ROWS = 256
 SAMPLE_DIMENSION = "sample"
 FIELD_SHA256 = "field_sha256"  # in zarr.json beside the fields: {field: sha256 of its canonical JSON}
 _SMALL_ROW_BYTES = 64  # arrays with rows this small get one chunk per shard: per-chunk overhead would dominate
@@ -640,16 +639,15 @@ def _missing_status_shards(fs, root: str, num_shards: int) -> np.ndarray:
 
 
 def _creation_interrupted(fs, root: str, attributes: dict[str, Any]) -> bool:
-    """True when `create` stopped before the store was whole (an array or a status shard not yet written) and no
-    sample's features were written yet: such a store holds nothing and is created anew instead of resumed."""
+    """True when `create` stopped before the store was whole (an array not yet created: the status array, created
+    after the names, is the last) and no sample's features were written yet: such a store holds nothing and is
+    created anew instead of resumed."""
     try:
         manifest = Manifest.from_json(attributes, root)
     except StoreFormatError:
         return False  # not a manifest `create` wrote (or schema 1); `open` names what is wrong with it
     features = [name for name in array_specs(manifest) if name != "status"]
-    shards = -(-manifest.num_samples // manifest.shard_rows)
-    arrays = all(fs.isfile(f"{root}/{name}/zarr.json") for name in (*features, FILE_NAME_ARRAY, "status"))
-    whole = arrays and not len(_missing_status_shards(fs, root, shards))
+    whole = all(fs.isfile(f"{root}/{name}/zarr.json") for name in (*features, FILE_NAME_ARRAY, "status"))
     written = any(fs.exists(f"{root}/{name}/c") for name in features) or fs.exists(f"{root}/{COMMITS_DIR}")
     return not whole and not written
 
@@ -699,6 +697,7 @@ class FeatureStore:
         self.shard_rows = manifest.shard_rows
         self.specs = array_specs(manifest)  # what a shard's writer writes, and the status
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads the array's zarr.json
+        self._layouts: dict[str, ShardLayout | None] = {}
         self._starts = np.arange(0, self.num_samples, self.shard_rows, dtype=np.int64)
         self._lengths = np.minimum(self._starts + self.shard_rows, self.num_samples) - self._starts
         self._ranges = [(int(a), int(a + n)) for a, n in zip(self._starts, self._lengths, strict=True)]
@@ -729,8 +728,8 @@ class FeatureStore:
     def create(
         cls, url: str | Path, manifest: Manifest, file_names: Sequence[str], overwrite: bool = False
     ) -> FeatureStore:
-        """Write the manifest (with a new store id), every (empty) array, the file names, then the whole status array
-        (all pending) last.
+        """Write the manifest (with a new store id), every (empty) array but the status, the file names, then the
+        status array's metadata last (its shard files are written by the commits: a shard without one is pending).
 
         Refuses a folder that is not a sur-cache store, and a store unless `overwrite` (which removes only what the
         store owns) or its creation was interrupted (nothing in it was written yet).
@@ -749,12 +748,11 @@ class FeatureStore:
         manifest = dataclasses.replace(manifest, store_id=uuid.uuid4().hex)
         group = zarr.open_group(url, mode="a", attributes=manifest.to_json())  # "a": other files in the folder stay
         layout = {**array_specs(manifest), FILE_NAME_ARRAY: file_name_spec(manifest)}
-        for name in (*(name for name in layout if name != "status"), "status"):
+        for name in (name for name in layout if name != "status"):
             _create_array(group, name, layout[name], manifest)
         store = cls(url, group, manifest)
         store._write_file_names(file_names)
-        # Every status shard exists from now on, so a missing one is damage, never "pending" (see `shard_counts`).
-        store._writable("status")[:] = np.zeros(manifest.num_samples, np.uint8)
+        _create_array(group, "status", layout["status"], manifest)  # last: the store is whole from here on
         return store
 
     def _write_file_names(self, file_names: Sequence[str], shards_per_write: int = 64) -> None:
@@ -825,10 +823,13 @@ class FeatureStore:
     def shard_counts(self) -> ShardCounts:
         """Every shard's counts, from the commit markers' names: one folder listing, no array read.
 
-        A missing status shard file is a StoreFormatError naming its samples: the status array is written whole at
-        creation, so a missing shard is damage, and the samples' state is unknown.
+        A committed shard whose status shard file is missing is a StoreFormatError naming its samples: a commit
+        writes the status before the marker, so that is damage (an uncommitted shard has no status file until then).
         """
-        missing = _missing_status_shards(self._fs, self._root, len(self._ranges))
+        counts = self._counts(_read_markers(self._fs, self._root, len(self._ranges)))
+        missing = np.intersect1d(
+            _missing_status_shards(self._fs, self._root, len(self._ranges)), np.flatnonzero(counts.committed)
+        )
         if len(missing):
             start, stop = self._ranges[missing[0]]
             raise StoreFormatError(
@@ -836,7 +837,7 @@ class FeatureStore:
                 f"files in all), so whether they were written is unknown; `sur-cache verify {self.url}` lists the "
                 "damage; re-extract with --overwrite"
             )
-        return self._counts(_read_markers(self._fs, self._root, len(self._ranges)))
+        return counts
 
     def _counts(self, markers: np.ndarray) -> ShardCounts:
         markers = markers[markers[:, 1] + markers[:, 2] == self._lengths[markers[:, 0]]]  # else not a commit of ours
@@ -926,24 +927,61 @@ class FeatureStore:
         stop = self.num_samples if stop is None else stop
         return _decode_names(self.read([FILE_NAME_ARRAY], start, stop)[FILE_NAME_ARRAY])
 
-    def read(self, names: list[str], start: int, stop: int) -> dict[str, np.ndarray]:
+    def read(
+        self, names: list[str], start: int, stop: int, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """Samples `[start, stop)` of each named array (contiguous reads are the fast path).
 
+        With `out` (name -> C-contiguous `[stop - start, ...]` arrays of the array's dtype, e.g. a reader's shared
+        slot) the rows are decoded into it and it is returned. Uncompressed local shards are read straight into the
+        destination (`shard_files.read_rows`: one `preadv` per chunk, crc32c checked), anything else through zarr.
         Never returns zarr's fill value for written data: a missing shard file of a written shard, and any chunk
         that fails to decode (checksum), is a StoreFormatError naming the array, the samples and the fix.
         """
-        first, last = start // self.shard_rows, (stop - 1) // self.shard_rows
-        out = {}
+        out = dict(out or {})
         for name in names:
-            for shard in range(first, last + 1):
-                if not self._shard_stored(name, shard) and (name == FILE_NAME_ARRAY or self._shard_written(shard)):
-                    a, b = self._ranges[shard]
-                    raise StoreFormatError(self._damage(name, a, b, "its shard file is missing"))
+            if name not in out:
+                out[name] = np.empty((stop - start, *self.array(name).shape[1:]), self.array(name).dtype)
+            if not self._read_direct(name, start, stop, out[name]):
+                out[name][...] = self._read_through_zarr(name, start, stop)
+        return {name: out[name] for name in names}
+
+    def _read_direct(self, name: str, start: int, stop: int, out: np.ndarray) -> bool:
+        """`read` of one array from its shard files without zarr; False when its layout or a chunk needs zarr."""
+        layout = self._direct_layout(name)
+        if layout is None:
+            return False
+        for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
+            a, b = self._ranges[shard]
+            lo, hi = max(a, start), min(b, stop)
+            rows = out[lo - start : hi - start]
             try:
-                out[name] = self.array(name)[start:stop]
-            except Exception as error:  # noqa: BLE001 - any decode failure (crc32c, truncated shard) is damage
-                raise StoreFormatError(self._damage(name, start, stop, f"cannot be decoded: {error}")) from error
-        return out
+                if not read_rows(self._shard_path(name, shard), layout, lo - a, hi - a, rows):
+                    return False
+            except FileNotFoundError:
+                if name == FILE_NAME_ARRAY or self._shard_written(shard):
+                    raise StoreFormatError(self._damage(name, a, b, "its shard file is missing")) from None
+                rows[...] = 0  # a shard never written: zarr's fill value, which no scan serves as data
+            except ShardDamage as error:
+                raise StoreFormatError(self._damage(name, lo, hi, f"cannot be decoded: {error}")) from None
+        return True
+
+    def _direct_layout(self, name: str) -> ShardLayout | None:
+        """The array's layout for direct reads (local stores only), worked out once per array."""
+        if name not in self._layouts:
+            local = isinstance(self._fs, LocalFileSystem)
+            self._layouts[name] = plain_layout(self.array(name).metadata.to_dict()) if local else None
+        return self._layouts[name]
+
+    def _read_through_zarr(self, name: str, start: int, stop: int) -> np.ndarray:
+        for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
+            if not self._shard_stored(name, shard) and (name == FILE_NAME_ARRAY or self._shard_written(shard)):
+                a, b = self._ranges[shard]
+                raise StoreFormatError(self._damage(name, a, b, "its shard file is missing"))
+        try:
+            return self.array(name)[start:stop]
+        except Exception as error:  # noqa: BLE001 - any decode failure (crc32c, truncated shard) is damage
+            raise StoreFormatError(self._damage(name, start, stop, f"cannot be decoded: {error}")) from error
 
     def _damage(self, name: str, start: int, stop: int, what: str) -> str:
         return (
@@ -968,7 +1006,10 @@ class FeatureStore:
             return None
 
     def _shard_written(self, shard: int) -> bool:
-        """Does shard `shard`'s status say it was written? A missing or unreadable status counts as written."""
+        """Does shard `shard`'s status say it was written? An unreadable status counts as written; a missing one
+        (a shard never committed has none) when the shard has a commit marker all the same."""
+        if not self._shard_stored("status", shard):
+            return bool((_read_markers(self._fs, self._root, len(self._ranges))[:, 0] == shard).any())
         raw = self._raw_status(shard)
         return raw is None or bool((raw != PENDING).any())
 
@@ -1045,6 +1086,8 @@ class FeatureStore:
         holds what it was written from (a commit removes it before rewriting the slice), so its name follows from
         that slice. Only when the slice cannot be read is the folder listed."""
         folder = f"{self._root}/{COMMITS_DIR}"
+        if not self._shard_stored("status", shard):
+            return  # never committed: a commit writes the status before its marker, and no status is ever removed
         raw = self._raw_status(shard)
         if raw is None:
             names = [n for n in names_in(self._fs, folder) if (m := _COMMIT_NAME.fullmatch(n)) and int(m[1]) == shard]
@@ -1128,25 +1171,27 @@ class FeatureStore:
         """Read every chunk of every array back (checksums checked on decode); return what failed.
 
         A shard that fails is re-read one chunk at a time to name the bad sample range. A shard whose status says
-        it was written (or whose status is itself missing or unreadable) but whose file is gone is reported as
-        missing, and so is a missing status or file-name shard. A NaN or inf in a complete sample's feature is
-        reported too, so is a commit marker that disagrees with the status array, and names that do not match the
-        manifest's `file_names_sha256`.
+        it was written (or whose status is unreadable, or missing while the shard has a commit marker) but whose
+        file is gone is reported as missing, and so is a missing file-name shard. A NaN or inf in a complete
+        sample's feature is reported too, so is a commit marker that disagrees with the status array, and names that
+        do not match the manifest's `file_names_sha256`.
         """
         corrupt: list[CorruptRange] = []
         markers = {int(row[0]): row for row in _read_markers(self._fs, self._root, len(self._ranges))}
         names: list[str] | None = []
         for shard, (start, stop) in enumerate(self._ranges):
-            raw = self._raw_status(shard)
+            uncommitted = shard not in markers and not self._shard_stored("status", shard)
+            raw = np.zeros(stop - start, np.uint8) if uncommitted else self._raw_status(shard)  # no status: pending
             written = raw is None or bool((raw != PENDING).any())
             done = None if raw is None else raw == DONE
             for name in self.array_names:
-                if (written or name in ("status", FILE_NAME_ARRAY)) and not self._shard_stored(name, shard):
-                    corrupt.append(CorruptRange(name, start, stop, "shard file missing"))
-                    names = None if name == FILE_NAME_ARRAY else names
-                    continue
+                if not self._shard_stored(name, shard):
+                    if written or name == FILE_NAME_ARRAY:
+                        corrupt.append(CorruptRange(name, start, stop, "shard file missing"))
+                        names = None if name == FILE_NAME_ARRAY else names
+                    continue  # else never written: nothing to check
                 try:
-                    values = self.array(name)[start:stop]
+                    values = self.read([name], start, stop)[name]
                 except Exception:  # noqa: BLE001 - any decode failure is corruption; narrowed below per chunk
                     corrupt += self._locate(name, start, stop)
                     names = None if name == FILE_NAME_ARRAY else names
@@ -1287,120 +1332,3 @@ def _write_atomically(fs, path: str, text: str) -> None:
     with fs.open(partial, "w") as f:
         f.write(text)
     fs.mv(partial, path)
-
-
-# ---- schema 1 -> schema 2 --------------------------------------------------------------------------------------------
-@dataclass
-class _Migration:
-    """What a migration of one schema-1 store works on; each step below reads it and writes into the store."""
-
-    url: str
-    fs: Any
-    root: str
-    metadata: dict[str, Any]  # the group's zarr.json, schema 1
-    manifest: Manifest  # the schema-2 manifest it becomes (a fresh store id)
-    file_names: list[str]
-
-    def store(self) -> FeatureStore:
-        """The store as schema 2 will see it (not validated: its zarr.json is still schema 1)."""
-        return FeatureStore(self.url, zarr.open_group(self.url, mode="r+"), self.manifest)
-
-
-def migrate(url: str | Path) -> bool:
-    """Convert the schema-1 store at `url` (sur-cache 0.1.0) in place to schema 2; False if it is schema 2 already.
-
-    Holds the writer lock. Every step but the last writes only what schema 1 does not read (dimension names, the
-    file_name array, the status shards schema 1 left unwritten as pending, commit markers of its committed
-    shards); the last step, the commit, replaces the group's zarr.json atomically with the schema-2 manifest. A
-    migration that stops at any point leaves a schema-1 store that migrates again from the start. Feature bytes
-    are never rewritten.
-    """
-    url = normalise_url(url)
-    fs, root = filesystem(url)
-    with writer_lock(url):
-        metadata = _group_metadata(fs, root)
-        if metadata is None:
-            raise FileNotFoundError(f"no sur-cache store at {url}; nothing to migrate")
-        attributes = metadata["attributes"]
-        if attributes.get("schema_version") == SCHEMA_VERSION:
-            Manifest.from_json(attributes, url)
-            return False
-        if attributes.get("schema_version") != 1 or not _is_sur_cache(attributes):
-            raise StoreFormatError(
-                f"{url}/zarr.json: expected a sur-cache store of schema_version 1 to migrate, found schema_version "
-                f"{_short(attributes.get('schema_version', '<absent>'))}; migrate converts sur-cache 0.1.0 stores only"
-            )
-        migration = _Migration(url, fs, root, metadata, *_schema1_manifest(url, attributes))
-        for step in MIGRATION_STEPS:
-            step(migration)
-    return True
-
-
-def _schema1_manifest(url: str, attributes: dict[str, Any]) -> tuple[Manifest, list[str]]:
-    """The schema-2 manifest of a schema-1 one, and its file names; every field checked as `from_json` does."""
-    names = attributes.get("file_names")
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise StoreFormatError(f"{url}/zarr.json: a schema-1 manifest lists its file_names; this one does not")
-    fields = {key: value for key, value in attributes.items() if key not in ("schema_version", "file_names")}
-    fields = {"llm_model": None, "llm_features_file": None, **fields}  # schema 1 left out the unused teacher
-    fields.update(file_names_sha256=names_sha256(names), file_name_bytes=name_bytes(names), store_id=uuid.uuid4().hex)
-    problems = _field_problems(Manifest, fields, "")
-    if problems:
-        raise StoreFormatError(
-            f"{url}/zarr.json: this schema-1 manifest cannot become schema {SCHEMA_VERSION}: {'; '.join(problems)}; "
-            "re-extract the store (`sur-cache extract ... --overwrite`)"
-        )
-    return _build(Manifest, fields), names
-
-
-def _migrate_dimension_names(migration: _Migration) -> None:
-    """Each array's zarr.json with this schema's dimension names (replaced atomically, its data untouched)."""
-    for name, spec in array_specs(migration.manifest).items():
-        path = f"{migration.root}/{name}/zarr.json"
-        metadata = json.loads(migration.fs.cat_file(path))
-        if metadata.get("dimension_names") != list(spec.dimension_names):
-            metadata["dimension_names"] = list(spec.dimension_names)
-            _write_atomically(migration.fs, path, json.dumps(metadata, indent=2))
-
-
-def _migrate_file_names(migration: _Migration) -> None:
-    """The file_name array, created anew from the schema-1 manifest's list."""
-    store = migration.store()
-    _create_array(store._group, FILE_NAME_ARRAY, file_name_spec(migration.manifest), migration.manifest, True)
-    store._write_file_names(migration.file_names)
-
-
-def _migrate_status(migration: _Migration) -> None:
-    """The status shards schema 1 never wrote (its pending shards), written as pending."""
-    store = migration.store()
-    for shard in _missing_status_shards(migration.fs, migration.root, len(store.shard_ranges())):
-        start, stop = store.shard_ranges()[shard]
-        store._writable("status")[start:stop] = np.zeros(stop - start, np.uint8)
-
-
-def _migrate_commit_markers(migration: _Migration) -> None:
-    """A commit marker for every shard whose status is final (schema 1's commit), none for the others."""
-    store = migration.store()
-    folder = f"{migration.root}/{COMMITS_DIR}"
-    for name in names_in(migration.fs, folder):  # a stopped migration's markers: written again below
-        migration.fs.rm(f"{folder}/{name}")
-    for shard, (start, stop) in enumerate(store.shard_ranges()):
-        status = store.array("status")[start:stop]
-        if (status != PENDING).all():
-            store._write_commit_marker(shard, status)
-
-
-def _migrate_manifest(migration: _Migration) -> None:
-    """The commit of the migration: the group's zarr.json with the schema-2 manifest, replaced atomically."""
-    metadata = {**migration.metadata, "attributes": migration.manifest.to_json()}
-    _write_atomically(migration.fs, f"{migration.root}/zarr.json", json.dumps(metadata, indent=2))
-
-
-# In order; the last one is the commit (tests raise at each to simulate a kill).
-MIGRATION_STEPS = (
-    _migrate_dimension_names,
-    _migrate_file_names,
-    _migrate_status,
-    _migrate_commit_markers,
-    _migrate_manifest,
-)

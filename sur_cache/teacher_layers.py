@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # this module imports no torch: the command line's option checks use it
+    import torch
 
-if TYPE_CHECKING:
     from sur_cache.store import Manifest
 
 ALL_LAYERS = "all"  # `extract --llm-layers all`: every decoder layer
@@ -96,7 +96,7 @@ class TeacherLayer:
 def rms_normalise(states: torch.Tensor) -> torch.Tensor:
     """`states / sqrt(mean(states ** 2, last dim) + NORM_EPS)`, in float32."""
     states = states.float()
-    return states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    return states * (states.pow(2).mean(-1, keepdim=True) + NORM_EPS).rsqrt()
 
 
 def resolve_teacher(choice: str | None, manifest: Manifest, store: str) -> TeacherLayer:

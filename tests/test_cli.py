@@ -202,6 +202,17 @@ def test_layout_and_adapter_defaults_are_their_owners():
     assert ImportReferenceConfig.num_heads == AdapterConfig.num_heads
 
 
+def test_importing_the_command_line_imports_neither_torch_nor_zarr():
+    """`sur-cache --help` builds every option from these imports: without torch and zarr it takes a fraction of a
+    second instead of seconds (the stages import them when a command runs)."""
+    import subprocess
+    import sys
+
+    code = "import sys, sur_cache.cli; print(sorted({'torch', 'zarr', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------------------------------ one device option
 
 

@@ -264,9 +264,11 @@ def test_batches_per_epoch_counts_unit_sizes_without_shuffling_every_rank(monkey
         assert loader_module.batches_per_epoch(units, batch_size=4, seed=4, epoch=2, world_size=world) == count
 
 
-def test_close_while_a_reader_is_busy_with_a_large_read_ends_it_cleanly(tmp_path):
-    """close() right after the first batch, while the reader reads the next units (about 30 MB each): no error, the
-    reader exits by itself (exit code 0, not killed by a signal), nothing keeps running."""
+@pytest.mark.parametrize(("readers", "served"), [(1, 1), (2, 30)], ids=["first-batch", "mid-epoch"])
+def test_close_while_a_reader_is_busy_with_a_large_read_ends_it_cleanly(tmp_path, readers, served):
+    """close() after the first batch and in the middle of the epoch, while the readers read the next units (about
+    30 MB each) into their slots: no error, each reader exits by itself (exit code 0, not killed by a signal), nothing
+    keeps running."""
     store = synthetic_store(
         tmp_path / "big.zarr",
         num_samples=192,
@@ -285,13 +287,14 @@ def test_close_while_a_reader_is_busy_with_a_large_read_ends_it_cleanly(tmp_path
         }
         store.write_shard(shard, rows, np.full(stop - start, DONE, np.uint8))
     store = FeatureStore.open(tmp_path / "big.zarr")
-    for _ in range(2):
-        loader = _loader(store, readers=1, buffer_units=1)
-        next(loader.batches())
-        readers = multiprocessing.active_children()
-        loader.close()
-        assert [reader.exitcode for reader in readers] == [0] * len(readers)
-        assert loader.source._stream is None
+    loader = _loader(store, readers=readers, buffer_units=1)
+    for _ in zip(loader.batches(), range(served), strict=False):
+        pass
+    processes = multiprocessing.active_children()
+    assert len(processes) == readers
+    loader.close()
+    assert [process.exitcode for process in processes] == [0] * readers
+    assert loader.source._stream is None and not multiprocessing.active_children()
 
 
 def test_a_reader_reusing_its_slots_never_serves_a_rewritten_unit(tmp_path):

@@ -23,7 +23,6 @@ from sur_cache.store import (
     ManifestMismatchError,
     StoreFormatError,
     array_specs,
-    migrate,
     synthetic_manifest,
     synthetic_store,
 )
@@ -215,7 +214,6 @@ def test_compressed_store_round_trips_with_checksums(tmp_path):
 
 
 def test_identity_is_kept_by_a_copy_and_changed_by_a_commit_or_a_new_store(store, tmp_path):
-    import shutil
 
     first = store.identity
     assert set(first) == {"store_id", "fingerprint"} and len(first["fingerprint"]) == 64
@@ -299,6 +297,15 @@ def test_a_deleted_status_shard_is_damage_not_pending(store, tmp_path):
     assert FeatureStore.exists(store.url)  # features were written: damage to report, not a creation to redo
     with pytest.raises(FileExistsError, match="already holds a sur-cache store"):
         synthetic_store(store.url, **MANIFEST, **LAYOUT)
+
+
+def test_create_writes_no_status_shard_and_an_uncommitted_shard_without_one_is_pending(store, tmp_path):
+    assert not (tmp_path / "s.zarr" / "status" / "c").exists()  # create wrote metadata only: O(1) in N
+    store.write_shard(1, _random_rows(store, 4, 8, seed=1), np.full(4, DONE, np.uint8))
+    assert sorted(p.name for p in (tmp_path / "s.zarr" / "status" / "c").iterdir()) == ["1"]
+    assert store.pending_shards() == [0, 2] and store.verify() == []
+    assert store.status().tolist() == [PENDING] * 4 + [DONE] * 4 + [PENDING] * 2
+    assert not store.read(["llm"], 0, 4)["llm"].any()  # never written: no file, no damage
 
 
 def test_verify_names_non_finite_complete_samples(store):
@@ -529,69 +536,6 @@ def test_file_names_are_an_array_matching_the_manifest(tmp_path):
     assert FeatureStore.open(created.url).file_names() == names and created.file_names(1, 2) == names[1:2]
     with pytest.raises(ValueError, match="file_names_sha256"):
         FeatureStore.create(tmp_path / "m.zarr", manifest, names[::-1])
-
-
-# ---- schema 1 ----------------------------------------------------------------------------------------------------
-SCHEMA1 = Path(__file__).parent / "data" / "store_schema1.zarr"
-
-
-def _raw_arrays(url) -> dict[str, np.ndarray]:
-    """Every array of a store read by zarr itself, bypassing sur-cache."""
-    import zarr
-
-    group = zarr.open_group(str(url), mode="r")
-    return {name: array[:] for name, array in group.arrays()}
-
-
-def test_a_schema1_store_is_refused_naming_migrate_then_migrated_bit_identically(tmp_path):
-    copy = tmp_path / "v1.zarr"
-    shutil.copytree(SCHEMA1, copy)
-    with pytest.raises(StoreFormatError, match=rf"schema_version 1 .*`sur-cache migrate {copy}`"):
-        FeatureStore.open(copy)
-    assert FeatureStore.exists(copy)  # a store of ours: extract resumes nothing into it, and names migrate
-    assert migrate(copy) is True and migrate(copy) is False
-    migrated = FeatureStore.open(copy)
-    original, v1 = _raw_arrays(SCHEMA1), json.loads((SCHEMA1 / "zarr.json").read_text())["attributes"]
-    for name, values in original.items():
-        assert migrated.array(name)[:].tobytes() == values.tobytes(), name
-    assert migrated.file_names() == v1["file_names"]
-    assert migrated.status().tolist() == original["status"].tolist() and (original["status"] == SKIPPED).sum() == 1
-    assert migrated.summary()["skipped"] == {"unreadable_image": 1} and migrated.verify() == []
-    settings = migrated.manifest.settings()
-    assert {k: settings[k] for k in v1 if k in settings} == {k: v for k, v in v1.items() if k in settings}
-    assert migrated.manifest.llm_features_file is None and migrated.manifest.store_id
-
-
-@pytest.mark.parametrize("step", range(len(store_module.MIGRATION_STEPS)))
-def test_a_migration_killed_at_any_step_leaves_a_store_that_migrates_again(tmp_path, monkeypatch, step):
-    copy = tmp_path / "v1.zarr"
-    shutil.copytree(SCHEMA1, copy)
-    steps = list(store_module.MIGRATION_STEPS)
-
-    def killed(migration):
-        raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
-
-    steps[step] = killed
-    monkeypatch.setattr(store_module, "MIGRATION_STEPS", tuple(steps))
-    with pytest.raises(KeyboardInterrupt):
-        migrate(copy)
-    monkeypatch.undo()
-    with pytest.raises(StoreFormatError, match="sur-cache migrate"):  # still schema 1: nothing half-converted opens
-        FeatureStore.open(copy)
-    assert migrate(copy) is True
-    migrated, original = FeatureStore.open(copy), _raw_arrays(SCHEMA1)
-    assert all(migrated.array(name)[:].tobytes() == values.tobytes() for name, values in original.items())
-    assert migrated.verify() == [] and migrated.pending_shards() == []
-
-
-def test_migrate_marks_unwritten_schema1_status_shards_pending(tmp_path):
-    copy = tmp_path / "v1.zarr"
-    shutil.copytree(SCHEMA1, copy)
-    (copy / "status" / "c" / "2").unlink()  # schema 1 left a shard that was never committed without a status file
-    migrate(copy)
-    migrated = FeatureStore.open(copy)
-    assert migrated.pending_shards() == [2] and migrated.status()[8:].tolist() == [PENDING, PENDING]
-    assert (copy / "status" / "c" / "2").is_file()  # schema 2: written as pending, so a missing one is damage
 
 
 # ---- other Zarr readers ------------------------------------------------------------------------------------------

@@ -174,6 +174,27 @@ def test_rerun_resumes_nothing_and_other_settings_are_refused(reference, tiny_mo
     assert "--overwrite" in str(error.value)
 
 
+def test_rerunning_a_finished_store_skips_the_metadata_pass_unless_the_file_changed(
+    reference, tiny_models, demo_dataset, tmp_path, monkeypatch
+):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    out = tmp_path / "store.zarr"
+    shutil.copytree(reference[0], out)
+    real_pass = extract._read_rows
+    monkeypatch.setattr(extract, "_read_rows", lambda *a: pytest.fail("the metadata pass ran"))
+    with pytest.raises(ManifestMismatchError, match="dataset_path"):  # the copy's path: compared all the same
+        run_extract(_config(data, out, tiny_models))
+    again = run_extract(_config(demo_dataset, out, tiny_models))
+    assert again["computed_now"] == 0 and again["complete"] == reference[1]["complete"]
+    assert again["skipped"] == reference[1]["skipped"]
+    monkeypatch.setattr(extract, "_read_rows", real_pass)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / "metadata.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ManifestMismatchError, match="metadata_sha256.*\n.*num_samples"):
+        run_extract(_config(data, out, tiny_models))  # parsed again: every differing field named
+
+
 _KILLER = """
 import os, signal, sys, threading
 from sur_cache.store import FeatureStore
