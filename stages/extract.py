@@ -76,7 +76,7 @@ from sur_cache.store import (
     name_bytes,
     names_sha256,
 )
-from sur_cache.writer_lock import writer_lock
+from sur_cache.writer_lock import HeldLock, writer_lock
 
 _IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
 
@@ -259,11 +259,12 @@ def build_manifest(
 
 
 def _open_store(config: ExtractConfig, manifest: Manifest, rows: list[Row]) -> FeatureStore:
-    if FeatureStore.exists(config.out) and not config.overwrite:
-        store = FeatureStore.open(config.out, mode="r+", expected=manifest)
+    options = config.storage_options
+    if FeatureStore.exists(config.out, options) and not config.overwrite:
+        store = FeatureStore.open(config.out, mode="r+", expected=manifest, storage_options=options)
     else:
         names = [row.file_name for row in rows]
-        store = FeatureStore.create(config.out, manifest, names, overwrite=config.overwrite)
+        store = FeatureStore.create(config.out, manifest, names, overwrite=config.overwrite, storage_options=options)
     store.remove_partial_files()
     return store
 
@@ -465,7 +466,7 @@ def _expand(mask: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _extract_shards(
-    store, mine: list[int], passes, rows: list[Row], config: ExtractConfig, show_progress: bool
+    store, mine: list[int], passes, rows: list[Row], config: ExtractConfig, show_progress: bool, lock: HeldLock
 ) -> None:
     """Run each pass over this process's shards; a background thread writes shard k while shard k + 1 computes."""
     ranges = store.shard_ranges()
@@ -479,16 +480,19 @@ def _extract_shards(
                     _skip_non_finite(state, arrays, rows, config, store.manifest.store_dtype)
                     if pending is not None:
                         pending.result()  # at most one shard waits for the disk: memory stays at two shards
-                    pending = writer.submit(_write_shard, store, index, state, arrays, commit)
+                    pending = writer.submit(_write_shard, store, index, state, arrays, commit, lock)
                 if pending is not None:
                     pending.result()
             del encoder
             _free_memory()
 
 
-def _write_shard(store, index: int, state: _ShardState, arrays: dict[str, np.ndarray], commit: bool) -> None:
+def _write_shard(
+    store, index: int, state: _ShardState, arrays: dict[str, np.ndarray], commit: bool, lock: HeldLock
+) -> None:
     _write(store, index, state, arrays)
     if commit:  # the commit: skip report first, status last
+        lock.check()  # an S3 lease lost to another writer: stop before committing into its store
         store.write_skipped(index, state.skipped)
         store.commit_shard(index, state.status)
 
@@ -516,24 +520,29 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     if not state.is_main_process:
         return _write_store(config, state, rows, device, llm_table, started)
     manifest = build_manifest(config, rows, _sd_facts(config), _teacher(config, llm_table), device)
-    FeatureStore.refuse_foreign(config.out)  # before the lock file goes in: never into a folder that is not ours
-    with writer_lock(config.out):  # the main process holds it for the whole run; the other ranks share it
+    # before the lock file goes in: never into a folder that is not ours
+    FeatureStore.refuse_foreign(config.out, config.storage_options)
+    # the main process holds it for the whole run; the other ranks share it
+    with writer_lock(config.out, config.storage_options) as lock:
         store = _open_store(config, manifest, rows)
         store.write_skipped(None, [asdict(b) for b in bad])
-        return _write_store(config, state, rows, device, llm_table, started, store)
+        return _write_store(config, state, rows, device, llm_table, started, store, lock)
 
 
-def _write_store(config, state, rows, device, llm_table, started, store=None) -> dict[str, Any]:
-    """Every process's part, once the main process has created or resumed `store` (the others open it)."""
+def _write_store(config, state, rows, device, llm_table, started, store=None, lock=None) -> dict[str, Any]:
+    """Every process's part, once the main process has created or resumed `store` (the others open it).
+
+    Only the main process holds `lock` and checks it before its commits; the others' end with the launch."""
     state.wait_for_everyone()
     if store is None:
-        store = FeatureStore.open(config.out, mode="r+")
+        store = FeatureStore.open(config.out, mode="r+", storage_options=config.storage_options)
     pending = store.pending_shards()
     mine = [shard for shard in pending if shard % state.num_processes == state.process_index]
     workers = config.num_workers if config.num_workers is not None else default_num_workers(state.num_processes)
     if mine:
         passes = _passes(config, store.manifest, rows, device, workers, llm_table)
-        _extract_shards(store, mine, passes, rows, config, config.progress and state.is_main_process)
+        show_progress = config.progress and state.is_main_process
+        _extract_shards(store, mine, passes, rows, config, show_progress, lock or HeldLock())
     state.wait_for_everyone()
     summary = _summarise(store, pending, time.perf_counter() - started)
     if state.is_main_process:

@@ -12,6 +12,7 @@ from typing import ClassVar, get_args
 from sur_cache.adapter import ATTENTION_CHOICES, AdapterConfig
 from sur_cache.dataset import CropMode
 from sur_cache.devices import AUTO, DTYPE_CHOICES
+from sur_cache.locations import StorageOptions
 from sur_cache.models import DTYPES, LLM_ALIASES, Pooling
 from sur_cache.store import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
 
@@ -75,6 +76,7 @@ class ExtractConfig:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    storage_options: StorageOptions = StorageOptions()  # fsspec's, for an --out URL (--storage-option KEY=VALUE)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "llm_pooling": LLM_POOLINGS,
@@ -205,6 +207,7 @@ class TrainConfig:
     val_every: int | None = None  # None: every checkpoint_every steps, so that each checkpoint has its validation
     resume: str | None = None
     device: str = AUTO
+    storage_options: StorageOptions = StorageOptions()  # fsspec's, for a --store URL (--storage-option KEY=VALUE)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "attention": ATTENTION_CHOICES,

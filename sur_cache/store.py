@@ -47,7 +47,7 @@ import re
 import typing
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from sur_cache.locations import filesystem, names_in, normalise_url, read_files
+from sur_cache.locations import filesystem, names_in, normalise_url, read_files, zarr_options
 from sur_cache.writer_lock import LOCK_FILE, writer_lock
 
 SCHEMA_VERSION = 2  # 2: a typed manifest with a store id and field checksums, names in an array, commit markers
@@ -94,7 +94,6 @@ def added_field(default: Any, version: str):
     """A manifest field that stores written before sur-cache `version` lack: read from them as `default`, which must
     describe what those stores hold (a new field never reinterprets an old store's numbers)."""
     return field(default=default, metadata={"added_in": version})
-
 
 
 @dataclass(frozen=True)
@@ -553,10 +552,10 @@ def _owned(fs, root: str) -> list[str]:
     return names
 
 
-def what_overwrite_removes(url: str) -> str:
+def what_overwrite_removes(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """One phrase for messages: what `--overwrite` would remove from the store at `url`, and what it keeps."""
     url = normalise_url(url)
-    fs, root = filesystem(url)
+    fs, root = filesystem(url, storage_options)
     owned = _owned(fs, root)
     kept = [name for name in _entries(fs, root) if name not in owned]
     keeps = f"; it keeps {_listing(kept)}" if kept else ""
@@ -645,13 +644,17 @@ class FeatureStore:
 
     Open with `FeatureStore.open(url, mode="r")` to read, `FeatureStore.create(...)` to start one; `mode="r+"` with
     `expected=` a manifest resumes writing and refuses a store made with other settings. A writer holds
-    `writer_lock(url)` for as long as it writes.
+    `writer_lock(url)` for as long as it writes. `storage_options` (fsspec's, e.g. an S3 endpoint and credentials)
+    reach every filesystem and zarr call; they are kept as `store.storage_options` for the loader's readers.
     """
 
-    def __init__(self, url: str, group: zarr.Group, manifest: Manifest) -> None:
+    def __init__(
+        self, url: str, group: zarr.Group, manifest: Manifest, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.url = url
+        self.storage_options = storage_options
         self._group = group
-        self._fs, self._root = filesystem(url)
+        self._fs, self._root = filesystem(url, storage_options)
         self.manifest = manifest
         self.num_samples = manifest.num_samples
         self.shard_rows = manifest.shard_rows
@@ -663,14 +666,14 @@ class FeatureStore:
 
     # ---- opening --------------------------------------------------------------------------------------------------
     @staticmethod
-    def exists(url: str | Path) -> bool:
+    def exists(url: str | Path, storage_options: Mapping[str, Any] | None = None) -> bool:
         """True when `url` holds a sur-cache store to resume or read (of this schema, or of schema 1 to migrate).
 
         False for nothing, an empty folder, a folder or Zarr group that is not a sur-cache store (`create` refuses
         those by name), and a store whose creation was interrupted before any sample was written (created anew).
         """
         url = normalise_url(url)
-        fs, root = filesystem(url)
+        fs, root = filesystem(url, storage_options)
         try:
             attributes = _group_attributes(fs, root)
         except StoreFormatError:
@@ -678,14 +681,19 @@ class FeatureStore:
         return _is_sur_cache(attributes) and not _creation_interrupted(fs, root, attributes)
 
     @staticmethod
-    def refuse_foreign(url: str | Path) -> None:
+    def refuse_foreign(url: str | Path, storage_options: Mapping[str, Any] | None = None) -> None:
         """Raise unless `url` is absent, an empty folder, or a sur-cache store: what a writer may write into."""
         url = normalise_url(url)
-        _refuse_foreign(url, *filesystem(url))
+        _refuse_foreign(url, *filesystem(url, storage_options))
 
     @classmethod
     def create(
-        cls, url: str | Path, manifest: Manifest, file_names: Sequence[str], overwrite: bool = False
+        cls,
+        url: str | Path,
+        manifest: Manifest,
+        file_names: Sequence[str],
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> FeatureStore:
         """Write the manifest (with a new store id), every (empty) array, the file names, then the whole status array
         (all pending) last.
@@ -695,21 +703,22 @@ class FeatureStore:
         """
         url = normalise_url(url)
         _check_layout(manifest, file_names)
-        fs, root = filesystem(url)
+        fs, root = filesystem(url, storage_options)
         found = _refuse_foreign(url, fs, root)
         if found is not None:
             if not overwrite and not _creation_interrupted(fs, root, found):
                 raise FileExistsError(
                     f"{url} already holds a sur-cache store; resume it with the same settings, or replace it: "
-                    f"{what_overwrite_removes(url)}"
+                    f"{what_overwrite_removes(url, storage_options)}"
                 )
             _remove_owned(fs, root)
         manifest = dataclasses.replace(manifest, store_id=uuid.uuid4().hex)
-        group = zarr.open_group(url, mode="a", attributes=manifest.to_json())  # "a": other files in the folder stay
+        # "a": other files in the folder stay
+        group = zarr.open_group(url, mode="a", attributes=manifest.to_json(), **zarr_options(storage_options))
         layout = {**array_specs(manifest), FILE_NAME_ARRAY: file_name_spec(manifest)}
         for name in (*(name for name in layout if name != "status"), "status"):
             _create_array(group, name, layout[name], manifest)
-        store = cls(url, group, manifest)
+        store = cls(url, group, manifest, storage_options)
         store._write_file_names(file_names)
         # Every status shard exists from now on, so a missing one is damage, never "pending" (see `shard_counts`).
         store._writable("status")[:] = np.zeros(manifest.num_samples, np.uint8)
@@ -724,7 +733,13 @@ class FeatureStore:
             self._writable(FILE_NAME_ARRAY)[start:stop] = _encode_names(file_names[start:stop], width)
 
     @classmethod
-    def open(cls, url: str | Path, mode: str = "r", expected: Manifest | None = None) -> FeatureStore:
+    def open(
+        cls,
+        url: str | Path,
+        mode: str = "r",
+        expected: Manifest | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> FeatureStore:
         """Open and validate a store: its `zarr.json`, the manifest's checksums, the arrays, and `expected` if given.
 
         `expected` is compared setting by setting with the stored manifest; any difference raises
@@ -734,7 +749,7 @@ class FeatureStore:
         url = normalise_url(url)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        fs, root = filesystem(url)
+        fs, root = filesystem(url, storage_options)
         attributes = _group_attributes(fs, root)
         if attributes is None:
             raise FileNotFoundError(f"no sur-cache store at {url}; create one with `sur-cache extract --out {url}`")
@@ -745,13 +760,14 @@ class FeatureStore:
                 raise ManifestMismatchError(
                     f"{url} was written with other settings:\n  "
                     + "\n  ".join(differences)
-                    + f"\nChoose a new --out path, or replace the store: {what_overwrite_removes(url)}."
+                    + "\nChoose a new --out path, or replace the store: "
+                    + f"{what_overwrite_removes(url, storage_options)}."
                 )
         try:
-            group = zarr.open_group(url, mode=mode)
+            group = zarr.open_group(url, mode=mode, **zarr_options(storage_options))
         except Exception as error:  # noqa: BLE001 - zarr's own validation of the metadata; any failure is format
             raise StoreFormatError(f"{url}/zarr.json cannot be opened as a Zarr group ({error}); re-extract") from None
-        store = cls(url, group, found)
+        store = cls(url, group, found, storage_options)
         store._check_arrays()
         return store
 
@@ -1258,13 +1274,15 @@ class _Migration:
     metadata: dict[str, Any]  # the group's zarr.json, schema 1
     manifest: Manifest  # the schema-2 manifest it becomes (a fresh store id)
     file_names: list[str]
+    storage_options: Mapping[str, Any] | None = None
 
     def store(self) -> FeatureStore:
         """The store as schema 2 will see it (not validated: its zarr.json is still schema 1)."""
-        return FeatureStore(self.url, zarr.open_group(self.url, mode="r+"), self.manifest)
+        group = zarr.open_group(self.url, mode="r+", **zarr_options(self.storage_options))
+        return FeatureStore(self.url, group, self.manifest, self.storage_options)
 
 
-def migrate(url: str | Path) -> bool:
+def migrate(url: str | Path, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Convert the schema-1 store at `url` (sur-cache 0.1.0) in place to schema 2; False if it is schema 2 already.
 
     Holds the writer lock. Every step but the last writes only what schema 1 does not read (dimension names, the
@@ -1274,8 +1292,8 @@ def migrate(url: str | Path) -> bool:
     are never rewritten.
     """
     url = normalise_url(url)
-    fs, root = filesystem(url)
-    with writer_lock(url):
+    fs, root = filesystem(url, storage_options)
+    with writer_lock(url, storage_options):
         metadata = _group_metadata(fs, root)
         if metadata is None:
             raise FileNotFoundError(f"no sur-cache store at {url}; nothing to migrate")
@@ -1288,7 +1306,7 @@ def migrate(url: str | Path) -> bool:
                 f"{url}/zarr.json: expected a sur-cache store of schema_version 1 to migrate, found schema_version "
                 f"{_short(attributes.get('schema_version', '<absent>'))}; migrate converts sur-cache 0.1.0 stores only"
             )
-        migration = _Migration(url, fs, root, metadata, *_schema1_manifest(url, attributes))
+        migration = _Migration(url, fs, root, metadata, *_schema1_manifest(url, attributes), storage_options)
         for step in MIGRATION_STEPS:
             step(migration)
     return True
