@@ -71,20 +71,26 @@ def _assert_same_as(url: str, options, local: Path) -> None:
         assert remote.array(name)[:].tobytes() == here.array(name)[:].tobytes(), f"array {name} differs"
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """`train` and `extract` in this process each build accelerate's process-wide state, as a fresh process would."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_extract_writes_a_store_that_inspect_verify_and_train_read(
-    s3_server, local_reference, tiny_models, demo_dataset, tmp_path
+    s3_server, local_reference, tiny_models, demo_dataset, tmp_path, monkeypatch, fresh_accelerate_state
 ):
     url = f"s3://{s3_server.new_bucket()}/store.zarr"
-    # credentials and endpoint from the environment, as botocore reads them
-    result = subprocess.run(
-        [SUR_CACHE, *_cli_args(demo_dataset, url, tiny_models)],
-        env=s3_server.env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "done        12 of 12 samples" in result.stdout
+    with monkeypatch.context() as environment:  # credentials and endpoint from the environment, as botocore reads them
+        for name, value in s3_server.env.items():
+            environment.setenv(name, value)
+        extracted = CliRunner().invoke(main, _cli_args(demo_dataset, url, tiny_models))
+    assert extracted.exit_code == 0, extracted.output
+    assert "done        12 of 12 samples" in extracted.output
     options = StorageOptions(s3_server.options.items())
     _assert_same_as(url, options, local_reference)
     # ... and from --storage-option, whose values are never printed
@@ -93,17 +99,20 @@ def test_extract_writes_a_store_that_inspect_verify_and_train_read(
     assert json.loads(inspected.output)["url"] == url
     verified = CliRunner().invoke(main, ["verify", url, *s3_server.option_args()])
     assert verified.exit_code == 0 and verified.output.startswith("ok: "), verified.output
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     run = tmp_path / "run"
     train = ["train", "--store", url, "--sd", str(tiny_models.sd), "--out", str(run), "--device", "cpu"]
     train += ["--batch-size", "2", "--gradient-accumulation", "1", "--max-steps", "2", "--read-workers", "1"]
     train += ["--feedforward", "64", "--num-heads", "4", *s3_server.option_args()]
-    trained = subprocess.run([SUR_CACHE, *train], cwd=tmp_path, capture_output=True, text=True)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    trained = CliRunner().invoke(main, train)  # one reader process, which opens the store with the same options
+    assert trained.exit_code == 0, trained.output
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
     secret = s3_server.options["secret"]
     record = (run / "run.json").read_text()
     assert "StorageOptions(endpoint_url=***, key=***, secret=***)" in record and secret not in record
-    assert all(secret not in text for text in (result.stdout, result.stderr, trained.stdout, trained.stderr))
+    assert all(secret not in result.output for result in (extracted, inspected, verified, trained))
 
 
 def test_kill_9_during_extract_then_resume_gives_the_local_uninterrupted_store(
@@ -124,22 +133,16 @@ def test_kill_9_during_extract_then_resume_gives_the_local_uninterrupted_store(
     _assert_same_as(url, options, local_reference)
 
 
-def test_a_second_writer_is_refused_naming_the_holder(s3_server, tiny_models, demo_dataset, tmp_path):
-    url = f"s3://{s3_server.new_bucket()}/store.zarr"
-    options = StorageOptions(s3_server.options.items())
+def test_a_second_writer_is_refused_naming_the_holder(s3_server, tiny_models, demo_dataset, fresh_accelerate_state):
     import os
     import socket
 
+    url = f"s3://{s3_server.new_bucket()}/store.zarr"
+    options = StorageOptions(s3_server.options.items())
     with writer_lock(url, options):
-        refused = subprocess.run(
-            [SUR_CACHE, *_cli_args(demo_dataset, url, tiny_models)],
-            env=s3_server.env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-        )
-    assert refused.returncode == 1
-    assert f"is being written by process {os.getpid()} on host {socket.gethostname()}" in refused.stderr
+        refused = CliRunner().invoke(main, [*_cli_args(demo_dataset, url, tiny_models), *s3_server.option_args()])
+    assert refused.exit_code == 1
+    assert f"is being written by process {os.getpid()} on host {socket.gethostname()}" in refused.output
     assert not FeatureStore.exists(url, options)  # nothing was written
 
 
