@@ -83,7 +83,7 @@ from sur_cache.store import (
     names_sha256,
 )
 from sur_cache.teacher_layers import extracted_layers, resolve_layer_list
-from sur_cache.writer_lock import writer_lock
+from sur_cache.writer_lock import HeldLock, writer_lock
 
 _IDENTITY_ARRAYS = ("sample_line", "image_sha256", "text_sha256", "prompt_sha256")  # kept for skipped samples
 
@@ -310,11 +310,12 @@ def build_manifest(
 
 
 def _open_store(config: ExtractConfig, manifest: Manifest, rows: list[Row]) -> FeatureStore:
-    if FeatureStore.exists(config.out) and not config.overwrite:
-        store = FeatureStore.open(config.out, mode="r+", expected=manifest)
+    options = config.storage_options
+    if FeatureStore.exists(config.out, options) and not config.overwrite:
+        store = FeatureStore.open(config.out, mode="r+", expected=manifest, storage_options=options)
     else:
         names = [row.file_name for row in rows]
-        store = FeatureStore.create(config.out, manifest, names, overwrite=config.overwrite)
+        store = FeatureStore.create(config.out, manifest, names, overwrite=config.overwrite, storage_options=options)
     store.remove_partial_files()
     return store
 
@@ -522,7 +523,7 @@ def _expand(mask: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _extract_shards(
-    store, mine: list[int], passes, rows: list[Row], config: ExtractConfig, show_progress: bool
+    store, mine: list[int], passes, rows: list[Row], config: ExtractConfig, show_progress: bool, lock: HeldLock
 ) -> None:
     """Run each pass over this process's shards; a background thread writes shard k while shard k + 1 computes."""
     ranges = store.shard_ranges()
@@ -536,16 +537,19 @@ def _extract_shards(
                     _skip_non_finite(state, arrays, rows, config, store.manifest.store_dtype)
                     if pending is not None:
                         pending.result()  # at most one shard waits for the disk: memory stays at two shards
-                    pending = writer.submit(_write_shard, store, index, state, arrays, commit)
+                    pending = writer.submit(_write_shard, store, index, state, arrays, commit, lock)
                 if pending is not None:
                     pending.result()
             del encoder
             _free_memory()
 
 
-def _write_shard(store, index: int, state: _ShardState, arrays: dict[str, np.ndarray], commit: bool) -> None:
+def _write_shard(
+    store, index: int, state: _ShardState, arrays: dict[str, np.ndarray], commit: bool, lock: HeldLock
+) -> None:
     _write(store, index, state, arrays)
     if commit:  # the commit: skip report first, status last
+        lock.check()  # an S3 lease lost to another writer: stop before committing into its store
         store.write_skipped(index, state.skipped)
         store.commit_shard(index, state.status)
 
@@ -576,12 +580,14 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     manifest = build_manifest(config, rows, _sd_facts(config), _teacher(config, llm_table), device)
     if finished is not None:  # the rows the metadata pass would give are the store's: same file, same settings
         manifest = replace(manifest, **{key: getattr(finished.manifest, key) for key in _ROW_FIELDS})
-    FeatureStore.refuse_foreign(config.out)  # before the lock file goes in: never into a folder that is not ours
-    with writer_lock(config.out):  # the main process holds it for the whole run; the other ranks share it
+    # before the lock file goes in: never into a folder that is not ours
+    FeatureStore.refuse_foreign(config.out, config.storage_options)
+    # the main process holds it for the whole run; the other ranks share it
+    with writer_lock(config.out, config.storage_options) as lock:
         store = _open_store(config, manifest, rows)
         if bad is not None:
             store.write_skipped(None, [asdict(b) for b in bad])
-        return _write_store(config, state, rows, device, llm_table, started, store)
+        return _write_store(config, state, rows, device, llm_table, started, store, lock)
 
 
 _ROW_FIELDS = ("num_samples", "file_names_sha256", "file_name_bytes")  # the manifest fields the rows decide
@@ -592,25 +598,28 @@ def _finished_store(config: ExtractConfig) -> FeatureStore | None:
     `metadata_sha256` that of --data's metadata.jsonl. Its rows then follow from that file and settings the resume
     compares anyway (columns, the LLM feature file), so the metadata pass (7 s at 1M rows) is skipped. Not with
     --strict, whose contract is to check every row's file, nor --overwrite."""
-    if config.overwrite or config.strict or not FeatureStore.exists(config.out):
+    if config.overwrite or config.strict or not FeatureStore.exists(config.out, config.storage_options):
         return None
-    store = FeatureStore.open(config.out)
+    store = FeatureStore.open(config.out, storage_options=config.storage_options)
     if store.manifest.metadata_sha256 != metadata_sha256(config.data) or store.pending_shards():
         return None
     return store
 
 
-def _write_store(config, state, rows, device, llm_table, started, store=None) -> dict[str, Any]:
-    """Every process's part, once the main process has created or resumed `store` (the others open it)."""
+def _write_store(config, state, rows, device, llm_table, started, store=None, lock=None) -> dict[str, Any]:
+    """Every process's part, once the main process has created or resumed `store` (the others open it).
+
+    Only the main process holds `lock` and checks it before its commits; the others' end with the launch."""
     state.wait_for_everyone()
     if store is None:
-        store = FeatureStore.open(config.out, mode="r+")
+        store = FeatureStore.open(config.out, mode="r+", storage_options=config.storage_options)
     pending = store.pending_shards()
     mine = [shard for shard in pending if shard % state.num_processes == state.process_index]
     workers = config.num_workers if config.num_workers is not None else default_num_workers(state.num_processes)
     if mine:
         passes = _passes(config, store.manifest, rows, device, workers, llm_table)
-        _extract_shards(store, mine, passes, rows, config, config.progress and state.is_main_process)
+        show_progress = config.progress and state.is_main_process
+        _extract_shards(store, mine, passes, rows, config, show_progress, lock or HeldLock())
     state.wait_for_everyone()
     summary = _summarise(store, pending, time.perf_counter() - started)
     if state.is_main_process:

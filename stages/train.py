@@ -97,7 +97,7 @@ RESOLVED_SETTINGS = {
 # store's single LLM layer as the teacher).
 _ADDED_SETTINGS = {"val_fraction": 0.0, "held_out": [], "llm_layer": None}
 # Left out of the typed settings: compared through RESOLVED_SETTINGS, or naming where the run is, not what it means.
-_NOT_COMPARED_AS_TYPED = ("store", "device", "attention", "out", "resume")
+_NOT_COMPARED_AS_TYPED = ("store", "device", "attention", "out", "resume", "storage_options")
 # Recorded by checkpoints of an older sur-cache and compared no more: the `--cpu` flag, which `--device` replaced
 # (the device type it resolved to is recorded as `device` and compared).
 _RETIRED_SETTINGS = ("cpu",)
@@ -165,7 +165,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     _check_out(out, config.resume)
     resumed = find_checkpoint(out, config.resume) if config.resume else None
     position = checkpoint.read_position(resumed) if resumed else None
-    store = FeatureStore.open(config.store, mode="r")
+    store = FeatureStore.open(config.store, mode="r", storage_options=config.storage_options)
     manifest = store.manifest
     check_manifest(manifest, config.sd, store.url)
     teacher = resolve_teacher(config.llm_layer, manifest, store.url)

@@ -27,6 +27,7 @@ from sur_cache.config import (
 )
 from sur_cache.demo import LLM_CHOICES as DEMO_LLM_CHOICES
 from sur_cache.demo import build_demo_assets
+from sur_cache.locations import StorageOptions
 
 # Every default below is read from the config dataclass (or function) the option feeds, and every choice list from
 # the module that owns it, so that changing one is a one-line edit there (tests/test_cli.py checks they agree).
@@ -41,6 +42,20 @@ USER_ERRORS = (ValueError, OSError)
 def _default(function, name: str):
     """A keyword default of `function`: an option of a command without a config dataclass shares it this way."""
     return inspect.signature(function).parameters[name].default
+
+
+def _storage_option(command):
+    """`--storage-option KEY=VALUE` (repeatable) of every command that opens a store; the command parses it with
+    `StorageOptions.parse` into its config (or call), whose values are never printed."""
+    return click.option(
+        "--storage-option",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="An fsspec storage option of the store URL, repeatable: for s3:// e.g. endpoint_url=http://HOST:PORT, "
+        'key=..., secret=..., client_kwargs=\'{"region_name": "eu-west-1"}\' (JSON), anon=true. Or set '
+        "botocore's environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Values are never "
+        "printed or recorded.",
+    )(command)
 
 
 class _Commands(click.Group):
@@ -400,7 +415,8 @@ def evaluate_command(**options) -> None:
     help="Replace the sur-cache store at --out instead of resuming it (only the store's own files are removed).",
 )
 @click.option("--progress/--no-progress", default=ExtractConfig.progress, help="Show a progress bar with samples/s.")
-def extract_command(**options) -> None:
+@_storage_option
+def extract_command(storage_option, **options) -> None:
     """Run the frozen CLIP, VAE and LLM once over a SURD dataset and write a feature store.
 
     Re-running the same command resumes: finished shards are kept, unfinished ones recomputed. Run it under
@@ -410,7 +426,7 @@ def extract_command(**options) -> None:
 
     from sur_cache.stages.extract import format_summary, run_extract
 
-    summary = run_extract(ExtractConfig(**options))
+    summary = run_extract(ExtractConfig(storage_options=StorageOptions.parse(storage_option), **options))
     if PartialState().is_main_process:
         click.echo(format_summary(summary))
 
@@ -418,25 +434,27 @@ def extract_command(**options) -> None:
 @main.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (complete, skipped, manifest, arrays).")
-def inspect_command(store: str, as_json: bool) -> None:
+@_storage_option
+def inspect_command(store: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Show a feature store: manifest, arrays (shape, dtype, chunks, shards), completion, skipped rows, bytes."""
     import json
 
     from sur_cache.stages.inspect import format_description
     from sur_cache.store import FeatureStore
 
-    description = FeatureStore.open(store).describe()
+    description = FeatureStore.open(store, storage_options=StorageOptions.parse(storage_option)).describe()
     click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
 
 
 @main.command("verify")
 @click.argument("store")
-def verify_command(store: str) -> None:
+@_storage_option
+def verify_command(store: str, storage_option: tuple[str, ...]) -> None:
     """Read every chunk of a feature store back: crc32c checksums, missing shard files (status included), NaN or inf
     in complete samples; exit code 1 if anything is wrong."""
     from sur_cache.store import FeatureStore
 
-    opened = FeatureStore.open(store)
+    opened = FeatureStore.open(store, storage_options=StorageOptions.parse(storage_option))
     corrupt = opened.verify()
     for bad in corrupt:
         click.echo(f"corrupt   {bad.array} samples {bad.start}..{bad.stop - 1}: {bad.error}", err=True)
@@ -456,7 +474,8 @@ def verify_command(store: str) -> None:
 
 @main.command("migrate")
 @click.argument("store")
-def migrate_command(store: str) -> None:
+@_storage_option
+def migrate_command(store: str, storage_option: tuple[str, ...]) -> None:
     """Convert a feature store written by sur-cache 0.1.0 (schema 1) in place to this release's schema.
 
     Crash-safe: the new arrays and commit markers are written first and the store's zarr.json last, atomically, so
@@ -465,7 +484,7 @@ def migrate_command(store: str) -> None:
     from sur_cache.migration import migrate
     from sur_cache.store import SCHEMA_VERSION
 
-    converted = migrate(store)
+    converted = migrate(store, StorageOptions.parse(storage_option))
     click.echo(f"{store}: {'migrated to' if converted else 'already'} schema {SCHEMA_VERSION}")
 
 
@@ -666,7 +685,8 @@ def demo_assets_command(out, num_samples, llm) -> None:
     "the run's meaning must match the checkpoint's (docs/train.md lists what may change).",
 )
 @click.option("--device", default=TrainConfig.device, help=DEVICE_HELP)
-def train_command(**options) -> None:
+@_storage_option
+def train_command(storage_option, **options) -> None:
     """Train a SUR-adapter from a feature store; only the frozen UNet is loaded (no LLM, CLIP or VAE).
 
     Run it under `torchrun` or `accelerate launch` for several GPUs: each process reads a disjoint part of the
@@ -674,5 +694,5 @@ def train_command(**options) -> None:
     """
     from sur_cache.stages.train import run_train
 
-    final = run_train(TrainConfig(**options))
+    final = run_train(TrainConfig(storage_options=StorageOptions.parse(storage_option), **options))
     click.echo(f"adapter   {final}")

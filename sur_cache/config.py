@@ -24,6 +24,7 @@ from sur_cache.choices import (
     Pooling,
 )
 from sur_cache.eval_prompts import bundled_prompts_path
+from sur_cache.locations import StorageOptions
 from sur_cache.teacher_layers import check_teacher_choice, parse_layer_list
 
 # The choices of the stages' options, each defined once here or by the module that owns the idea; the CLI offers
@@ -89,6 +90,7 @@ class ExtractConfig:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    storage_options: StorageOptions = StorageOptions()  # fsspec's, for an --out URL (--storage-option KEY=VALUE)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "llm_pooling": LLM_POOLINGS,
@@ -244,6 +246,7 @@ class TrainConfig:
     val_every: int | None = None  # None: every checkpoint_every steps, so that each checkpoint has its validation
     resume: str | None = None
     device: str = AUTO
+    storage_options: StorageOptions = StorageOptions()  # fsspec's, for a --store URL (--storage-option KEY=VALUE)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "attention": ATTENTION_CHOICES,

@@ -231,8 +231,10 @@ class _UnitReads(torch.utils.data.Dataset):
     opened read-only in the reader process.
     """
 
-    def __init__(self, url: str, units: list[ReadUnit], names: list[str], slots: dict[str, torch.Tensor]) -> None:
-        self.url, self.units, self.names, self.slots = url, units, names, slots
+    def __init__(
+        self, url: str, options, units: list[ReadUnit], names: list[str], slots: dict[str, torch.Tensor]
+    ) -> None:
+        self.url, self.options, self.units, self.names, self.slots = url, options, units, names, slots
         self._store: FeatureStore | None = None
 
     def __len__(self) -> int:
@@ -243,7 +245,7 @@ class _UnitReads(torch.utils.data.Dataset):
         StoreFormatError of its own, instead of a reader-process traceback."""
         unit, slot = request
         if self._store is None:
-            self._store = FeatureStore.open(self.url, mode="r")
+            self._store = FeatureStore.open(self.url, mode="r", storage_options=self.options)
             for slots in self.slots.values():  # map every page once now, not one page fault at a time per unit
                 slots.zero_()
         start, stop = self.units[unit].start, self.units[unit].stop
@@ -302,7 +304,7 @@ class StoreSource:
             slots = _shared_slots(store, units, names, self._ring)
             self._slots = {name: slot.numpy() for name, slot in slots.items()}
             self._reader = torch.utils.data.DataLoader(
-                _UnitReads(store.url, units, names, slots),
+                _UnitReads(store.url, store.storage_options, units, names, slots),
                 batch_size=None,
                 sampler=self._sequence,
                 num_workers=readers,

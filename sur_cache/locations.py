@@ -7,8 +7,11 @@ skip reports). The store, the writer lock and the stages all go through it, so t
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -28,15 +31,100 @@ def normalise_url(url: str | Path) -> str:
     return LocalFileSystem._strip_protocol(url) if url.startswith("file://") else url
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and root path of `url`; a protocol whose package is missing names what to install."""
+class StorageOptions(Mapping[str, Any]):
+    """fsspec/botocore keyword arguments for a store URL (`--storage-option key=value`), whose values are never shown.
+
+    Credentials travel here (or in the environment: `AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, ...), so `repr` and
+    `str` name the keys only: a run record, a log line or an error message that prints the options prints
+    `key=***`. A value `true`/`false` is a boolean and one starting with `{` or `[` is JSON (for `client_kwargs`);
+    every other value is a string, so a numeric secret stays a string.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[str, Any]] = ()) -> None:
+        self._items = tuple(sorted(dict(pairs).items()))
+
+    @classmethod
+    def parse(cls, texts: Iterable[str]) -> StorageOptions:
+        """`key=value` strings (the CLI's repeatable `--storage-option`); a malformed one names its key only."""
+        pairs = []
+        for text in texts:
+            key, sep, value = text.partition("=")
+            if not sep or not key.strip():
+                raise StoreURLError(
+                    f"--storage-option {key.strip() or '<empty>'}=***: expected KEY=VALUE, e.g. "
+                    "--storage-option endpoint_url=http://127.0.0.1:9000"
+                )
+            pairs.append((key.strip(), _option_value(key.strip(), value)))
+        return cls(pairs)
+
+    def __getitem__(self, key: str) -> Any:
+        return dict(self._items)[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple((key, json.dumps(value, sort_keys=True)) for key, value in self._items))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return "StorageOptions(" + ", ".join(f"{key}=***" for key, _ in self._items) + ")"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickled for the loader's reader processes, as plain pairs
+        return (StorageOptions, (self._items,))
+
+
+def _option_value(key: str, text: str) -> Any:
+    if text in ("true", "false"):
+        return text == "true"
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise StoreURLError(f"--storage-option {key}=***: a value starting with {{ or [ must be JSON") from None
+    return text
+
+
+def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and root path of `url`; a protocol whose package is missing names what to install.
+
+    `options` (fsspec storage options) are for URLs; a local path with options is refused, not silently ignored.
+    """
+    options = dict(options or {})
+    if options and is_local(url):
+        raise StoreURLError(
+            f"{url} is a local path: --storage-option ({', '.join(options)}) applies to fsspec URLs (s3://...) only; "
+            "drop it"
+        )
+    if not is_local(url):
+        # No cached listings: zarr writes through an instance of its own, and the other processes of a run (or
+        # other nodes) commit shards; a listing this process cached would hide them.
+        options.setdefault("use_listings_cache", False)
     try:
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as error:
         protocol = url.split("://", 1)[0]
         fix = f"pip install 'sur-cache[{_EXTRAS[protocol]}]'" if protocol in _EXTRAS else str(error)
         raise StoreURLError(f"{url}: {protocol}:// URLs need a package that is not installed: {fix}") from error
     return fs, root.rstrip("/")
+
+
+def is_local(url: str | Path) -> bool:
+    """True for a local path or `file://` URL."""
+    return fsspec.core.split_protocol(str(url))[0] in (None, "file", "local")
+
+
+def zarr_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments that hand `options` to `zarr.open_group` (none at all for no options: zarr refuses
+    storage options for a local path)."""
+    return {"storage_options": dict(options)} if options else {}
 
 
 def in_process_only(url: str) -> bool:

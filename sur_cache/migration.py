@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zarr
 
-from sur_cache.locations import filesystem, names_in, normalise_url
+from sur_cache.locations import filesystem, names_in, normalise_url, zarr_options
 from sur_cache.store import (
     COMMITS_DIR,
     FILE_NAME_ARRAY,
@@ -45,13 +46,15 @@ class _Migration:
     metadata: dict[str, Any]  # the group's zarr.json, schema 1
     manifest: Manifest  # the schema-2 manifest it becomes (a fresh store id)
     file_names: list[str]
+    storage_options: Mapping[str, Any] | None = None
 
     def store(self) -> FeatureStore:
         """The store as schema 2 will see it (not validated: its zarr.json is still schema 1)."""
-        return FeatureStore(self.url, zarr.open_group(self.url, mode="r+"), self.manifest)
+        group = zarr.open_group(self.url, mode="r+", **zarr_options(self.storage_options))
+        return FeatureStore(self.url, group, self.manifest, self.storage_options)
 
 
-def migrate(url: str | Path) -> bool:
+def migrate(url: str | Path, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Convert the schema-1 store at `url` (sur-cache 0.1.0) in place to schema 2; False if it is schema 2 already.
 
     Holds the writer lock. Every step but the last writes only what schema 1 does not read (dimension names, the
@@ -61,8 +64,8 @@ def migrate(url: str | Path) -> bool:
     never committed) stay absent: in schema 2 too a shard has no status file until its commit.
     """
     url = normalise_url(url)
-    fs, root = filesystem(url)
-    with writer_lock(url):
+    fs, root = filesystem(url, storage_options)
+    with writer_lock(url, storage_options):
         metadata = _group_metadata(fs, root)
         if metadata is None:
             raise FileNotFoundError(f"no sur-cache store at {url}; nothing to migrate")
@@ -75,7 +78,7 @@ def migrate(url: str | Path) -> bool:
                 f"{url}/zarr.json: expected a sur-cache store of schema_version 1 to migrate, found schema_version "
                 f"{_short(attributes.get('schema_version', '<absent>'))}; migrate converts sur-cache 0.1.0 stores only"
             )
-        migration = _Migration(url, fs, root, metadata, *_schema1_manifest(url, attributes))
+        migration = _Migration(url, fs, root, metadata, *_schema1_manifest(url, attributes), storage_options)
         for step in MIGRATION_STEPS:
             step(migration)
     return True

@@ -51,7 +51,7 @@ import re
 import typing
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sur_cache.choices import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
-from sur_cache.locations import filesystem, names_in, normalise_url, read_files
+from sur_cache.locations import filesystem, names_in, normalise_url, read_files, zarr_options
 from sur_cache.shard_files import ShardDamage, ShardLayout, plain_layout, read_rows
 from sur_cache.writer_lock import LOCK_FILE
 
@@ -594,10 +594,10 @@ def _owned(fs, root: str) -> list[str]:
     return names
 
 
-def what_overwrite_removes(url: str) -> str:
+def what_overwrite_removes(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """One phrase for messages: what `--overwrite` would remove from the store at `url`, and what it keeps."""
     url = normalise_url(url)
-    fs, root = filesystem(url)
+    fs, root = filesystem(url, storage_options)
     owned = _owned(fs, root)
     kept = [name for name in _entries(fs, root) if name not in owned]
     keeps = f"; it keeps {_listing(kept)}" if kept else ""
@@ -685,13 +685,17 @@ class FeatureStore:
 
     Open with `FeatureStore.open(url, mode="r")` to read, `FeatureStore.create(...)` to start one; `mode="r+"` with
     `expected=` a manifest resumes writing and refuses a store made with other settings. A writer holds
-    `writer_lock(url)` for as long as it writes.
+    `writer_lock(url)` for as long as it writes. `storage_options` (fsspec's, e.g. an S3 endpoint and credentials)
+    reach every filesystem and zarr call; they are kept as `store.storage_options` for the loader's readers.
     """
 
-    def __init__(self, url: str, group: zarr.Group, manifest: Manifest) -> None:
+    def __init__(
+        self, url: str, group: zarr.Group, manifest: Manifest, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.url = url
+        self.storage_options = storage_options
         self._group = group
-        self._fs, self._root = filesystem(url)
+        self._fs, self._root = filesystem(url, storage_options)
         self.manifest = manifest
         self.num_samples = manifest.num_samples
         self.shard_rows = manifest.shard_rows
@@ -704,14 +708,14 @@ class FeatureStore:
 
     # ---- opening --------------------------------------------------------------------------------------------------
     @staticmethod
-    def exists(url: str | Path) -> bool:
+    def exists(url: str | Path, storage_options: Mapping[str, Any] | None = None) -> bool:
         """True when `url` holds a sur-cache store to resume or read (of this schema, or of schema 1 to migrate).
 
         False for nothing, an empty folder, a folder or Zarr group that is not a sur-cache store (`create` refuses
         those by name), and a store whose creation was interrupted before any sample was written (created anew).
         """
         url = normalise_url(url)
-        fs, root = filesystem(url)
+        fs, root = filesystem(url, storage_options)
         try:
             attributes = _group_attributes(fs, root)
         except StoreFormatError:
@@ -719,14 +723,19 @@ class FeatureStore:
         return _is_sur_cache(attributes) and not _creation_interrupted(fs, root, attributes)
 
     @staticmethod
-    def refuse_foreign(url: str | Path) -> None:
+    def refuse_foreign(url: str | Path, storage_options: Mapping[str, Any] | None = None) -> None:
         """Raise unless `url` is absent, an empty folder, or a sur-cache store: what a writer may write into."""
         url = normalise_url(url)
-        _refuse_foreign(url, *filesystem(url))
+        _refuse_foreign(url, *filesystem(url, storage_options))
 
     @classmethod
     def create(
-        cls, url: str | Path, manifest: Manifest, file_names: Sequence[str], overwrite: bool = False
+        cls,
+        url: str | Path,
+        manifest: Manifest,
+        file_names: Sequence[str],
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> FeatureStore:
         """Write the manifest (with a new store id), every (empty) array but the status, the file names, then the
         status array's metadata last (its shard files are written by the commits: a shard without one is pending).
@@ -736,21 +745,22 @@ class FeatureStore:
         """
         url = normalise_url(url)
         _check_layout(manifest, file_names)
-        fs, root = filesystem(url)
+        fs, root = filesystem(url, storage_options)
         found = _refuse_foreign(url, fs, root)
         if found is not None:
             if not overwrite and not _creation_interrupted(fs, root, found):
                 raise FileExistsError(
                     f"{url} already holds a sur-cache store; resume it with the same settings, or replace it: "
-                    f"{what_overwrite_removes(url)}"
+                    f"{what_overwrite_removes(url, storage_options)}"
                 )
             _remove_owned(fs, root)
         manifest = dataclasses.replace(manifest, store_id=uuid.uuid4().hex)
-        group = zarr.open_group(url, mode="a", attributes=manifest.to_json())  # "a": other files in the folder stay
+        # "a": other files in the folder stay
+        group = zarr.open_group(url, mode="a", attributes=manifest.to_json(), **zarr_options(storage_options))
         layout = {**array_specs(manifest), FILE_NAME_ARRAY: file_name_spec(manifest)}
         for name in (name for name in layout if name != "status"):
             _create_array(group, name, layout[name], manifest)
-        store = cls(url, group, manifest)
+        store = cls(url, group, manifest, storage_options)
         store._write_file_names(file_names)
         _create_array(group, "status", layout["status"], manifest)  # last: the store is whole from here on
         return store
@@ -764,7 +774,13 @@ class FeatureStore:
             self._writable(FILE_NAME_ARRAY)[start:stop] = _encode_names(file_names[start:stop], width)
 
     @classmethod
-    def open(cls, url: str | Path, mode: str = "r", expected: Manifest | None = None) -> FeatureStore:
+    def open(
+        cls,
+        url: str | Path,
+        mode: str = "r",
+        expected: Manifest | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> FeatureStore:
         """Open and validate a store: its `zarr.json`, the manifest's checksums, the arrays, and `expected` if given.
 
         `expected` is compared setting by setting with the stored manifest; any difference raises
@@ -774,7 +790,7 @@ class FeatureStore:
         url = normalise_url(url)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        fs, root = filesystem(url)
+        fs, root = filesystem(url, storage_options)
         attributes = _group_attributes(fs, root)
         if attributes is None:
             raise FileNotFoundError(f"no sur-cache store at {url}; create one with `sur-cache extract --out {url}`")
@@ -785,13 +801,14 @@ class FeatureStore:
                 raise ManifestMismatchError(
                     f"{url} was written with other settings:\n  "
                     + "\n  ".join(differences)
-                    + f"\nChoose a new --out path, or replace the store: {what_overwrite_removes(url)}."
+                    + "\nChoose a new --out path, or replace the store: "
+                    + f"{what_overwrite_removes(url, storage_options)}."
                 )
         try:
-            group = zarr.open_group(url, mode=mode)
+            group = zarr.open_group(url, mode=mode, **zarr_options(storage_options))
         except Exception as error:  # noqa: BLE001 - zarr's own validation of the metadata; any failure is format
             raise StoreFormatError(f"{url}/zarr.json cannot be opened as a Zarr group ({error}); re-extract") from None
-        store = cls(url, group, found)
+        store = cls(url, group, found, storage_options)
         store._check_arrays()
         return store
 

@@ -60,3 +60,14 @@ def sdxl_store(tiny_sdxl, tiny_models, demo_dataset, tmp_path_factory):
 def demo_dataset(tmp_path_factory):
     """A 12-sample SURD-format folder (read-only by convention: copy it before editing)."""
     return build_demo_dataset(tmp_path_factory.mktemp("surd") / "data", num_samples=12)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One moto S3 server for the session (tests/s3_server.py); each test takes its own bucket."""
+    from s3_server import start_server
+
+    process, server = start_server(tmp_path_factory.mktemp("s3_server") / "moto.log")
+    yield server
+    process.terminate()
+    process.wait()

@@ -118,8 +118,8 @@ def test_every_option_of_every_command_has_help(name):
 
 # The config dataclass each command turns its options into, and the options it turns into something else first.
 CONFIGS = {
-    "extract": (ExtractConfig, ()),
-    "train": (TrainConfig, ()),
+    "extract": (ExtractConfig, ("storage_option",)),
+    "train": (TrainConfig, ("storage_option",)),
     "generate": (GenerateConfig, ("prompts", "prompts_file", "seed", "num_seeds")),
     "import-reference": (ImportReferenceConfig, ()),
     "evaluate": (EvaluateConfig, ()),

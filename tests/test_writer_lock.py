@@ -63,3 +63,41 @@ def test_the_writer_lock_of_an_object_store_is_an_exclusive_file(monkeypatch):
     with pytest.raises(StoreLockedError, match="process 1 on host elsewhere"):
         with writer_lock(url):
             pass
+
+
+@pytest.mark.slow
+def test_the_s3_lock_is_a_lease_written_by_conditional_puts(s3_server):
+    """Against a real S3 API: exactly one writer creates the lock object; a live holder is refused; a holder whose
+    heartbeat stopped for a whole lease is taken over with If-Match on the stale ETag, after which the old holder
+    can neither renew (its If-Match fails) nor commit (`check`), and its release leaves the new holder's lock."""
+    import time
+
+    import s3fs
+
+    from sur_cache.locations import StorageOptions
+
+    url = f"s3://{s3_server.new_bucket()}/s.zarr"
+    options = StorageOptions(s3_server.options.items())
+    fs = s3fs.S3FileSystem(**s3_server.options, skip_instance_cache=True, use_listings_cache=False)
+    path = f"{url[len('s3://') :]}/{LOCK_FILE}"
+    lease = 1.0
+    with writer_lock(url, options, lease_seconds=lease) as first:
+        with pytest.raises(StoreLockedError, match=r"leaves it for 1 s after its last heartbeat"):
+            with writer_lock(url, options, lease_seconds=lease):
+                pass
+        first._stop.set()  # a writer that hangs: its heartbeat stops, the process lives on
+        first._heartbeat.join()
+        time.sleep(lease * 1.5)
+        with writer_lock(url, options, lease_seconds=lease) as second:
+            assert json.loads(fs.cat_file(path))["run"] == second.record["run"]
+            assert not first._put(IfMatch=first.etag)  # the stale ETag no longer matches
+            with pytest.raises(StoreLockedError, match="lost the writer lock"):
+                first.check()
+            first.release()  # lost: leaves the second writer's lock alone
+            assert json.loads(fs.cat_file(path))["run"] == second.record["run"]
+            second.check()
+    assert not fs.exists(path)  # the second writer's release deleted its own lock
+    fs.pipe_file(path, json.dumps({"host": "elsewhere", "pid": 1, "since": "x", "heartbeat": time.time()}).encode())
+    with pytest.raises(StoreLockedError, match="process 1 on host elsewhere"):
+        with writer_lock(url, options):  # a live heartbeat from another host: refused, whatever its pid
+            pass
