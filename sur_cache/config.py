@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar, get_args
 
 from sur_cache.adapter import ATTENTION_CHOICES, AdapterConfig
+from sur_cache.compilation import COMPILE_CHOICES
 from sur_cache.dataset import CropMode
 from sur_cache.devices import AUTO, DTYPE_CHOICES
 from sur_cache.models import DTYPES, LLM_ALIASES, Pooling
@@ -198,6 +199,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    compile: str = AUTO  # torch.compile of the adapter and its losses: reduce-overhead on CUDA, none on the CPU
     seed: int = 0
     # run
     checkpoint_every: int = 500
@@ -208,6 +210,7 @@ class TrainConfig:
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "attention": ATTENTION_CHOICES,
+        "compile": COMPILE_CHOICES,
         "lr_schedule": LR_SCHEDULES,
         "mixed_precision": MIXED_PRECISION,
         "preload": PRELOAD,

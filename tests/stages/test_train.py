@@ -585,7 +585,7 @@ def test_resume_refuses_each_changed_setting_before_loading_anything(store, tiny
         "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear): checkpoint 2, now 3",
     ):
         assert difference in str(error.value)
-    may_change = "--max-steps, --epochs, --checkpoint-every, --val-every, --read-workers and --preload may change"
+    may_change = "--max-steps, --epochs, --checkpoint-every, --val-every, --read-workers, --preload and --compile may"
     assert may_change in str(error.value)
     monkeypatch.undo()
     copy = tmp_path / "elsewhere" / "store.zarr"  # the store is compared by its identity, not its path
@@ -712,3 +712,32 @@ def test_a_non_finite_validation_stops_the_run_naming_the_held_out_samples(store
     with pytest.raises(ValueError, match=re.escape(f"step 0: validation is not finite (held-out samples {held[2:]})")):
         validate(run)  # batches of 2: the poisoned sample's batch is named
     run.loader.close()
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_losses_and_resumes_exactly(store, tiny_models, tmp_path):
+    """--compile default (inductor, on the CPU) against eager over 4 steps of 2 micro-batches, with the UNet term and
+    clipping: equal losses to 1e-4 relative (dropout 0: compiled dropout draws its own masks). Then a compiled run
+    with dropout, resumed from its step 2 into another folder: its own steps 3 and 4, to 1e-6."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_train(_config(store, tiny_models, eager, dropout=0.0, compile="none"))
+    graphs = _compiled_graphs()
+    run_train(_config(store, tiny_models, compiled, dropout=0.0, compile="default"))
+    assert _compiled_graphs() > graphs  # it really compiled (a silent fall back to eager would pass the rest)
+    assert json.loads((compiled / "run.json").read_text())["compile"] == "default"
+    for a, b in zip(_losses(eager), _losses(compiled), strict=True):
+        assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_train(_config(store, tiny_models, whole, compile="default"))
+    run_train(
+        _config(store, tiny_models, resumed, compile="default", resume=str(whole / "checkpoints" / "step_0000002"))
+    )
+    assert [step[0] for step in _losses(resumed)] == [3, 4]
+    for a, b in zip(_losses(whole)[2:], _losses(resumed), strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
