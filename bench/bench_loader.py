@@ -42,9 +42,11 @@ SD15 = dict(clip_width=768, llm_width=5120, latent_channels=4, latent_size=64, f
 RESULTS = Path(__file__).parent / "results"
 
 
-def build_store(path: Path, samples: int, shard_rows: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> FeatureStore:
-    """Random features at SD 1.5 shapes written through `FeatureStore.write_shard`."""
-    store = synthetic_store(str(path), num_samples=samples, shard_rows=shard_rows, chunk_rows=chunk_rows, **SD15)
+def build_store(
+    path: Path, samples: int, shard_rows: int, chunk_rows: int = DEFAULT_CHUNK_ROWS, shapes: dict = SD15
+) -> FeatureStore:
+    """Random features at SD 1.5 shapes (or `shapes`) written through `FeatureStore.write_shard`."""
+    store = synthetic_store(str(path), num_samples=samples, shard_rows=shard_rows, chunk_rows=chunk_rows, **shapes)
     rng = np.random.default_rng(0)
     for shard, (start, stop) in enumerate(store.shard_ranges()):
         rows = {

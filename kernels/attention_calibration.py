@@ -40,6 +40,12 @@ fixed configuration can be tested. BLOCK_D always divides d (d is a multiple of 
 On the CPU, `attention_calibration` runs the PyTorch reference, or these kernels when `TRITON_INTERPRET=1` is set
 before this module is imported (Triton decides at definition time whether a kernel is interpreted). bf16 stays on the
 reference under the interpreter, whose bf16 `tl.dot` is wrong.
+
+The launches are wrapped as two `torch.library` operators, `sur_cache::attention_calibration_forward` and
+`sur_cache::attention_calibration_backward`, with fake (meta) implementations and the autograd formula registered on
+the forward: torch.compile then keeps the kernel in its graph as one opaque node instead of breaking the graph at
+it, and replays it inside CUDA graphs (`sur-cache train --compile reduce-overhead`). `torch.library.opcheck` checks
+both under the interpreter (tests/kernels/test_attention_calibration.py).
 """
 
 import functools
@@ -53,7 +59,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .reference import attention_calibration_reference
 
@@ -509,42 +514,66 @@ def attention_calibration_forward(
     return out, probs, probs_t, settings
 
 
-def attention_calibration_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    probs: Tensor,
-    probs_t: Tensor,
-    scale: float,
-    settings: LaunchSettings,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the two backward kernels; returns (dQ, dK, dV), each [B, L, d] in the input dtype."""
-    batch, length, width = q.shape
-    grad_scores = square_buffer(batch, length, 2, q.device, q.dtype)
-    grads = torch.empty((3, batch, length, width), device=q.device, dtype=q.dtype)
+# The kernels as two operators registered with torch.library, so that torch.compile keeps them inside its graph (a
+# graph break at every adapter call otherwise) and knows their output shapes without running them (the fake
+# implementations). The forward returns what the backward reads (P in fp32, P^T in the input dtype); the backward
+# returns dQ, dK, dV stacked in one [3, B, L, d] tensor, since an operator's outputs may not be views of one buffer.
+OPERATOR_NAMESPACE = "sur_cache"
+
+
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::attention_calibration_forward", mutates_args=())
+def attention_calibration_forward_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, L, d], P fp32 [B, L, Lp], P^T in q's dtype [B, L, Lp]) of the two forward kernels."""
+    out, probs, probs_t, _ = attention_calibration_forward(q, k, v, scale)
+    return out, probs, probs_t
+
+
+@attention_calibration_forward_op.register_fake
+def _forward_fake(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    batch, length, _ = q.shape
+    padded = (length + 15) // 16 * 16  # square_buffer's row padding, written for symbolic lengths too
+    return (
+        q.new_empty(q.shape),
+        q.new_empty((batch, length, padded), dtype=torch.float32),
+        q.new_empty((batch, length, padded)),
+    )
+
+
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::attention_calibration_backward", mutates_args=())
+def attention_calibration_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor, probs_t: Tensor, scale: float
+) -> Tensor:
+    """[3, B, L, d]: dQ, dK, dV of the two backward kernels (the launch settings are recomputed from the shapes)."""
+    settings = launch_settings(*q.shape, q.dtype)
+    grad_scores = square_buffer(*q.shape[:2], 2, q.device, q.dtype)
+    grads = torch.empty((3, *q.shape), device=q.device, dtype=q.dtype)
     scores_backward_launch(grad_out, v, probs, grad_scores, scale, settings)()
     grads_backward_launch(q, k, grad_out, probs_t, grad_scores, grads, settings)()
-    return grads[0], grads[1], grads[2]
+    return grads
 
 
-class AttentionCalibrationFunction(torch.autograd.Function):
-    """Triton forward and backward of `softmax(Q K^T * scale) V + V` as one autograd node."""
+@attention_calibration_backward_op.register_fake
+def _backward_fake(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor, probs_t: Tensor, scale: float
+) -> Tensor:
+    return q.new_empty((3, *q.shape))
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        out, probs, probs_t, settings = attention_calibration_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, probs, probs_t)
-        ctx.scale = scale
-        ctx.settings = settings
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        q, k, v, probs, probs_t = ctx.saved_tensors
-        grads = attention_calibration_backward(grad_out, q, k, v, probs, probs_t, ctx.scale, ctx.settings)
-        return (*grads, None)
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, scale = inputs
+    _, probs, probs_t = output
+    ctx.save_for_backward(q, k, v, probs, probs_t)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out: Tensor, _grad_probs, _grad_probs_t) -> tuple[Tensor, Tensor, Tensor, None]:
+    """The incoming gradients of P and P^T are ignored: they are outputs for the backward only, read by nothing."""
+    q, k, v, probs, probs_t = ctx.saved_tensors
+    grads = attention_calibration_backward_op(grad_out, q, k, v, probs, probs_t, ctx.scale)
+    return grads[0], grads[1], grads[2], None
+
+
+attention_calibration_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -597,5 +626,5 @@ def attention_calibration(q: Tensor, k: Tensor, v: Tensor, scale: float | None =
     check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.is_cuda or (TRITON_INTERPRETER and q.dtype != torch.bfloat16):
-        return AttentionCalibrationFunction.apply(q, k, v, scale)
+        return attention_calibration_forward_op(q, k, v, scale)[0]
     return attention_calibration_reference(q, k, v, scale)

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sur_cache import __version__, checkpoint
-from sur_cache.adapter import AdapterConfig, SURAdapter, resolve_attention
+from sur_cache.adapter import AdapterConfig, AdapterOutput, SURAdapter, resolve_attention
 from sur_cache.checkpoint import POSITION_FILE, Position
+from sur_cache.compilation import compiled, mark_step, resolve_compile
 from sur_cache.config import TrainConfig
 from sur_cache.devices import resolve_device
 from sur_cache.loader import (
@@ -81,7 +83,9 @@ RUN_KIND = "sur-cache train run"
 # read. None changes a number computed for a step that both runs share (validation draws no random number of the
 # run and leaves the adapter as it was). Every other TrainConfig field is compared with the checkpoint's, some by
 # what they resolve to (RESOLVED_SETTINGS).
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "val_every", "read_workers", "preload")
+# --compile changes how the step is computed, not what: a resume with another mode continues the same run, its
+# numbers equal to rounding (docs/train.md).
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "val_every", "read_workers", "preload", "compile")
 # Compared by what they resolve to, not as typed: the store by its identity (a copy resumes), --device by the device
 # type it resolves to (`auto` on a CPU machine resumes a `cpu` run), --attention by the backend it picks. Keys of
 # the recorded settings -> how a refusal names them.
@@ -128,6 +132,10 @@ class TrainingRun:
     lookahead: Any = None  # the next micro-batch, fetched while the GPU still runs the current step
     held_out: HeldOut | None = None  # with --val-fraction: what validation reads
     teacher: TeacherLayer = dataclasses.field(default_factory=TeacherLayer)  # --llm-layer: the distillation target
+    compile_mode: str = "none"  # --compile as resolved for the device
+    # (clip_simple, clip_complex, llm) -> (adapter output, distill, align) of the training adapter, compiled in
+    # compile_mode; setup (or a benchmark building its own run) sets it with `compile_adapter_terms`
+    adapter_terms: Callable[..., tuple[AdapterOutput, torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def samples_per_step(self) -> int:
@@ -213,6 +221,7 @@ def setup(config: TrainConfig) -> TrainingRun:
         held_out=held_out,
         teacher=teacher,
     )
+    compile_adapter_terms(run, resolve_compile(config.compile, accelerator.device))
     # Seeded last, so that nothing setup loads (online models, the UNet) shifts the dropout stream.
     set_seed(config.seed)
     if resumed:
@@ -419,6 +428,7 @@ def _run_record(run: TrainingRun) -> dict[str, Any]:
         "total_steps": run.total_steps,
         "features_only": config.features_only,
         "attention": _unwrap(run).config.attention,
+        "compile": run.compile_mode,
         "gradient_to_adapter_through_unet": not (config.features_only or config.detach_unet_input),
         "samples_per_step": run.samples_per_step,
         "validation": None
@@ -544,14 +554,38 @@ def compute_losses(run: TrainingRun, batch) -> LossTerms:
         noise = torch.randn(latents.shape, generator=batch.generator, device=latents.device)
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=batch.generator, device=latents.device)
         draws = (noise, timesteps)
-    return loss_terms(run, batch, run.adapter(batch.clip_simple), draws)
+    mark_step(run.compile_mode)
+    adapted = run.adapter_terms(batch.clip_simple, batch.clip_complex, run.teacher.select(batch.llm))
+    return loss_terms(run, batch, adapted, draws)
 
 
-def loss_terms(run: TrainingRun, batch, out, draws: tuple[torch.Tensor, torch.Tensor] | None) -> LossTerms:
-    """The terms of a batch given the adapter's output and, unless features-only, the noise and timesteps."""
+def adapter_terms(
+    adapter: torch.nn.Module, projection: torch.nn.Module, clip_simple, clip_complex, llm
+) -> tuple[AdapterOutput, torch.Tensor, torch.Tensor]:
+    """The adapter's output and its two KL terms (distillation, alignment): what `--compile` compiles."""
+    out = adapter(clip_simple)
+    return out, distillation_loss(projection(llm), out.h), alignment_loss(clip_complex, out.embedding)
+
+
+def compile_adapter_terms(run: TrainingRun, mode: str) -> None:
+    """Set `run.adapter_terms` to `adapter_terms` of the run's (prepared) adapter, compiled in `mode`."""
+    adapter, projection = run.adapter, _unwrap(run).llm_proj
+
+    def terms(clip_simple, clip_complex, llm):
+        return adapter_terms(adapter, projection, clip_simple, clip_complex, llm)
+
+    run.compile_mode, run.adapter_terms = mode, compiled(terms, mode)
+
+
+def loss_terms(
+    run: TrainingRun,
+    batch,
+    adapted: tuple[AdapterOutput, torch.Tensor, torch.Tensor],
+    draws: tuple[torch.Tensor, torch.Tensor] | None,
+) -> LossTerms:
+    """The terms of a batch given `adapter_terms`' result and, unless features-only, the noise and timesteps."""
     config = run.config
-    distill = distillation_loss(_unwrap(run).project_llm(run.teacher.select(batch.llm)), out.h)
-    align = alignment_loss(batch.clip_complex, out.embedding)
+    out, distill, align = adapted
     total = config.llm_weight * distill + config.align_weight * align
     denoise = None
     if run.unet is not None:
@@ -597,8 +631,11 @@ def validate(run: TrainingRun) -> dict[str, Any]:
         with torch.no_grad(), accelerator.autocast():
             batches = held_out_batches(held_out.source, held_out.share, config.batch_size, held_out.draws, sums.device)
             for batch in batches:
-                out = adapter(batch.clip_simple)
-                terms = loss_terms(run, batch, out, None if batch.noise is None else (batch.noise, batch.timesteps))
+                teacher = run.teacher.select(batch.llm)
+                adapted = adapter_terms(adapter, adapter.llm_proj, batch.clip_simple, batch.clip_complex, teacher)
+                out = adapted[0]
+                draws = None if batch.noise is None else (batch.noise, batch.timesteps)
+                terms = loss_terms(run, batch, adapted, draws)
                 losses = [getattr(terms, name) for name in LOSS_FIELDS]
                 size = len(batch.samples)
                 values = [torch.zeros((), device=sums.device) if v is None else v.float() * size for v in losses]

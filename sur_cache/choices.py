@@ -15,6 +15,8 @@ DEVICE_HELP = (
     "for a single process the CUDA device if there is one, else the CPU), cpu, cuda, cuda:1, ..."
 )
 DTYPE_NAMES = ("float16", "bfloat16", "float32")  # models.DTYPES: the CLI's dtype names, mapped to torch dtypes there
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # compilation: torch.compile's modes
+COMPILE_CHOICES = (AUTO, *COMPILE_MODES)  # train --compile; compilation.resolve_compile maps auto
 DTYPE_CHOICES = (AUTO, *DTYPE_NAMES)  # devices: auto is float16 on CUDA, float32 elsewhere (slow half on the CPU)
 
 # models.resolve_llm: alias -> (public hub id, hidden size); the hidden size lets a user check an LLM feature file

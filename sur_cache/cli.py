@@ -9,7 +9,7 @@ import click
 
 from sur_cache import __version__
 from sur_cache.adapter_config import ATTENTION_CHOICES
-from sur_cache.choices import COMPRESSIONS, DEFAULT_RESOLUTION, DEVICE_HELP, DTYPE_CHOICES
+from sur_cache.choices import COMPILE_CHOICES, COMPRESSIONS, DEFAULT_RESOLUTION, DEVICE_HELP, DTYPE_CHOICES
 from sur_cache.config import (
     CROP_MODES,
     LLM_DTYPES,
@@ -652,6 +652,14 @@ def demo_assets_command(out, num_samples, llm) -> None:
     type=click.Choice(MIXED_PRECISION),
     default=TrainConfig.mixed_precision,
     help="Autocast precision; the frozen UNet is stored in it too (reference: fp16; bf16 recommended on GPUs).",
+)
+@click.option(
+    "--compile",
+    type=click.Choice(COMPILE_CHOICES),
+    default=TrainConfig.compile,
+    help="torch.compile the adapter with its losses: none, default (inductor), reduce-overhead (inductor replayed "
+    "from CUDA graphs), max-autotune (slow to compile); auto: reduce-overhead on CUDA, none on the CPU. Full batches "
+    "only (an epoch's last partial batch is dropped), so shapes are static and it compiles once.",
 )
 @click.option(
     "--seed",

@@ -13,6 +13,7 @@ from typing import ClassVar, get_args
 from sur_cache.adapter_config import ATTENTION_CHOICES, AdapterConfig
 from sur_cache.choices import (
     AUTO,
+    COMPILE_CHOICES,
     COMPRESSIONS,
     DEFAULT_CHUNK_ROWS,
     DEFAULT_COMPRESSION,
@@ -239,6 +240,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    compile: str = AUTO  # torch.compile of the adapter and its losses: reduce-overhead on CUDA, none on the CPU
     seed: int = 0
     # run
     checkpoint_every: int = 500
@@ -250,6 +252,7 @@ class TrainConfig:
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "attention": ATTENTION_CHOICES,
+        "compile": COMPILE_CHOICES,
         "lr_schedule": LR_SCHEDULES,
         "mixed_precision": MIXED_PRECISION,
         "preload": PRELOAD,

@@ -157,6 +157,60 @@ def test_interpreter_child_really_ran_triton(interpreter_errors):
     assert any(errors["kernel"][name] != errors["torch"][name] for name in OUTPUTS)
 
 
+OPCHECK_CASE = Case(2, 77, 32, "float32", scale=0.3)
+
+
+def operator_checks(case: Case) -> dict:
+    """Under the interpreter: `torch.library.opcheck` of both registered operators (schema, autograd registration,
+    fake implementation against the real one, AOT dispatch with dynamic shapes), and the largest difference between
+    the kernel compiled by inductor with fullgraph=True (any graph break raises) and the kernel run eagerly."""
+    q, k, v, grad_out = (t.float() for t in make_inputs(case, "cpu"))
+    _, probs, probs_t = kernels.attention_calibration_forward_op(q, k, v, case.scale)
+    results = {
+        "forward": torch.library.opcheck(
+            kernels.attention_calibration_forward_op, (*(t.requires_grad_() for t in (q, k, v)), case.scale)
+        ),
+        "backward": torch.library.opcheck(
+            kernels.attention_calibration_backward_op,
+            (grad_out, q.detach(), k.detach(), v.detach(), probs, probs_t, case.scale),
+        ),
+    }
+    compiled = torch.compile(attention_calibration, fullgraph=True, dynamic=False)
+    eager = forward_backward(attention_calibration, make_inputs(case, "cpu"), torch.float32, case.scale)
+    fused = forward_backward(compiled, make_inputs(case, "cpu"), torch.float32, case.scale)
+    return {**results, "compiled": {name: (fused[name] - eager[name]).abs().max().item() for name in OUTPUTS}}
+
+
+@pytest.fixture(scope="module")
+def interpreter_operator_checks() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__)), "operators", json.dumps(asdict(OPCHECK_CASE))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, f"interpreter child failed:\n{child.stderr[-4000:]}"
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("operator", ["forward", "backward"])
+def test_registered_operators_pass_opcheck(operator, interpreter_operator_checks):
+    results = interpreter_operator_checks[operator]
+    expected = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    assert results == dict.fromkeys(expected, "SUCCESS")
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_the_kernel_compiles_without_a_graph_break_and_matches_eager(interpreter_operator_checks):
+    """Inductor with fullgraph=True keeps the operators in one graph; the output and gradients are the eager ones."""
+    for name, error in interpreter_operator_checks["compiled"].items():
+        assert error <= 1e-6, f"{name}: compiled differs from eager by {error:.3g}"
+
+
 def test_cpu_without_interpreter_runs_the_reference():
     case = Case(2, 5, 32, "bfloat16")
     inputs = make_inputs(case, "cpu")
@@ -329,5 +383,8 @@ def test_gpu_backward_is_deterministic():
 
 if __name__ == "__main__":  # the interpreter child: python test_attention_calibration.py '<cases as JSON>'
     assert os.environ.get("TRITON_INTERPRET") == "1", "run the interpreter child with TRITON_INTERPRET=1"
-    child_cases = [Case(**fields) for fields in json.loads(sys.argv[1])]
-    print(json.dumps({case.name: max_errors(case, "cpu") for case in child_cases}))
+    if sys.argv[1] == "operators":  # python test_attention_calibration.py operators '<one case as JSON>'
+        print(json.dumps(operator_checks(Case(**json.loads(sys.argv[2])))))
+    else:
+        child_cases = [Case(**fields) for fields in json.loads(sys.argv[1])]
+        print(json.dumps({case.name: max_errors(case, "cpu") for case in child_cases}))
