@@ -198,8 +198,8 @@ def setup(config: TrainConfig) -> TrainingRun:
     unet, noise_scheduler = (None, None) if config.features_only else _load_unet(config, accelerator)
     held_out = _held_out(config, store, accelerator, held_out_units, loader, noise_scheduler)
     trainable = [p for p in adapter.parameters() if p.requires_grad]
-    fused = accelerator.device.type == "cuda"  # one kernel for all parameters (the adapter's step is launch-bound)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    # fused: one kernel for all parameters, on CUDA and on the CPU (the adapter's step is launch-bound; docs/train.md)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per process.
     lr_scheduler = _lr_scheduler(config, optimizer, total_steps)
     adapter, optimizer = accelerator.prepare(adapter, optimizer)

@@ -338,6 +338,15 @@ def test_two_processes_under_torchrun_split_the_store_and_average_their_losses(s
     resumed = tmp_path / "resumed"
     _torchrun(_cli(store, tiny_models, resumed, *options, "--resume", str(out / "checkpoints" / "step_0000001")))
     assert _losses(resumed) == _losses(out)[1:]
+    # --compile default under two processes (DDP over gloo, the compiled adapter inside it): the eager losses and
+    # validations, to rounding.
+    compiled = tmp_path / "compiled"
+    _torchrun(_cli(store, tiny_models, compiled, *options, "--compile", "default"))
+    assert json.loads((compiled / "run.json").read_text())["compile"] == "default"
+    for a, b in zip(_losses(out), _losses(compiled), strict=True):
+        assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
+    for a, b in zip(*(read_log(folder / "train_log.jsonl", "validation") for folder in (out, compiled)), strict=True):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-4)
     # Step 1 is fully determined by the data split: the mean over both ranks' two micro-batches, computed here with
     # one process playing each rank in turn (rank r reads its own disjoint shards).
     run = setup(_config(store, tiny_models, tmp_path / "one", dropout=0.0, **VALIDATED))
@@ -801,19 +810,26 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+CLIPPING = 1e-3  # --max-grad-norm below every gradient norm of the tiny run: each step is clipped
+
+
 @pytest.mark.slow
 def test_compiled_training_gives_the_eager_losses_and_resumes_exactly(store, tiny_models, tmp_path):
-    """--compile default (inductor, on the CPU) against eager over 4 steps of 2 micro-batches, with the UNet term and
-    clipping: equal losses to 1e-4 relative (dropout 0: compiled dropout draws its own masks). Then a compiled run
-    with dropout, resumed from its step 2 into another folder: its own steps 3 and 4, to 1e-6."""
+    """--compile default (inductor, on the CPU) against eager over 4 steps of 2 accumulated micro-batches, with the
+    UNet term and a clipping that bites (every gradient norm above --max-grad-norm): equal losses and gradient norms
+    to 1e-4 relative (dropout 0: compiled dropout draws its own masks). Then a compiled run with dropout, resumed
+    from its step 2 into another folder: its own steps 3 and 4, to 1e-6."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_train(_config(store, tiny_models, eager, dropout=0.0, compile="none"))
+    clipped = {"dropout": 0.0, "max_grad_norm": CLIPPING}
+    run_train(_config(store, tiny_models, eager, compile="none", **clipped))
     graphs = _compiled_graphs()
-    run_train(_config(store, tiny_models, compiled, dropout=0.0, compile="default"))
+    run_train(_config(store, tiny_models, compiled, compile="default", **clipped))
     assert _compiled_graphs() > graphs  # it really compiled (a silent fall back to eager would pass the rest)
     assert json.loads((compiled / "run.json").read_text())["compile"] == "default"
     for a, b in zip(_losses(eager), _losses(compiled), strict=True):
         assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
+    norms = [[r["grad_norm"] for r in read_log(folder / "train_log.jsonl")] for folder in (eager, compiled)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[1]) > CLIPPING
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run_train(_config(store, tiny_models, whole, compile="default"))
     run_train(
@@ -822,3 +838,32 @@ def test_compiled_training_gives_the_eager_losses_and_resumes_exactly(store, tin
     assert [step[0] for step in _losses(resumed)] == [3, 4]
     for a, b in zip(_losses(whole)[2:], _losses(resumed), strict=True):
         assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_features_only_bf16_run_compiles_once_and_gives_the_eager_losses(
+    store, tiny_models, tmp_path, monkeypatch
+):
+    """Features-only (no UNet) under bf16 autocast on the CPU, --compile default against eager: the same losses and
+    validations to bf16's rounding. Batches of 3 from the 8 training samples (a shard of 4 held out): each epoch's
+    last partial batch of 2 is dropped, so the compiled graph, compiled once, serves all 4 epochs (a recompile is an
+    error here), and validation's partial last batch (1 of 4) runs eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # this run compiles afresh, whatever ran before in this process
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    options = {"denoise_weight": 0.0, "mixed_precision": "bf16", "batch_size": 3, "dropout": 0.0, "val_every": 2}
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_train(_config(store, tiny_models, eager, compile="none", **options, **VALIDATED))
+    graphs = _compiled_graphs()
+    run_train(_config(store, tiny_models, compiled, compile="default", **options, **VALIDATED))
+    assert _compiled_graphs() > graphs
+    steps = [read_log(folder / "train_log.jsonl") for folder in (eager, compiled)]
+    assert [r["epoch"] for r in steps[1]] == [0, 1, 2, 3]  # 2 full batches an epoch, 2 micro-batches a step
+    for a, b in zip(*steps, strict=True):
+        assert a["denoise"] is b["denoise"] is None
+        assert (a["distill"], a["align"]) == pytest.approx((b["distill"], b["align"]), rel=2e-2)
+    validations = [read_log(folder / "train_log.jsonl", "validation") for folder in (eager, compiled)]
+    assert [v["samples"] for v in validations[1]] == [4, 4]
+    for a, b in zip(*validations, strict=True):
+        assert a["total"] == pytest.approx(b["total"], rel=2e-2)
