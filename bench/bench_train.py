@@ -8,18 +8,21 @@ Rows (median ms per optimizer step, B=16, 64 x 64 latents, bf16 autocast, the UN
                  encoder x2 (simple and complex prompt) + UNet + adapter (the LLM is left out, as in the issue)
   features_only  `--denoise-weight 0` at B=256 and 1024 from features preloaded into GPU memory, as samples/s, loading
                  included (the loader's index_select, the adapter, both KL terms, fused AdamW)
-The cached and features-only rows run once per attention backend (eager, and the fused kernel where it imports) and
-once per --compile mode (`none`, and `reduce-overhead` on a GPU: the trainer's own `compile_adapter_terms`).
+The cached and features-only rows run once per attention backend (eager, and the fused kernel where it imports) with
+--compile none, and once per other --compile mode (`reduce-overhead` on a GPU: the trainer's own
+`compile_adapter_terms`) with the backend `--attention auto` picks (fused on CUDA), so that each compile is paid once.
 Targets (issue 12): features_only >= 60,000 samples/s at B=256, cached <= 1.03 x unet_only.
 
-Host cost (issue 12, item 2), rows `host_features_only` and `host_cached`, on any device: per optimizer step, the
-ATen operators dispatched from Python (top-level `aten::` events of torch.profiler), the kernels launched (on CUDA
-the runtime's launch calls; on the CPU, where nothing is launched, the leaf operators that touch data plus the
-C++ kernels inductor generated), the step's wall time without the profiler, and the host-side time: wall time minus
-the time spent inside those kernels. At the tiny widths below the arithmetic is small, so what remains is the
-host's cost of issuing the step, eager against compiled. Shapes: B=16, L=77, the adapter's 2 layers and 8 heads at
-width 64 (feed-forward 64), a 64-wide LLM feature, and the SD 1.5 UNet's block structure (4 blocks, 2 layers each,
-cross-attention) at channels 32 on 16 x 16 latents: the operator count is SD 1.5's, the arithmetic tiny.
+Host cost (issue 12, item 2), rows `host_features_only` and `host_cached`, on any device (`HostCost`): per optimizer
+step, the ATen operators dispatched (top-level `aten::` events of torch.profiler; of them, those of the gradient
+clipping and of the AdamW step), the kernels launched (on CUDA the runtime's launch calls; on the CPU, where nothing
+is launched, the operators that touch data and call no other that does, plus the C++ kernels inductor generated),
+the wall time, and the time inside kernels and outside them (the host's: Python, dispatch, autograd, allocation).
+On the CPU the rows run on one thread and split the step's CPU time (the VM is shared: wall time there measures the
+other processes' load). The first step's time is the compile. Shapes: B=16, L=77, the adapter's 2 layers and 8 heads
+at width 64 (feed-forward 64), a 64-wide LLM feature, and the SD 1.5 UNet's block structure (4 blocks, 2 layers
+each, cross-attention) at channels 32 on 16 x 16 latents: the operator count is SD 1.5's, the arithmetic small
+(attention over 77 and 256 tokens remains).
 
 On a CPU the real shapes are out of reach: the GPU rows run at the tiny test shapes as a smoke test, labelled SMOKE.
 Writes bench/results/train_<device>.csv and prints a table.
@@ -34,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -208,7 +211,7 @@ def make_run(
         **(adapter or {}),
     )
     adapter = SURAdapter(adapter_config).to(device).train()
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, weight_decay=1e-2, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, weight_decay=1e-2, fused=True)  # as setup
     adapter, optimizer = accelerator.prepare(adapter, optimizer)
     settings = LoaderSettings(
         batch_size=batch_size, seed=0, random_flip=unet is not None, latents=unet is not None, scaling_factor=0.18215
@@ -271,88 +274,176 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaL
 
 @dataclass(frozen=True)
 class HostCost:
-    """Per optimizer step: operators dispatched, kernels launched, wall time, and the host's share of it."""
+    """Per optimizer step: operators dispatched (of them, the gradient clipping's and the AdamW step's), kernels
+    launched, wall time, and the step's time split into the time inside those kernels and the host's share, the rest
+    (Python, dispatch, autograd, allocation).
+
+    On the CPU, where another process's load must not count, cpu_ms is the step's CPU time (one thread), split into
+    kernel_ms and host_ms in the proportion the profiled steps spent inside and outside kernels; the profiler's own
+    cost per event falls outside them, so host_ms is an upper bound, the more so the more operators a step has. On
+    CUDA kernel_ms is the GPU's busy time and host_ms the rest of the wall time: what the host's issuing costs where
+    the GPU waits for it (cpu_ms is not measured: a sync spins on the CPU)."""
 
     aten_ops: float
+    clip_ops: float
+    optimizer_ops: float
     launches: float
     wall_ms: float
+    cpu_ms: float
     kernel_ms: float
-
-    @property
-    def host_ms(self) -> float:
-        return self.wall_ms - self.kernel_ms
+    host_ms: float
+    first_step_s: float = math.nan  # the first step: the compile, for a compiled run
 
 
-def _is_nested(event) -> bool:
+HOST_FIELDS = (
+    "aten_ops",
+    "clip_ops",
+    "optimizer_ops",
+    "launches",
+    "wall_ms",
+    "cpu_ms",
+    "kernel_ms",
+    "host_ms",
+    "first_step_s",
+)
+CLIP_REGION = "clip_grad_norm"  # the profiler label `label_clipping` puts around the step's gradient clipping
+OPTIMIZER_REGION = "Optimizer.step#"  # the label torch.optim puts around every optimizer step (a prefix)
+STEP_REGION = "bench_step"  # around each profiled step
+
+
+def _ancestors(event):
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
+        yield parent
         parent = parent.cpu_parent
-    return False
+
+
+def _is_top_level_aten(event) -> bool:
+    return event.name.startswith("aten::") and not any(p.name.startswith("aten::") for p in _ancestors(event))
+
+
+def _touches_data(event) -> bool:
+    return "cpp_fused" in event.name or (event.name.startswith("aten::") and event.name not in NO_DATA_OPS)
 
 
 def _is_cpu_kernel(event) -> bool:
-    """A leaf operator that touches data, or a C++ kernel inductor generated (profiled by enable_kernel_profile)."""
-    if "cpp_fused" in event.name:
-        return True
-    if not event.name.startswith("aten::") or event.name in NO_DATA_OPS:
+    """An operator that touches data and calls no other that does (it may allocate its output through aten::empty),
+    or a C++ kernel inductor generated (profiled by enable_kernel_profile)."""
+    if not _touches_data(event):
         return False
-    return not any(child.name.startswith("aten::") or "cpp_fused" in child.name for child in event.cpu_children)
+    return "cpp_fused" in event.name or not any(_touches_data(child) for child in _descendants(event))
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+def _kernel_us(event) -> float:
+    """A kernel's own time: its span less the operators it calls (allocation and views: host work)."""
+    return event.cpu_time_total - sum(c.cpu_time_total for c in event.cpu_children if c.name.startswith("aten::"))
+
+
+def label_clipping(run: TrainingRun) -> None:
+    """Wrap the run's gradient clipping in a profiler label, so that its operators can be counted."""
+    from torch.profiler import record_function
+
+    clip = run.accelerator.clip_grad_norm_
+
+    def labelled(*args, **kwargs):
+        with record_function(CLIP_REGION):
+            return clip(*args, **kwargs)
+
+    run.accelerator.clip_grad_norm_ = labelled
+
+
+def _inside(event, label: str) -> bool:
+    return any(p.name.startswith(label) for p in _ancestors(event))
+
+
+def median_cpu_ms(fn, repeats: int) -> float:
+    """Median CPU time of this process per `fn()` call in ms (the calls are warm already)."""
+    times = []
+    for _ in range(repeats):
+        started = time.process_time()
+        fn()
+        times.append(time.process_time() - started)
+    return statistics.median(times) * 1e3
 
 
 def host_cost(step, device: torch.device, repeats: int, profiled_steps: int = 3) -> HostCost:
     """Measure `step` (warmed up, compiled by then) without and then with torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     wall = median_ms(step, repeats, device)
+    cpu = median_cpu_ms(step, repeats) if device.type == "cpu" else math.nan
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(profiled_steps):
-            step()
+            with record_function(STEP_REGION):
+                step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = prof.events()
-    aten = sum(1 for e in events if e.name.startswith("aten::") and not _is_nested(e))
+    top = [e for e in events if _is_top_level_aten(e)]
+    clip, optimizer = (sum(1 for e in top if _inside(e, label)) for label in (CLIP_REGION, OPTIMIZER_REGION))
+    n = profiled_steps
     if device.type == "cuda":
         launches = sum(1 for e in events if e.name in LAUNCH_CALLS)
-        kernel_us = sum(e.device_time for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernel_ms = sum(e.device_time for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
+        host_ms = wall - kernel_ms
     else:
         kernels = [e for e in events if _is_cpu_kernel(e)]
-        launches, kernel_us = len(kernels), sum(e.cpu_time_total for e in kernels)
-    n = profiled_steps
-    return HostCost(aten / n, launches / n, wall, kernel_us / n / 1e3)
+        profiled = sum(e.cpu_time_total for e in events if e.name == STEP_REGION)
+        launches, share = len(kernels), sum(_kernel_us(e) for e in kernels) / profiled
+        kernel_ms, host_ms = cpu * share, cpu * (1 - share)
+    return HostCost(len(top) / n, clip / n, optimizer / n, launches / n, wall, cpu, kernel_ms, host_ms)
 
 
 def host_rows(compile_modes: list[str], device: torch.device, repeats: int, scratch: Path, record) -> None:
     """The host-cost rows at HOST shapes: features-only and the cached step, features preloaded on the device (so
-    the loader's reads are not in the step), per compile mode."""
+    the loader's reads are not in the step), per compile mode.
+
+    On the CPU they run on one thread: a step issues its operators one after another from one host thread, as on a
+    GPU, while a second intra-op thread on a shared machine measures the wait for a free core instead (a 64 x 64
+    matmul took 1.3 ms on two threads against 13 us on one while the VM was loaded: docs/train.md)."""
     import torch._inductor.config
 
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # before the compile too: inductor's C++ kernels take their thread count from it
     torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's C++ kernels appear in the profile
     fields = dict(clip_width=64, llm_width=HOST.llm_width, latent_channels=4, latent_size=16, flip_variants=True)
     store = build_store(scratch / "host.zarr", 4 * HOST.batch_size, shard_rows=HOST.batch_size, shapes=fields)
     units = read_units(store.shard_ranges(), store.complete_indices())
     unet, scheduler = build_unet(HOST, device, torch.float32)
     small = {"feedforward": 64}
-    for kind, model in (("host_features_only", None), ("host_cached", unet)):
-        names = array_names(latents=model is not None, flips=model is not None)
-        for mode in compile_modes:
+    try:
+        for kind, model in (("host_features_only", None), ("host_cached", unet)):
+            names = array_names(latents=model is not None, flips=model is not None)
+            for mode in compile_modes:
 
-            def measure(mode=mode, names=names, model=model) -> HostCost:
-                source = PreloadedSource(store, units, names, device)
-                run = make_run(
-                    source, units, HOST, model, scheduler, "eager", device, HOST.batch_size, scratch, mode, small
-                )
-                step = stepper(run)
-                for _ in range(2):  # the compile, then one step on the compiled graphs
-                    step()
-                return host_cost(step, device, repeats)
+                def measure(mode=mode, names=names, model=model, kind=kind) -> HostCost:
+                    source = PreloadedSource(store, units, names, device)
+                    run = make_run(
+                        source, units, HOST, model, scheduler, "eager", device, HOST.batch_size, scratch, mode, small
+                    )
+                    label_clipping(run)
+                    step = stepper(run)
+                    started = time.perf_counter()
+                    step()  # the compile
+                    first = time.perf_counter() - started
+                    step()  # one step on the compiled graphs
+                    return replace(host_cost(step, device, repeats), first_step_s=first)
 
-            record(kind, measure, "host", mode, batch=HOST.batch_size)
+                record(kind, measure, "host", mode, batch=HOST.batch_size)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def backends(device: torch.device) -> list[str]:
+def backends(device: torch.device, mode: str) -> list[str]:
+    """Eager and, where it imports, the fused kernel without --compile; compiled, the backend `auto` picks."""
     found = ["eager"]
     if device.type == "cuda":
         try:
@@ -361,7 +452,7 @@ def backends(device: torch.device) -> list[str]:
             found.append("fused")
         except ImportError as error:
             print(f"fused attention unavailable ({error}); eager only")
-    return found
+    return found if mode == "none" else found[-1:]
 
 
 @click.command()
@@ -402,7 +493,7 @@ def main(repeats, features_batches, store_samples, compile_modes, skip_gpu_rows)
     started = time.perf_counter()
 
     def record(what: str, measure, unit: str, mode: str, attention: str = "", batch: int = shapes.batch_size) -> None:
-        """Append one row (a host row: four); a failing row (say, a kernel that does not build) is recorded."""
+        """Append one row (a host row: one per HOST_FIELDS); a failing row (a kernel not building) is recorded."""
         label = HOST.label if unit == "host" else shapes.label
         try:
             value = measure()
@@ -432,9 +523,6 @@ def main(repeats, features_batches, store_samples, compile_modes, skip_gpu_rows)
         for row in rows:
             writer.writerow([*row, name, torch.__version__])
     print(f"{name}: wrote {out} in {time.perf_counter() - started:.0f} s")
-
-
-HOST_FIELDS = ("aten_ops", "launches", "wall_ms", "host_ms")
 
 
 def gpu_rows(shapes, device, dtype, store_samples, features_batches, modes, repeats, scratch, record) -> None:
@@ -468,12 +556,12 @@ def gpu_rows(shapes, device, dtype, store_samples, features_batches, modes, repe
     unet_step = unet_only(unet, scheduler, shapes, device)
     record("unet_only", lambda: median_ms(unet_step, repeats, device), "ms", "none")
     for mode in modes:
-        for attention in backends(device):
+        for attention in backends(device, mode):
             record("cached", partial(cached, attention, mode), "ms", mode, attention)
     record("online", online, "ms", "none", "eager")
     for features_batch in features_batches:
         for mode in modes:
-            for attention in backends(device):
+            for attention in backends(device, mode):
                 row = partial(features_only, attention, mode, features_batch)
                 record("features_only", row, "samples/s", mode, attention, features_batch)
 
