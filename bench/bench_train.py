@@ -489,40 +489,44 @@ def main(repeats, features_batches, store_samples, compile_modes, skip_gpu_rows)
         repeats, features_batches, store_samples, gpu_modes = 3, [8], 32, ["none"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = RESULTS / f"train_{name.replace(' ', '_') if device.type == 'cuda' else 'cpu'}.csv"
     rows = []
     started = time.perf_counter()
 
     def record(what: str, measure, unit: str, mode: str, attention: str = "", batch: int = shapes.batch_size) -> None:
-        """Append one row (a host row: one per HOST_FIELDS); a failing row (a kernel not building) is recorded."""
+        """Append one row (a host row: one per HOST_FIELDS) and rewrite the CSV, so that a run stopped by its time
+        limit keeps the rows it measured; a failing row (a kernel not building) is recorded."""
         label = HOST.label if unit == "host" else shapes.label
         try:
             value = measure()
         except Exception as error:  # noqa: BLE001
             print(f"  {what:<18} {attention:<6} {mode:<15} FAILED: {type(error).__name__}: {error}")
             rows.append((what, attention, mode, batch, math.nan, f"FAILED {type(error).__name__}", label))
-            return
-        values = [(value, unit)] if unit != "host" else [(getattr(value, f), f) for f in HOST_FIELDS]
-        for number, what_unit in values:
-            rows.append((what, attention, mode, batch, round(number, 3), what_unit, label))
-        shown = ", ".join(f"{number:.2f} {what_unit}" for number, what_unit in values)
-        print(f"  {what:<18} {attention:<6} {mode:<15} B={batch:<4} {shown}")
+        else:
+            values = [(value, unit)] if unit != "host" else [(getattr(value, f), f) for f in HOST_FIELDS]
+            for number, what_unit in values:
+                rows.append((what, attention, mode, batch, round(number, 3), what_unit, label))
+            shown = ", ".join(f"{number:.2f} {what_unit}" for number, what_unit in values)
+            print(f"  {what:<18} {attention:<6} {mode:<15} B={batch:<4} {shown}")
+        write_csv(out, rows, name)
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        host_rows(modes, device, repeats, scratch, record)
-        if not skip_gpu_rows:
+        if not skip_gpu_rows:  # first: on a GPU they hold issue 12's targets
             gpu_rows(shapes, device, dtype, store_samples, features_batches, gpu_modes, repeats, scratch, record)
+        host_rows(modes, device, repeats, scratch, record)
     for line in _ratios(rows):
         print(line)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    label = name.replace(" ", "_") if device.type == "cuda" else "cpu"
-    out = RESULTS / f"train_{label}.csv"
+    print(f"{name}: wrote {out} in {time.perf_counter() - started:.0f} s")
+
+
+def write_csv(out: Path, rows: list[tuple], device_name: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "attention", "compile", "batch", "value", "unit", "shapes", "device", "torch"])
         for row in rows:
-            writer.writerow([*row, name, torch.__version__])
-    print(f"{name}: wrote {out} in {time.perf_counter() - started:.0f} s")
+            writer.writerow([*row, device_name, torch.__version__])
 
 
 def gpu_rows(shapes, device, dtype, store_samples, features_batches, modes, repeats, scratch, record) -> None:

@@ -2,18 +2,21 @@
 # The one prepared run for a lent H100/H200 (15 minutes of device time per session, start-up included), in order of
 # priority, each step capped and the whole run kept under DEADLINE seconds:
 #   1. every GPU-marked test (kernel fp16/bf16 vs 2x PyTorch's error, models, generate, trainer),
-#   1b. SDXL at real shapes, B=8 at 1024 px: UNet-only vs cached vs online step (bench_sdxl.py), then the adapter at
-#       d=2048, B=8 with the eager, SDPA and fused cores (not yet measured, so ahead of the steps that were),
-#   2. `make bench`'s attention benchmark (eager, SDPA, fused, CUDA graphs; whole adapter; profiler traces),
-#   3. torch.compile rows for the two headline shapes,
-#   4. stage two's benchmark (UNet-only vs cached vs online step, features-only samples/s),
-#   5. stage one's benchmark (VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, end to end).
+#   4. issue 12's stage-two measurements (bench_train.py): features-only samples/s at B=256 and 1024, eager and
+#      --compile reduce-overhead; the cached SD 1.5 step and UNet-only at B=16, eager and compiled; online/cached;
+#      then the host-cost rows (ATen ops and CUDA launches per step, eager vs compiled); its CSV is rewritten after
+#      every row, so a step stopped by its cap keeps what it measured,
+#   4b. the fused kernel's per-launch breakdown at B=16 (bench_attention.py, no sweep),
+#   5. stage one's benchmark (VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, end to end),
+#   then, while time is left: 1b. SDXL at real shapes, B=8 at 1024 px: UNet-only vs cached vs online step
+#   (bench_sdxl.py) and the adapter at d=2048, B=8; 2. `make bench`'s attention benchmark (eager, SDPA, fused, CUDA
+#   graphs; whole adapter; profiler traces); 3. torch.compile rows for the two headline shapes.
 # bench/results/ is archived to $OUT/results.tar.gz and the log written to $OUT on every exit.
 # Device call (the image lacks diffusers, zarr, numcodecs, bitsandbytes: bash ../shared/device/wheels.sh first):
 #   carry [".whl"]; command: bash bench/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DEADLINE=${DEADLINE:-420}
+DEADLINE=${DEADLINE:-480}  # run it with timeout_s 540: start-up and transfers take the rest of 15 minutes
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
@@ -51,6 +54,19 @@ step "1. GPU tests"
 capped 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
 tests=$?
 
+step "4. stage two benchmark (issue 12: features-only, cached vs UNet-only, online, eager vs compiled)"
+capped 240 python3 bench/bench_train.py
+train=$?
+
+step "4b. the fused kernel's per-launch breakdown at B=16"
+capped 45 python3 bench/bench_attention.py --providers fused --batch-sizes 16 --widths 768 --adapter-providers "" \
+  --breakdown-batch-sizes 16 --no-sweep --no-traces
+breakdown=$?
+
+step "5. stage one benchmark"
+capped 110 python3 bench/bench_extract.py
+extract=$?
+
 step "1b. SDXL stage two and the adapter at d=2048 (B=8)"
 capped 200 python3 bench/bench_sdxl.py --batch-size 8
 sdxl=$?
@@ -67,14 +83,6 @@ capped 70 python3 bench/bench_attention.py --providers compile --batch-sizes 16,
   --adapter-providers "" --no-traces
 compile=$?
 
-step "4. stage two benchmark"
-capped 130 python3 bench/bench_train.py
-train=$?
-
-step "5. stage one benchmark"
-capped 110 python3 bench/bench_extract.py
-extract=$?
-
 step "summary (exit codes; 124 = time limit)"
-echo "gpu tests $tests | sdxl $sdxl | sdxl adapter $sdxl_adapter | attention $attention | compile $compile | train $train | extract $extract"
+echo "gpu tests $tests | train $train | breakdown $breakdown | extract $extract | sdxl $sdxl | sdxl adapter $sdxl_adapter | attention $attention | compile $compile"
 ls -la bench/results/
