@@ -84,7 +84,7 @@ RUN_KIND = "sur-cache train run"
 # run and leaves the adapter as it was). Every other TrainConfig field is compared with the checkpoint's, some by
 # what they resolve to (RESOLVED_SETTINGS).
 # --compile changes how the step is computed, not what: a resume with another mode continues the same run, its
-# numbers equal to rounding (docs/train.md).
+# numbers equal to rounding with dropout 0 (compiled dropout draws other masks: docs/train.md).
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "val_every", "read_workers", "preload", "compile")
 # Compared by what they resolve to, not as typed: the store by its identity (a copy resumes), --device by the device
 # type it resolves to (`auto` on a CPU machine resumes a `cpu` run), --attention by the backend it picks. Keys of
