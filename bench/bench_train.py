@@ -269,7 +269,8 @@ NO_DATA_OPS = frozenset(
         "resolve_neg result_type"
     ).split()
 )
-LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+# The runtime calls that launch work on CUDA; a CUDA-graph replay (reduce-overhead) is one launch.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
 @dataclass(frozen=True)
