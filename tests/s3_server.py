@@ -68,8 +68,9 @@ class S3Server:
         return name
 
 
-def start_server(log_path) -> tuple[subprocess.Popen, S3Server]:
-    port = free_port()
+def start_server(log_path, port: int | None = None) -> tuple[subprocess.Popen, S3Server]:
+    """moto's server on 127.0.0.1 at `port` (default: a free one); a server that does not come up fails the test."""
+    port = port or free_port()
     log = open(log_path, "wb")
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

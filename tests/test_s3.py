@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from s3_server import assert_same_files
+from s3_server import assert_same_files, start_server
 
 from sur_cache.cli import main
 from sur_cache.config import ExtractConfig
@@ -179,3 +179,14 @@ def test_storage_options_hide_their_values_and_refuse_a_local_path(tmp_path):
     assert "s3cr3t" not in str(bad.value)
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "s.zarr"), "--storage-option", "secret=s3cr3t"])
     assert result.exit_code == 1 and "applies to fsspec URLs" in result.output and "s3cr3t" not in result.output
+
+
+def test_a_server_that_does_not_start_fails_the_test_with_its_log(tmp_path):
+    import socket
+
+    with socket.socket() as taken:  # the port is in use, so moto's server exits at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(pytest.fail.Exception, match=rf"did not start on http://127.0.0.1:{port}:\n.*in use"):
+            start_server(tmp_path / "moto.log", port=port)  # its log says why
