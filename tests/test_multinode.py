@@ -150,6 +150,22 @@ def test_two_nodes_extract_the_one_process_store(
     _assert_same_store(str(out), server, one_process_store)
 
 
+def test_two_nodes_extracting_into_node_local_folders_are_stopped_naming_the_shared_out(
+    tiny_models, demo_dataset, tmp_path
+):
+    """A relative --out is a folder in each node's own working directory: the process that is not the main one
+    finds no store there and says why, and the launch ends."""
+    command = [str(VENV_BIN / "sur-cache"), *_extract_args(demo_dataset, "store.zarr", tiny_models)]
+    nodes = _launch_nodes(tmp_path, command, dict(os.environ))
+    assert [n.returncode for n in nodes] == [1, 1]
+    errors = [line for n in nodes for line in n.stderr_text.splitlines() if line.startswith("Error: ")]
+    assert errors == [
+        "Error: process 1 finds no store at --out store.zarr, which the main process has just created: on several "
+        "nodes --out must be a folder all of them see (a shared filesystem) or an s3:// URL, not a node-local disk "
+        "(docs/scale.md)"
+    ]
+
+
 def _train_args(store, models, out, *extra) -> list[str]:
     args = ["train", "--store", str(store), "--sd", str(models.sd), "--out", str(out)]
     for key, value in TRAIN.items():
