@@ -3,7 +3,8 @@ c10d` launches on gloo, each in its own working directory (standing for a node-l
 one run folder. Extract into one store (a local folder, and S3; and a folder through docs/scale.md's `accelerate
 launch --multi_gpu --num_machines 2` line) equals a one-process run byte for byte; training gives a one-process
 emulation's losses (same global batch, gradients averaged as DDP does) to 1e-5 relative; after both launchers are
-killed with SIGKILL, resuming continues exactly like the uninterrupted two-node run."""
+killed with SIGKILL, resuming continues exactly like the uninterrupted two-node run. A node-local --out (one
+folder per working directory) is stopped with an error that names the cause."""
 
 from __future__ import annotations
 
