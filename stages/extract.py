@@ -612,7 +612,7 @@ def _write_store(config, state, rows, device, llm_table, started, store=None, lo
     Only the main process holds `lock` and checks it before its commits; the others' end with the launch."""
     state.wait_for_everyone()
     if store is None:
-        store = FeatureStore.open(config.out, mode="r+", storage_options=config.storage_options)
+        store = _open_main_process_store(config, state)
     pending = store.pending_shards()
     mine = [shard for shard in pending if shard % state.num_processes == state.process_index]
     workers = config.num_workers if config.num_workers is not None else default_num_workers(state.num_processes)
@@ -627,6 +627,19 @@ def _write_store(config, state, rows, device, llm_table, started, store=None, lo
     if summary["complete"] == 0:
         raise ValueError(f"no sample of {config.data} could be extracted: {summary['skipped']}; see {config.out}")
     return summary
+
+
+def _open_main_process_store(config: ExtractConfig, state) -> FeatureStore:
+    """The store the main process has just created or resumed, opened by another process; not finding it means the
+    processes do not share --out (a node-local disk on several nodes)."""
+    try:
+        return FeatureStore.open(config.out, mode="r+", storage_options=config.storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"process {state.process_index} finds no store at --out {config.out}, which the main process has just "
+            "created: on several nodes --out must be a folder all of them see (a shared filesystem) or an s3:// URL, "
+            "not a node-local disk (docs/scale.md)"
+        ) from None
 
 
 def _summarise(store: FeatureStore, pending: list[int], seconds: float) -> dict[str, Any]:

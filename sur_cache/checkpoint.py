@@ -125,6 +125,15 @@ def seal(folder: Path, position: Position) -> None:
 
 
 def checksums(folder: Path, names: list[str]) -> dict[str, str]:
+    """The sha256 of each of `names`. One missing is another process's RNG file that never reached this folder:
+    the processes do not share it (train's --out on node-local disks)."""
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {folder}: {', '.join(missing)} not found. Every process writes its own RNG state into the "
+            "checkpoint folder, so on several nodes --out must be a folder all of them see (a shared filesystem), "
+            "not a node-local disk (docs/scale.md)"
+        )
     return {name: _sha256(folder / name) for name in names}
 
 

@@ -17,6 +17,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,14 @@ class S3Server:
     def option_args(self) -> list[str]:
         return [arg for key, value in self.options.items() for arg in ("--storage-option", f"{key}={value}")]
 
+    def objects(self, url: str) -> dict[str, bytes]:
+        """The bytes of every object under `url` (`s3://bucket/prefix`), by its path relative to it."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.options, skip_instance_cache=True, use_listings_cache=False)
+        root = url[len("s3://") :].rstrip("/")
+        return {path[len(root) + 1 :]: data for path, data in fs.cat(fs.find(root)).items()}
+
     def new_bucket(self) -> str:
         import s3fs
 
@@ -59,8 +68,9 @@ class S3Server:
         return name
 
 
-def start_server(log_path) -> tuple[subprocess.Popen, S3Server]:
-    port = free_port()
+def start_server(log_path, port: int | None = None) -> tuple[subprocess.Popen, S3Server]:
+    """moto's server on 127.0.0.1 at `port` (default: a free one); a server that does not come up fails the test."""
+    port = port or free_port()
     log = open(log_path, "wb")
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -78,3 +88,22 @@ def start_server(log_path) -> tuple[subprocess.Popen, S3Server]:
     process.wait()
     log.close()
     pytest.fail(f"the moto S3 server did not start on {endpoint}:\n{open(log_path).read()[-3000:]}", pytrace=False)
+
+
+def store_files(url: str, server: S3Server | None = None) -> dict[str, bytes]:
+    """Every file of the store at `url` (a folder, or `s3://` on `server`) by its relative path, but the writer lock
+    (a folder keeps its emptied flock file, an S3 lease object is deleted on release)."""
+    if url.startswith("s3://"):
+        files = server.objects(url)
+    else:
+        files = {str(path.relative_to(url)): path.read_bytes() for path in Path(url).rglob("*") if path.is_file()}
+    files.pop("writer.lock", None)
+    return files
+
+
+def assert_same_files(url: str, server: S3Server | None, reference: Path) -> None:
+    """The store at `url` holds the files of the `reference` folder, byte for byte, except the root zarr.json, whose
+    manifest holds each store's own id (compare `manifest.settings()` for the rest)."""
+    files, expected = store_files(url, server), store_files(str(reference))
+    assert sorted(files) == sorted(expected)
+    assert [name for name in expected if name != "zarr.json" and files[name] != expected[name]] == []

@@ -21,6 +21,7 @@ from sur_cache.checkpoint import (
     load_rng_state,
     load_training_state,
     read_position,
+    rng_file,
     save_rng_state,
     save_training_state,
     seal,
@@ -162,3 +163,9 @@ def test_a_pickle_with_a_matching_checksum_is_refused_and_never_run(tmp_path):
             load_rng_state(folder, rank=0, device=torch.device("cpu"))
         (folder / name).write_bytes(original)
     assert not sentinel.exists()
+
+
+def test_a_process_file_missing_from_a_checkpoint_says_that_out_must_be_shared(tmp_path):
+    save_rng_state(tmp_path, 0, torch.device("cpu"))  # process 1 wrote its file on another node's disk
+    with pytest.raises(FileNotFoundError, match=r"rng/process_1\.json not found\. .* --out must be a folder all"):
+        checksums(tmp_path, [rng_file(0), rng_file(1)])

@@ -1,8 +1,10 @@
 """Two nodes simulated on this machine: two `torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --rdzv-backend
 c10d` launches on gloo, each in its own working directory (standing for a node-local disk), sharing one store and
-one run folder. Extract into one store (a local folder, and S3) equals a one-process run byte for byte; training
-gives a one-process emulation's losses (same global batch, gradients averaged as DDP does) to 1e-5 relative; after
-both launchers are killed with SIGKILL, resuming continues exactly like the uninterrupted two-node run."""
+one run folder. Extract into one store (a local folder, and S3; and a folder through docs/scale.md's `accelerate
+launch --multi_gpu --num_machines 2` line) equals a one-process run byte for byte; training gives a one-process
+emulation's losses (same global batch, gradients averaged as DDP does) to 1e-5 relative; after both launchers are
+killed with SIGKILL, resuming continues exactly like the uninterrupted two-node run. A node-local --out (one
+folder per working directory) is stopped with an error that names the cause."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from s3_server import free_port
+from s3_server import assert_same_files, free_port
 
 from sur_cache.config import ExtractConfig, TrainConfig
 from sur_cache.loader import FeatureLoader
@@ -58,24 +60,38 @@ main(sys.argv[1:])
 
 
 def _launch_nodes(
-    tmp_path: Path, command: list[str], env: dict[str, str], *, python: bool = False, threads: int = 1
+    tmp_path: Path,
+    command: list[str],
+    env: dict[str, str],
+    *,
+    python: bool = False,
+    threads: int = 1,
+    accelerate: bool = False,
 ) -> list:
     """Start both nodes' launchers, each in its own working directory; returns them finished.
 
     `threads` per process: CPU kernels reduce in a thread-count-dependent order, so a store equal byte for byte to
-    the one-process run's needs that run's thread count."""
-    endpoint, run_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:8]
+    the one-process run's needs that run's thread count. `accelerate`: docs/scale.md's `accelerate launch` line
+    instead of torchrun (a Python `command[0]`, which accelerate runs with the interpreter)."""
+    port, run_id = free_port(), uuid.uuid4().hex[:8]
     env = {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    if accelerate:  # no user's accelerate config file is read
+        env["HF_HOME"] = str(tmp_path / "hf_home")
     launchers = []
     for node in range(NODES):
         cwd = tmp_path / f"node{node}"
         cwd.mkdir(exist_ok=True)
-        torchrun = [str(VENV_BIN / "torchrun"), "--nnodes", str(NODES), "--nproc-per-node", "1"]
-        torchrun += ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
-        torchrun += ["--rdzv-id", run_id, *([] if python else ["--no-python"])]
+        if accelerate:
+            launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", str(NODES)]
+            launcher += ["--num_processes", str(NODES), "--machine_rank", str(node)]
+            launcher += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        else:
+            launcher = [str(VENV_BIN / "torchrun"), "--nnodes", str(NODES), "--nproc-per-node", "1"]
+            launcher += ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+            launcher += ["--rdzv-id", run_id, *([] if python else ["--no-python"])]
         launchers.append(
             subprocess.Popen(
-                torchrun + command,
+                launcher + command,
                 cwd=cwd,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -108,30 +124,47 @@ def one_process_store(tiny_models, demo_dataset, tmp_path_factory):
     return out
 
 
-def _assert_same_store(url: str, options, reference: Path) -> None:
+def _assert_same_store(url: str, server, reference: Path) -> None:
+    options = StorageOptions(server.options.items()) if server else None
     store, one = FeatureStore.open(url, storage_options=options), FeatureStore.open(reference)
     assert store.manifest.settings() == one.manifest.settings()
-    assert store.array_names == one.array_names
-    for name in one.array_names:
-        assert store.array(name)[:].tobytes() == one.array(name)[:].tobytes(), f"array {name} differs"
-    assert store.skipped_records() == one.skipped_records()
+    assert_same_files(url, server, reference)
 
 
-@pytest.mark.parametrize("where", ["shared folder", "s3"])
+@pytest.mark.parametrize("where", ["shared folder", "s3", "shared folder, accelerate launch"])
 def test_two_nodes_extract_the_one_process_store(
     where, request, one_process_store, tiny_models, demo_dataset, tmp_path
 ):
-    env, options = dict(os.environ), None
+    env, server = dict(os.environ), None
     if where == "s3":
         server = request.getfixturevalue("s3_server")
-        out, env, options = f"s3://{server.new_bucket()}/store.zarr", server.env, StorageOptions(server.options.items())
+        out, env = f"s3://{server.new_bucket()}/store.zarr", server.env
     else:
         out = tmp_path / "shared" / "store.zarr"  # an absolute path both nodes see: a shared filesystem
     command = [str(VENV_BIN / "sur-cache"), *_extract_args(demo_dataset, out, tiny_models)]
-    nodes = _launch_nodes(tmp_path, command, env, threads=torch.get_num_threads())
+    accelerate = where.endswith("accelerate launch")
+    nodes = _launch_nodes(tmp_path, command, env, threads=torch.get_num_threads(), accelerate=accelerate)
     _succeeded(nodes)
     assert sum(n.stdout_text.count("done        12 of 12 samples") for n in nodes) == 1  # the main process prints
-    _assert_same_store(str(out), options, one_process_store)
+    if where == "s3":  # the credentials reached every node through the environment, and were never printed
+        assert not [n for n in nodes if server.options["secret"] in n.stdout_text + n.stderr_text]
+    _assert_same_store(str(out), server, one_process_store)
+
+
+def test_two_nodes_extracting_into_node_local_folders_are_stopped_naming_the_shared_out(
+    tiny_models, demo_dataset, tmp_path
+):
+    """A relative --out is a folder in each node's own working directory: the process that is not the main one
+    finds no store there and says why, and the launch ends."""
+    command = [str(VENV_BIN / "sur-cache"), *_extract_args(demo_dataset, "store.zarr", tiny_models)]
+    nodes = _launch_nodes(tmp_path, command, dict(os.environ))
+    assert [n.returncode for n in nodes] == [1, 1]
+    errors = [line for n in nodes for line in n.stderr_text.splitlines() if line.startswith("Error: ")]
+    assert errors == [
+        "Error: process 1 finds no store at --out store.zarr, which the main process has just created: on several "
+        "nodes --out must be a folder all of them see (a shared filesystem) or an s3:// URL, not a node-local disk "
+        "(docs/scale.md)"
+    ]
 
 
 def _train_args(store, models, out, *extra) -> list[str]:

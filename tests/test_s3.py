@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from s3_server import assert_same_files, start_server
 
 from sur_cache.cli import main
 from sur_cache.config import ExtractConfig
@@ -62,13 +63,11 @@ def local_reference(tiny_models, demo_dataset, tmp_path_factory):
     return out
 
 
-def _assert_same_as(url: str, options, local: Path) -> None:
-    """Every array's values and every manifest setting equal the local store's."""
-    remote, here = FeatureStore.open(url, storage_options=options), FeatureStore.open(local)
-    assert remote.manifest.settings() == here.manifest.settings()
-    assert remote.array_names == here.array_names
-    for name in here.array_names:
-        assert remote.array(name)[:].tobytes() == here.array(name)[:].tobytes(), f"array {name} differs"
+def _assert_same_as(url: str, server, local: Path) -> None:
+    """Every object holds the local store's file byte for byte, and every manifest setting is the local store's."""
+    remote = FeatureStore.open(url, storage_options=StorageOptions(server.options.items()))
+    assert remote.manifest.settings() == FeatureStore.open(local).manifest.settings()
+    assert_same_files(url, server, local)
 
 
 @pytest.fixture
@@ -82,19 +81,17 @@ def fresh_accelerate_state():
 
 
 def test_extract_writes_a_store_that_inspect_verify_and_train_read(
-    s3_server, local_reference, tiny_models, demo_dataset, tmp_path, monkeypatch, fresh_accelerate_state
+    s3_server, local_reference, tiny_models, demo_dataset, tmp_path, monkeypatch, caplog, fresh_accelerate_state
 ):
     url = f"s3://{s3_server.new_bucket()}/store.zarr"
+    extracted = CliRunner().invoke(main, [*_cli_args(demo_dataset, url, tiny_models), *s3_server.option_args()])
+    assert extracted.exit_code == 0, extracted.output
+    assert "done        12 of 12 samples" in extracted.output
+    _assert_same_as(url, s3_server, local_reference)
     with monkeypatch.context() as environment:  # credentials and endpoint from the environment, as botocore reads them
         for name, value in s3_server.env.items():
             environment.setenv(name, value)
-        extracted = CliRunner().invoke(main, _cli_args(demo_dataset, url, tiny_models))
-    assert extracted.exit_code == 0, extracted.output
-    assert "done        12 of 12 samples" in extracted.output
-    options = StorageOptions(s3_server.options.items())
-    _assert_same_as(url, options, local_reference)
-    # ... and from --storage-option, whose values are never printed
-    inspected = CliRunner().invoke(main, ["inspect", url, "--json", *s3_server.option_args()])
+        inspected = CliRunner().invoke(main, ["inspect", url, "--json"])
     assert inspected.exit_code == 0, inspected.output
     assert json.loads(inspected.output)["url"] == url
     verified = CliRunner().invoke(main, ["verify", url, *s3_server.option_args()])
@@ -105,14 +102,22 @@ def test_extract_writes_a_store_that_inspect_verify_and_train_read(
     run = tmp_path / "run"
     train = ["train", "--store", url, "--sd", str(tiny_models.sd), "--out", str(run), "--device", "cpu"]
     train += ["--batch-size", "2", "--gradient-accumulation", "1", "--max-steps", "2", "--read-workers", "1"]
-    train += ["--feedforward", "64", "--num-heads", "4", *s3_server.option_args()]
+    train += ["--feedforward", "64", "--num-heads", "4", "--checkpoint-every", "1", *s3_server.option_args()]
     trained = CliRunner().invoke(main, train)  # one reader process, which opens the store with the same options
     assert trained.exit_code == 0, trained.output
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
-    secret = s3_server.options["secret"]
-    record = (run / "run.json").read_text()
-    assert "StorageOptions(endpoint_url=***, key=***, secret=***)" in record and secret not in record
-    assert all(secret not in result.output for result in (extracted, inspected, verified, trained))
+    assert "StorageOptions(endpoint_url=***, key=***, secret=***)" in (run / "run.json").read_text()
+    # The secret is nowhere: no command's output, log record, file of the run folder or object of the bucket.
+    outputs = [result.output for result in (extracted, inspected, verified, trained)] + [caplog.text]
+    files = [path.read_bytes() for path in run.rglob("*") if path.is_file()]
+    assert len(files) > 10  # run.json, the log, the adapter, two checkpoints
+    _assert_secret_absent(s3_server, outputs, files + list(s3_server.objects(url).values()))
+
+
+def _assert_secret_absent(server, texts: list[str], blobs: list[bytes] = ()) -> None:
+    secret = server.options["secret"]
+    assert not [text for text in texts if secret in text]
+    assert not [blob for blob in blobs if secret.encode() in blob]
 
 
 def test_kill_9_during_extract_then_resume_gives_the_local_uninterrupted_store(
@@ -124,13 +129,14 @@ def test_kill_9_during_extract_then_resume_gives_the_local_uninterrupted_store(
         [sys.executable, "-c", _KILLER, *args], env=s3_server.env, cwd=tmp_path, capture_output=True, text=True
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    _assert_secret_absent(s3_server, [killed.stdout, killed.stderr])  # credentials from the environment
     options = StorageOptions(s3_server.options.items())
     status = FeatureStore.open(url, storage_options=options).status()
     assert (status == PENDING).sum() == 8  # one shard of three committed
     # the dead run's lock object is still there; its process is gone from this host, so the resume takes it over
     summary = run_extract(_config(demo_dataset, url, tiny_models, storage_options=options))
     assert summary["complete"] == 12 and summary["computed_now"] == 8
-    _assert_same_as(url, options, local_reference)
+    _assert_same_as(url, s3_server, local_reference)
 
 
 def test_a_second_writer_is_refused_naming_the_holder(s3_server, tiny_models, demo_dataset, fresh_accelerate_state):
@@ -143,6 +149,7 @@ def test_a_second_writer_is_refused_naming_the_holder(s3_server, tiny_models, de
         refused = CliRunner().invoke(main, [*_cli_args(demo_dataset, url, tiny_models), *s3_server.option_args()])
     assert refused.exit_code == 1
     assert f"is being written by process {os.getpid()} on host {socket.gethostname()}" in refused.output
+    _assert_secret_absent(s3_server, [refused.output])
     assert not FeatureStore.exists(url, options)  # nothing was written
 
 
@@ -172,3 +179,14 @@ def test_storage_options_hide_their_values_and_refuse_a_local_path(tmp_path):
     assert "s3cr3t" not in str(bad.value)
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "s.zarr"), "--storage-option", "secret=s3cr3t"])
     assert result.exit_code == 1 and "applies to fsspec URLs" in result.output and "s3cr3t" not in result.output
+
+
+def test_a_server_that_does_not_start_fails_the_test_with_its_log(tmp_path):
+    import socket
+
+    with socket.socket() as taken:  # the port is in use, so moto's server exits at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(pytest.fail.Exception, match=rf"did not start on http://127.0.0.1:{port}:\n.*in use"):
+            start_server(tmp_path / "moto.log", port=port)  # its log says why

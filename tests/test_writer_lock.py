@@ -1,5 +1,6 @@
-"""One writer per store: a live holder is named, a dead one's lock is taken over, object stores use an exclusive
-lock file (see also tests/stages/test_extract.py for a second extract refused while one runs)."""
+"""One writer per store: a live holder is named, a dead one's lock is taken over; other fsspec URLs use an exclusive
+lock file, S3 a lease written by conditional puts (see also tests/stages/test_extract.py for a second extract
+refused while one runs)."""
 
 from __future__ import annotations
 
