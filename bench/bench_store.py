@@ -183,6 +183,7 @@ def build_scale_store(url: str, samples: int, processes: int, **fields) -> float
     bounds = np.linspace(0, -(-samples // SHARD_ROWS), processes + 1).round().astype(int)
     with multiprocessing.get_context("spawn").Pool(processes) as pool:  # spawn: zarr's event loop is not fork-safe
         pool.starmap(_write_done_shards, [(url, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    FeatureStore.open(url, mode="r+").write_commit_index()  # as extract's main process does when every shard is in
     return time.perf_counter() - started
 
 
