@@ -949,7 +949,9 @@ class FeatureStore:
 
     def summary(self) -> dict[str, Any]:
         """Counts a user asks for first: samples done, pending, skipped by reason."""
-        counts = self.shard_counts()
+        return self._summary(self.shard_counts())
+
+    def _summary(self, counts: ShardCounts) -> dict[str, Any]:
         reasons = Counter(r["reason"] for r in self._skipped_records(counts))
         return {
             "num_samples": self.num_samples,
@@ -1393,7 +1395,7 @@ class FeatureStore:
                 "dimensions": list(array.metadata.dimension_names),
                 "bytes_stored": int(stored[name]),
             }
-        summary = self.summary()
+        summary = self._summary(counts)  # the same listing: describe lists `commits/` once
         return {
             "url": self.url,
             "complete": summary["complete"],
