@@ -20,7 +20,7 @@ stores of `--sizes` samples (1-wide features, SD 1.5's 256-row shards) are built
 
   zarr_json_bytes  the group's zarr.json (the manifest)
   open_s           `FeatureStore.open` (manifest checksums, every array's metadata)
-  inspect_s        `sur-cache inspect STORE` through the CLI (describe and print)
+  inspect_s        `sur-cache inspect STORE` through the CLI (describe and print; the commit index is read)
   verify_s         `sur-cache verify STORE`: with 1-wide features every array is metadata-sized, so this is the cost
                    of verifying the per-sample metadata (status, lines, hashes, flags), what stays at any width
   pending_s        `pending_shards()` on a fresh open: the resume scan of extract
@@ -183,6 +183,7 @@ def build_scale_store(url: str, samples: int, processes: int, **fields) -> float
     bounds = np.linspace(0, -(-samples // SHARD_ROWS), processes + 1).round().astype(int)
     with multiprocessing.get_context("spawn").Pool(processes) as pool:  # spawn: zarr's event loop is not fork-safe
         pool.starmap(_write_done_shards, [(url, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    FeatureStore.open(url, mode="r+").write_commit_index()  # as extract's main process does when every shard is in
     return time.perf_counter() - started
 
 
@@ -305,6 +306,8 @@ def scale_rows(root: Path, sizes: list[int], metadata_rows: int, processes: int,
             fields["metadata_sha256"] = metadata_sha256(root / "data")
         if not (keep and FeatureStore.exists(url) and not FeatureStore.open(url).pending_shards()):
             row["build_s"] = build_scale_store(url, samples, processes, **fields)
+        elif not FeatureStore.open(url).has_commit_index():  # kept from before the index: as extract's resume does
+            FeatureStore.open(url, mode="r+").write_commit_index()
         row.update(_in_fresh_process(measure_scale, url))
         if samples == metadata_rows:
             row.update(_in_fresh_process(measure_metadata, root / "data", url))

@@ -621,6 +621,9 @@ def _write_store(config, state, rows, device, llm_table, started, store=None, lo
         show_progress = config.progress and state.is_main_process
         _extract_shards(store, mine, passes, rows, config, show_progress, lock or HeldLock())
     state.wait_for_everyone()
+    if state.is_main_process and (pending or not store.has_commit_index()):
+        (lock or HeldLock()).check()  # as before a commit: an S3 lease lost means another writer's store
+        store.write_commit_index()  # every process has committed: inspect reads this file, not one per shard
     summary = _summarise(store, pending, time.perf_counter() - started)
     if state.is_main_process:
         summary["report"] = store.write_skipped_report()

@@ -147,9 +147,14 @@ def names_in(fs, folder: str) -> list[str]:
         return []
 
 
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:  # not `Path.read_bytes`: its path parsing was a third of reading 39k small files
+        return f.read()
+
+
 def read_files(fs, paths: list[str]) -> list[bytes]:
     """The bytes of each file in `paths`: plain reads when local, one batched `cat` elsewhere (object stores)."""
     if isinstance(fs, LocalFileSystem):
-        return [Path(path).read_bytes() for path in paths]
+        return [_read_local(path) for path in paths]
     contents = fs.cat(paths) if paths else {}
     return [contents[path] for path in paths]

@@ -31,6 +31,16 @@ def store(tiny_models, demo_dataset, tmp_path_factory):
     return out
 
 
+def test_extract_writes_the_commit_index_and_a_store_without_one_inspects_the_same(store, tmp_path):
+    assert (store / "commits" / "index.json").exists()
+    older = tmp_path / "older.zarr"  # a schema-2 store written before the index: inspect reads every marker
+    shutil.copytree(store, older)
+    (older / "commits" / "index.json").unlink()
+    indexed, without = (CliRunner().invoke(main, ["inspect", str(path), "--json"]) for path in (store, older))
+    assert indexed.exit_code == without.exit_code == 0, indexed.output + without.output
+    assert json.loads(indexed.output) == json.loads(without.output) | {"url": str(store)}
+
+
 def test_every_extract_option_has_help():
     command = main.commands["extract"]
     undocumented = [p.name for p in command.params if isinstance(p, click.Option) and not p.help]

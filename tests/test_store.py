@@ -525,6 +525,67 @@ def test_describe_counts_the_committed_shard_files(store):
     assert described["arrays"]["clip_simple"]["dimensions"] == ["sample", "token", "clip_width"]
 
 
+# ---- the commit index ----------------------------------------------------------------------------------------------
+def _write_with_a_skip(store: FeatureStore) -> None:
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        status = np.full(stop - start, DONE, np.uint8)
+        status[0] = SKIPPED if shard == 1 else DONE
+        store.write_shard(shard, _random_rows(store, start, stop, seed=shard), status)
+
+
+def _files_read(monkeypatch) -> list[str]:
+    paths: list[str] = []
+    read_files = store_module.read_files
+    monkeypatch.setattr(store_module, "read_files", lambda fs, names: paths.extend(names) or read_files(fs, names))
+    return paths
+
+
+def test_the_commit_index_gives_describe_the_markers_figures_in_one_read(store, monkeypatch):
+    _write_with_a_skip(store)
+    index = Path(store.url) / "commits" / "index.json"
+    without = FeatureStore.open(store.url)  # a store written before the index existed: every marker is read
+    described, truncated = without.describe(), without.truncated_counts()
+    assert not index.exists() and truncated["simple"] > 0
+    store.write_commit_index()
+    paths = _files_read(monkeypatch)
+    indexed = FeatureStore.open(store.url)
+    assert indexed.describe() == described and indexed.truncated_counts() == truncated
+    assert {Path(path).name for path in paths} == {"index.json"}  # no marker file read
+
+
+def test_a_commit_removes_the_index_and_the_marker_listing_decides_what_it_covers(store):
+    root = Path(store.url)
+    rows = {shard: _random_rows(store, a, b, seed=shard) for shard, (a, b) in enumerate(store.shard_ranges())}
+    store.write_shard(0, rows[0], np.full(4, DONE, np.uint8))
+    store.write_commit_index()
+    older = (root / "commits" / "index.json").read_bytes()
+    store.write_shard(1, rows[1], np.full(4, DONE, np.uint8))
+    assert not (root / "commits" / "index.json").exists()  # a commit after the index: gone before the commit
+    truth = FeatureStore.open(store.url).describe()
+    (root / "commits" / "index.json").write_bytes(older)  # an index naming shard 0 only: shard 1 from its marker
+    assert FeatureStore.open(store.url).describe() == truth
+    (root / "commits" / "00000000-4-0.json").unlink()  # the marker rules: shard 0 is pending, whatever the index says
+    described = FeatureStore.open(store.url).describe()
+    assert (described["committed_shards"], described["complete"], described["pending"]) == (1, 4, 6)
+    (root / "commits" / "index.json").unlink()
+    assert FeatureStore.open(store.url).describe() == described
+
+
+def test_verify_finds_an_unreadable_or_disagreeing_commit_index(store):
+    _write_with_a_skip(store)
+    truth = FeatureStore.open(store.url).describe()
+    store.write_commit_index()
+    assert store.verify() == []
+    path = Path(store.url) / "commits" / "index.json"
+    index = json.loads(path.read_text())
+    index["bytes"]["llm"][1] += 1
+    path.write_text(json.dumps(index))
+    assert [(c.array, c.start, c.stop) for c in store.verify()] == [("commits/index.json", 4, 8)]
+    path.write_text('{"markers": ["00000000-4-0.json"], "truncated": [[0, 0]], "bytes": {"llm": [1, 2]}}')
+    assert [(c.array, c.start, c.stop) for c in store.verify()] == [("commits/index.json", 0, 10)]
+    assert FeatureStore.open(store.url).describe() == truth  # an unreadable index: the markers are read instead
+
+
 def test_file_names_are_an_array_matching_the_manifest(tmp_path):
     names = ["a.png", "ünïcode/ß.jpg", "x" * 70]
     manifest = dataclasses.replace(

@@ -185,9 +185,11 @@ def test_rerunning_a_finished_store_skips_the_metadata_pass_unless_the_file_chan
     monkeypatch.setattr(extract, "_read_rows", lambda *a: pytest.fail("the metadata pass ran"))
     with pytest.raises(ManifestMismatchError, match="dataset_path"):  # the copy's path: compared all the same
         run_extract(_config(data, out, tiny_models))
+    (out / "commits" / "index.json").unlink()  # as a store extracted before the commit index: the resume writes one
     again = run_extract(_config(demo_dataset, out, tiny_models))
     assert again["computed_now"] == 0 and again["complete"] == reference[1]["complete"]
-    assert again["skipped"] == reference[1]["skipped"]
+    assert again["skipped"] == reference[1]["skipped"] and again["truncated"] == reference[1]["truncated"]
+    assert (out / "commits" / "index.json").exists()
     monkeypatch.setattr(extract, "_read_rows", real_pass)
     lines = (data / "metadata.jsonl").read_text().splitlines()
     (data / "metadata.jsonl").write_text("\n".join(lines[:-1]) + "\n")
