@@ -240,6 +240,26 @@ def test_resume_after_kill_is_bit_identical(method, count, reference, tiny_model
     _assert_same_store(out, reference[0])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "count"), [("_writable", 20), ("commit_shard", 2)], ids=["mid-shard", "commit"])
+def test_an_overlapped_run_killed_resumes_bit_identical(method, count, reference, tiny_models, demo_dataset, tmp_path):
+    """kill -9 of `--overlap` in the middle of writing the second shard, and just before committing it (the third
+    shard's halves in flight); the re-run, sequential, finishes the uninterrupted run's bytes."""
+    out = tmp_path / "store.zarr"
+    args = [*_cli_args(demo_dataset, out, tiny_models), "--overlap"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLER, method, str(count), *args], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    status = FeatureStore.open(out).status()
+    assert (status == DONE).sum() == 4 and (status == PENDING).sum() == 8  # the first shard committed, no other
+    summary = run_extract(_config(demo_dataset, out, tiny_models))
+    assert summary["complete"] == 12 and summary["computed_now"] == 8
+    assert not list(out.rglob("*.partial"))
+    _assert_same_store(out, reference[0])
+
+
 def _bad_dataset(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     (target / "images" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # unreadable
@@ -455,11 +475,14 @@ def test_a_second_writer_is_refused_naming_the_holder(reference, tiny_models, de
     assert run_extract(_config(demo_dataset, out, tiny_models))["computed_now"] == 0  # released: resumes
 
 
-def test_llm_alongside_gives_the_same_store(reference, tiny_models, demo_dataset, tmp_path):
-    """One pass with all models loaded writes the same bytes as the default CLIP/VAE-then-LLM passes."""
+def test_the_overlapped_extract_writes_the_sequential_store_bit_for_bit(reference, tiny_models, demo_dataset, tmp_path):
+    """CLIP/VAE and the LLM in concurrent threads write every array, the skip report and the manifest (but the
+    store's own id) exactly as the default two passes, one after the other, do."""
     out = tmp_path / "store.zarr"
-    run_extract(_config(demo_dataset, out, tiny_models, llm_alongside=True))
+    summary = run_extract(_config(demo_dataset, out, tiny_models, overlap=True))
+    assert summary["overlap"] is True and reference[1]["overlap"] is False  # the CPU's auto: sequential
     _assert_same_store(out, reference[0])
+    assert FeatureStore.open(out).manifest.settings() == FeatureStore.open(reference[0]).manifest.settings()
 
 
 def test_config_reports_every_bad_option_at_once(tiny_models, demo_dataset, tmp_path):
