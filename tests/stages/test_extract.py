@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -483,6 +484,32 @@ def test_the_overlapped_extract_writes_the_sequential_store_bit_for_bit(referenc
     assert summary["overlap"] is True and reference[1]["overlap"] is False  # the CPU's auto: sequential
     _assert_same_store(out, reference[0])
     assert FeatureStore.open(out).manifest.settings() == FeatureStore.open(reference[0]).manifest.settings()
+
+
+def test_llm_batch_size_auto_is_the_recorded_one_on_resume_else_picked_from_free_memory(
+    reference, tiny_models, demo_dataset, tmp_path, monkeypatch
+):
+    """On the CPU 64; on (a faked) CUDA the memory plan's pick, the LLM alone when the passes will not overlap; a
+    resume keeps the store's recorded size whatever the free memory says."""
+    from sur_cache.memory_plan import GIB, LLMFootprint
+
+    manifest = replace(FeatureStore.open(reference[0]).manifest, llm_batch_size=None)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fresh = _config(demo_dataset, tmp_path / "new.zarr", tiny_models, llm_batch_size=None)
+    assert extract._llm_batch_size(fresh, manifest, cpu) == 64
+    monkeypatch.setattr(extract, "_llm_footprint", lambda config, manifest: LLMFootprint(2 * GIB, 64 * 2**20))
+    monkeypatch.setattr(extract, "_image_pass_bytes", lambda manifest: 7 * GIB)
+    free = {"bytes": 140 * GIB}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 141 * GIB))
+    assert extract._llm_batch_size(fresh, manifest, cuda) == 128  # the cap
+    assert extract._overlap(fresh, replace(manifest, llm_batch_size=128), cuda) is True
+    free["bytes"] = 11 * GIB  # 0.75 x 11 - 2 = 6.25 GiB: 64 x 64 MiB fit alone; beside the image pass's 7, none
+    assert extract._llm_batch_size(fresh, manifest, cuda) == 64
+    assert extract._overlap(fresh, replace(manifest, llm_batch_size=64), cuda) is False
+    assert extract._llm_batch_size(replace(fresh, overlap=True), manifest, cuda) == 1  # --overlap: planned beside
+    resumed = _config(demo_dataset, reference[0], tiny_models, llm_batch_size=None)
+    assert extract._llm_batch_size(resumed, manifest, cuda) == SETTINGS["llm_batch_size"] == 3
+    assert run_extract(resumed)["computed_now"] == 0  # no mismatch: the recorded size is the one used
 
 
 def test_config_reports_every_bad_option_at_once(tiny_models, demo_dataset, tmp_path):
