@@ -2,12 +2,14 @@
 # The one prepared run for a lent H100/H200 (15 minutes of device time per session, start-up included), in order of
 # priority, each step capped and the whole run kept under DEADLINE seconds:
 #   1. every GPU-marked test (kernel fp16/bf16 vs 2x PyTorch's error, models, generate, trainer),
-#   1b. SDXL at real shapes, B=8 at 1024 px: UNet-only vs cached vs online step (bench_sdxl.py), then the adapter at
-#       d=2048, B=8 with the eager, SDPA and fused cores (not yet measured, so ahead of the steps that were),
+#   1b. stage one's benchmark: VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, then the real extract end to
+#       end, --no-overlap vs --overlap, at the LLM batch --llm-batch-size auto picks (the overlap is not yet
+#       measured, so ahead of the steps that were),
+#   1c. SDXL at real shapes, B=8 at 1024 px: UNet-only vs cached vs online step (bench_sdxl.py), then the adapter at
+#       d=2048, B=8 with the eager, SDPA and fused cores (not yet measured either),
 #   2. `make bench`'s attention benchmark (eager, SDPA, fused, CUDA graphs; whole adapter; profiler traces),
 #   3. torch.compile rows for the two headline shapes,
-#   4. stage two's benchmark (UNet-only vs cached vs online step, features-only samples/s),
-#   5. stage one's benchmark (VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, end to end).
+#   4. stage two's benchmark (UNet-only vs cached vs online step, features-only samples/s).
 # bench/results/ is archived to $OUT/results.tar.gz and the log written to $OUT on every exit.
 # Device call (the image lacks diffusers, zarr, numcodecs, bitsandbytes: bash ../shared/device/wheels.sh first):
 #   carry [".whl"]; command: bash bench/device_check.sh
@@ -51,7 +53,11 @@ step "1. GPU tests"
 capped 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
 tests=$?
 
-step "1b. SDXL stage two and the adapter at d=2048 (B=8)"
+step "1b. stage one benchmark: components, then extract end to end, sequential vs overlapped"
+capped 150 python3 bench/bench_extract.py
+extract=$?
+
+step "1c. SDXL stage two and the adapter at d=2048 (B=8)"
 capped 200 python3 bench/bench_sdxl.py --batch-size 8
 sdxl=$?
 capped 60 python3 bench/bench_attention.py --providers eager,sdpa,fused --widths 2048 --batch-sizes 8 \
@@ -70,10 +76,6 @@ compile=$?
 step "4. stage two benchmark"
 capped 130 python3 bench/bench_train.py
 train=$?
-
-step "5. stage one benchmark"
-capped 110 python3 bench/bench_extract.py
-extract=$?
 
 step "summary (exit codes; 124 = time limit)"
 echo "gpu tests $tests | sdxl $sdxl | sdxl adapter $sdxl_adapter | attention $attention | compile $compile | train $train | extract $extract"
