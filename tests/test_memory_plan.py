@@ -63,8 +63,10 @@ def test_the_llm_batch_size_is_the_largest_power_of_two_that_fits_three_quarters
 
 def test_the_passes_overlap_only_when_everything_fits_together():
     assert fits_alongside(140 * GIB, LLAMA_13B, 128, SD15_512_B16)
-    # 24 GiB: 13.0e9 + 64 x 24.3e6 + 9 GiB = 24.2e9 > 0.75 x 24 GiB = 19.3e9 -> two passes
-    assert not fits_alongside(24 * GIB, LLAMA_13B, 64, SD15_512_B16)
+    # 24 GiB: not even one prompt beside the image pass (13.0e9 + 9 GiB > 0.75 x 24 GiB = 19.3e9) -> two passes,
+    # the LLM alone taking (19.3e9 - 13.0e9) / 24.3e6 = 259.8 -> 128 prompts
+    assert not fits_alongside(24 * GIB, LLAMA_13B, 1, SD15_512_B16)
+    assert pick_llm_batch_size(24 * GIB, LLAMA_13B) == 128
     # 32 GiB: 13.0e9 + 64 x 24.3e6 + 9 GiB = 24.2e9 <= 0.75 x 32 GiB = 25.8e9, but not at 128 prompts (27.3e9)
     assert fits_alongside(32 * GIB, LLAMA_13B, 64, SD15_512_B16)
     assert not fits_alongside(32 * GIB, LLAMA_13B, 128, SD15_512_B16)

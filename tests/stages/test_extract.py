@@ -486,6 +486,19 @@ def test_the_overlapped_extract_writes_the_sequential_store_bit_for_bit(referenc
     assert FeatureStore.open(out).manifest.settings() == FeatureStore.open(reference[0]).manifest.settings()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_auto_overlaps_and_writes_the_sequential_store(tiny_models, demo_dataset, tmp_path):
+    """The real GPU path: LLM.int8 and CLIP/VAE on their own CUDA streams, decoding workers, the batch size picked
+    from free memory (the cap, for the tiny LLM), the same bytes as --no-overlap."""
+    gpu = {"device": "cuda", "llm_batch_size": None, "llm_8bit": True, "llm_dtype": "float16", "num_workers": 2}
+    sequential = run_extract(_config(demo_dataset, tmp_path / "sequential.zarr", tiny_models, overlap=False, **gpu))
+    overlapped = run_extract(_config(demo_dataset, tmp_path / "auto.zarr", tiny_models, **gpu))
+    assert sequential["overlap"] is False and overlapped["overlap"] is True
+    assert FeatureStore.open(tmp_path / "auto.zarr").manifest.llm_batch_size == 128
+    _assert_same_store(tmp_path / "auto.zarr", tmp_path / "sequential.zarr")
+
+
 def test_llm_batch_size_auto_is_the_recorded_one_on_resume_else_picked_from_free_memory(
     reference, tiny_models, demo_dataset, tmp_path, monkeypatch
 ):
