@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +254,9 @@ def _llm_batch_size(config: ExtractConfig, manifest: Manifest, device: torch.dev
     """`--llm-batch-size` resolved: the given one; for `auto` the one recorded by the store being resumed, else on
     CUDA the largest that fits the free memory (beside CLIP and the VAE unless --no-overlap), LLM_BATCH_SIZE_CPU
     elsewhere. None with a feature file (no LLM runs)."""
-    if manifest.llm_model is None or config.llm_batch_size is not None:
+    if manifest.llm_model is None:
+        return None
+    if config.llm_batch_size is not None:
         return config.llm_batch_size
     if not config.overwrite and FeatureStore.exists(config.out, config.storage_options):
         recorded = FeatureStore.open(config.out, storage_options=config.storage_options).manifest.llm_batch_size
@@ -529,11 +532,11 @@ def _passes(config, manifest, rows, device, workers, llm_table, overlap: bool) -
     """(label, factory of the pass's encoders) per pass; each pass's models are loaded when it starts and freed when
     it ends. Overlapped, one pass holds both encoders, the image encoder first: it decides which samples are
     skipped."""
-    image = lambda: _ImageTextEncoder(config, manifest, rows, device, workers)  # noqa: E731
+    image = partial(_ImageTextEncoder, config, manifest, rows, device, workers)
     if llm_table is not None:
-        llm, label = (lambda: _LLMTableEncoder(llm_table, rows)), "llm-features"
+        llm, label = partial(_LLMTableEncoder, llm_table, rows), "llm-features"
     else:
-        llm, label = (lambda: _LLMEncoder(config, manifest, rows, device)), "llm"
+        llm, label = partial(_LLMEncoder, config, manifest, rows, device), "llm"
     if overlap:
         return [(f"clip+vae+{label}", lambda: [image(), llm()])]
     return [("clip+vae", lambda: [image()]), (label, lambda: [llm()])]
@@ -726,7 +729,7 @@ def _write_store(config, state, rows, device, llm_table, started, store=None, lo
     pending = store.pending_shards()
     mine = [shard for shard in pending if shard % state.num_processes == state.process_index]
     workers = config.num_workers if config.num_workers is not None else default_num_workers(state.num_processes)
-    overlap, encoding = _overlap(config, store.manifest, device), 0.0
+    overlap, encoding = bool(mine) and _overlap(config, store.manifest, device), 0.0
     if mine:
         passes = _passes(config, store.manifest, rows, device, workers, llm_table, overlap)
         show_progress = config.progress and state.is_main_process
