@@ -578,15 +578,18 @@ def _one_shard_ahead(stream: Iterator, pool: Executor, device: torch.device) -> 
         yield item
 
 
-def _write(store: FeatureStore, shard_index: int, shard: _ShardState, arrays: dict[str, np.ndarray]) -> None:
-    """Write a pass's arrays for one shard; skipped samples keep their identity, their features are zeros."""
-    skipped = shard.status == SKIPPED
-    if skipped.any():
-        arrays = {
-            name: a if name in _IDENTITY_ARRAYS else np.where(_expand(skipped, a.ndim), np.zeros_like(a), a)
-            for name, a in arrays.items()
-        }
-    store.write_arrays(shard_index, arrays)
+def _checked(state: _ShardState, arrays: dict[str, np.ndarray], rows, config, store_dtype: str) -> dict:
+    """One encoder's arrays of a shard, its non-finite samples marked skipped and every skipped sample's features
+    zeroed (their identity kept). Applied per encoder, in the encoders' order, when its arrays arrive: the image
+    encoder's arrays are zeroed by the skips known after them, the LLM's by all, in both modes alike."""
+    _skip_non_finite(state, arrays, rows, config, store_dtype)
+    skipped = state.status == SKIPPED
+    if not skipped.any():
+        return arrays
+    return {
+        name: a if name in _IDENTITY_ARRAYS else np.where(_expand(skipped, a.ndim), np.zeros_like(a), a)
+        for name, a in arrays.items()
+    }
 
 
 def _skip_non_finite(
@@ -641,8 +644,8 @@ def _extract_shards(
             with tqdm(total=total, unit="sample", desc=label, disable=not show_progress, dynamic_ncols=True) as bar:
                 parts_per_shard = _shard_parts(encoders, states, device)
                 for index, state, parts in zip(mine, states, parts_per_shard, strict=True):
-                    for arrays in parts:  # image half first: the skips and their records in the sequential order
-                        _skip_non_finite(state, arrays, rows, config, store.manifest.store_dtype)
+                    dtype = store.manifest.store_dtype
+                    parts = [_checked(state, part, rows, config, dtype) for part in parts]  # image half first
                     arrays = {name: array for part in parts for name, array in part.items()}
                     if pending is not None:
                         pending.result()  # at most one shard waits for the disk
@@ -659,7 +662,7 @@ def _extract_shards(
 def _write_shard(
     store, index: int, state: _ShardState, arrays: dict[str, np.ndarray], commit: bool, lock: HeldLock
 ) -> None:
-    _write(store, index, state, arrays)
+    store.write_arrays(index, arrays)
     if commit:  # the commit: skip report first, status last
         lock.check()  # an S3 lease lost to another writer: stop before committing into its store
         store.write_skipped(index, state.skipped)

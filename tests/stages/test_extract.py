@@ -486,6 +486,46 @@ def test_the_overlapped_extract_writes_the_sequential_store_bit_for_bit(referenc
     assert FeatureStore.open(out).manifest.settings() == FeatureStore.open(reference[0]).manifest.settings()
 
 
+def test_overlapped_skips_are_the_sequential_ones_in_the_same_order(tiny_models, demo_dataset, tmp_path, monkeypatch):
+    """Bad rows, an unreadable image (line 1), a NaN from the VAE (line 5) and one from the LLM (line 0), all in the
+    first shard: the image half decides first, so both modes skip the same samples and report them in the same
+    order (the VAE's before the LLM's, though the LLM's sample comes first)."""
+    data = _bad_dataset(demo_dataset, tmp_path / "data")
+    real_vae, real_llm = extract.encode_vae, extract.encode_llm
+    first_text = json.loads((data / "metadata.jsonl").read_text().splitlines()[0])["text"]
+
+    def poisoned_llm(tokenizer, model, prompts, **options):
+        features = real_llm(tokenizer, model, prompts, **options)
+        features.pooled[[i for i, p in enumerate(prompts) if p == first_text], 0] = float("nan")
+        return features
+
+    def run(overlap: bool):
+        calls = []
+
+        def poisoned_vae(vae, pixels):
+            latents = real_vae(vae, pixels)
+            calls.append(1)
+            if len(calls) == 3:  # the second batch's images (after the first batch's and their mirrors)
+                latents.mean[0, 0, 0, 0] = float("nan")
+            return latents
+
+        monkeypatch.setattr(extract, "encode_vae", poisoned_vae)
+        monkeypatch.setattr(extract, "encode_llm", poisoned_llm)
+        out = tmp_path / f"overlap-{overlap}.zarr"
+        return run_extract(_config(data, out, tiny_models, shard_rows=3, num_workers=1, overlap=overlap)), out
+
+    (sequential, one), (overlapped, other) = run(False), run(True)
+    assert sequential["skipped"] == overlapped["skipped"] and sequential["skipped"]["non_finite_feature"] >= 2
+    # the first shard's own report, as written (PIL's message names an object's address, so not its bytes)
+    order = [
+        [(json.loads(line)["line"], json.loads(line)["reason"]) for line in part.read_text().splitlines()]
+        for part in (one / "skipped" / "shard-000000.jsonl", other / "skipped" / "shard-000000.jsonl")
+    ]
+    assert order[0] == order[1] == [(1, "unreadable_image"), (5, "non_finite_feature"), (0, "non_finite_feature")]
+    left, right = _contents(one), _contents(other)
+    assert left.keys() == right.keys() and all(left[name].tobytes() == right[name].tobytes() for name in left)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_auto_overlaps_and_writes_the_sequential_store(tiny_models, demo_dataset, tmp_path):
