@@ -7,7 +7,8 @@
 #      then the host-cost rows (ATen ops and CUDA launches per step, eager vs compiled); its CSV is rewritten after
 #      every row, so a step stopped by its cap keeps what it measured,
 #   4b. the fused kernel's per-launch breakdown at B=16 (bench_attention.py, no sweep),
-#   5. stage one's benchmark (VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, end to end),
+#   5. stage one's benchmark: VAE, CLIP, LLaMA-13B int8 extrapolated from 4 layers, then the real extract end to
+#      end, --no-overlap vs --overlap, at the LLM batch --llm-batch-size auto picks,
 #   then, while time is left: 1b. SDXL at real shapes, B=8 at 1024 px: UNet-only vs cached vs online step
 #   (bench_sdxl.py) and the adapter at d=2048, B=8; 2. `make bench`'s attention benchmark (eager, SDPA, fused, CUDA
 #   graphs; whole adapter; profiler traces); 3. torch.compile rows for the two headline shapes.
@@ -50,39 +51,59 @@ fi
 python3 -c "import torch, triton, diffusers, zarr, bitsandbytes, sur_cache.kernels, sur_cache.stages.train as t
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'zarr', zarr.__version__)"
 
-step "1. GPU tests"
-capped 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
-tests=$?
+# STEPS picks what runs (a comma-separated subset, in this order); the default is all of them. One call cannot
+# finish every step in DEADLINE: a session with time for a second call runs the rest, e.g. STEPS=extract,sdxl.
+STEPS=${STEPS:-tests,train,breakdown,extract,sdxl,attention,compile}
+selected() { [[ ",$STEPS," == *",$1,"* ]]; }
+tests=- train=- breakdown=- extract=- sdxl=- sdxl_adapter=- attention=- compile=-
 
-step "4. stage two benchmark (issue 12: features-only, cached vs UNet-only, online, eager vs compiled)"
-capped 240 python3 bench/bench_train.py
-train=$?
+if selected tests; then
+  step "1. GPU tests"
+  capped 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
+  tests=$?
+fi
 
-step "4b. the fused kernel's per-launch breakdown at B=16"
-capped 45 python3 bench/bench_attention.py --providers fused --batch-sizes 16 --widths 768 --adapter-providers "" \
-  --breakdown-batch-sizes 16 --no-sweep --no-traces
-breakdown=$?
+if selected train; then
+  step "4. stage two benchmark (issue 12: features-only, cached vs UNet-only, online, eager vs compiled)"
+  capped 240 python3 bench/bench_train.py
+  train=$?
+fi
 
-step "5. stage one benchmark"
-capped 110 python3 bench/bench_extract.py
-extract=$?
+if selected breakdown; then
+  step "4b. the fused kernel's per-launch breakdown at B=16"
+  capped 45 python3 bench/bench_attention.py --providers fused --batch-sizes 16 --widths 768 --adapter-providers "" \
+    --breakdown-batch-sizes 16 --no-sweep --no-traces
+  breakdown=$?
+fi
 
-step "1b. SDXL stage two and the adapter at d=2048 (B=8)"
-capped 200 python3 bench/bench_sdxl.py --batch-size 8
-sdxl=$?
-capped 60 python3 bench/bench_attention.py --providers eager,sdpa,fused --widths 2048 --batch-sizes 8 \
-  --adapter-batch-sizes 8 --adapter-providers eager,sdpa,fused --no-traces
-sdxl_adapter=$?
+if selected extract; then
+  step "5. stage one benchmark: components, then extract end to end, sequential vs overlapped"
+  capped 150 python3 bench/bench_extract.py
+  extract=$?
+fi
 
-step "2. attention benchmark (make bench)"
-capped 170 python3 bench/bench_attention.py --providers eager,sdpa,fused,fused+graph
-attention=$?
+if selected sdxl; then
+  step "1b. SDXL stage two and the adapter at d=2048 (B=8)"
+  capped 200 python3 bench/bench_sdxl.py --batch-size 8
+  sdxl=$?
+  capped 60 python3 bench/bench_attention.py --providers eager,sdpa,fused --widths 2048 --batch-sizes 8 \
+    --adapter-batch-sizes 8 --adapter-providers eager,sdpa,fused --no-traces
+  sdxl_adapter=$?
+fi
 
-step "3. torch.compile rows"
-capped 70 python3 bench/bench_attention.py --providers compile --batch-sizes 16,256 --widths 768 \
-  --adapter-providers "" --no-traces
-compile=$?
+if selected attention; then
+  step "2. attention benchmark (make bench)"
+  capped 170 python3 bench/bench_attention.py --providers eager,sdpa,fused,fused+graph
+  attention=$?
+fi
 
-step "summary (exit codes; 124 = time limit)"
+if selected compile; then
+  step "3. torch.compile rows"
+  capped 70 python3 bench/bench_attention.py --providers compile --batch-sizes 16,256 --widths 768 \
+    --adapter-providers "" --no-traces
+  compile=$?
+fi
+
+step "summary (exit codes; 124 = time limit; - = not selected)"
 echo "gpu tests $tests | train $train | breakdown $breakdown | extract $extract | sdxl $sdxl | sdxl adapter $sdxl_adapter | attention $attention | compile $compile"
 ls -la bench/results/

@@ -4,14 +4,19 @@ SD 1.x/2.x and SDXL (detected from the model's model_index.json): for SDXL, both
 (concatenated), the pooled `text_embeds` of both prompts and each image's original size are stored too, and the VAE
 runs in float32 by default (docs/models.md).
 
-    setup    read and check the metadata, build the manifest, create or resume the store (main process first)
-    extract  for each pending shard this process owns: decode images (DataLoader workers), CLIP + VAE, then LLM
+    setup    read and check the metadata, build the manifest (the LLM batch size picked from free memory when
+             `auto`), create or resume the store (main process first)
+    extract  for each pending shard this process owns: decode images (DataLoader workers), CLIP + VAE, and the
+             LLM, overlapped (one pass, each encoder in its own thread and CUDA stream) or in two passes
     cleanup  merge the skip reports, summarise
 
 Supports: any number of processes (`torchrun`/`accelerate launch`; process r takes shards r, r + world, ...),
 resume after a crash at any point (unfinished shards are recomputed whole, at the same batch boundaries, so the
 result is bit-identical to an uninterrupted run), a reference `{simple prompt: vector}` file instead of an LLM.
-The LLM is loaded after CLIP and the VAE are freed, unless `llm_alongside` keeps all three in memory for one pass.
+With `overlap` (auto: on a GPU when all three models fit its free memory, `sur_cache.memory_plan`) CLIP, the VAE
+and the LLM are loaded together and the image half and the LLM half of each shard run concurrently; otherwise the
+LLM is loaded after CLIP and the VAE are freed. Both write the same bytes: each encoder runs the same batches, and
+the image half still decides which samples are skipped before the LLM half's features are checked.
 
 One writer per store: the main process holds the store's writer lock for the whole run (the other processes of the
 same launch share it); a second extract on the same `--out` is refused naming the holder.
@@ -30,8 +35,10 @@ import pickle
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sur_cache import __version__
+from sur_cache.choices import LLM_BATCH_SIZE_CPU
 from sur_cache.config import ExtractConfig
 from sur_cache.dataset import (
     BadRow,
@@ -53,6 +61,14 @@ from sur_cache.dataset import (
 )
 from sur_cache.devices import AUTO, resolve_device, resolve_dtype
 from sur_cache.locations import StoreURLError, in_process_only
+from sur_cache.memory_plan import (
+    LLMFootprint,
+    fits_alongside,
+    image_pass_bytes,
+    llm_bytes_per_prompt,
+    llm_weight_bytes,
+    pick_llm_batch_size,
+)
 from sur_cache.models import (
     DTYPES,
     LLM_LAYER_SOURCE,
@@ -234,6 +250,62 @@ def _require_chat_template(config: ExtractConfig) -> None:
         )
 
 
+def _llm_batch_size(config: ExtractConfig, manifest: Manifest, device: torch.device) -> int | None:
+    """`--llm-batch-size` resolved: the given one; for `auto` the one recorded by the store being resumed, else on
+    CUDA the largest that fits the free memory (beside CLIP and the VAE unless --no-overlap), LLM_BATCH_SIZE_CPU
+    elsewhere. None with a feature file (no LLM runs)."""
+    if manifest.llm_model is None:
+        return None
+    if config.llm_batch_size is not None:
+        return config.llm_batch_size
+    if not config.overwrite and FeatureStore.exists(config.out, config.storage_options):
+        recorded = FeatureStore.open(config.out, storage_options=config.storage_options).manifest.llm_batch_size
+        if recorded is not None:
+            return recorded
+    if device.type != "cuda":
+        return LLM_BATCH_SIZE_CPU
+    free, _ = torch.cuda.mem_get_info(device)
+    llm, image = _llm_footprint(config, manifest), _image_pass_bytes(manifest)
+    size = pick_llm_batch_size(free, llm, 0 if config.overlap is False else image)
+    if config.overlap is None and not fits_alongside(free, llm, size, image):
+        size = pick_llm_batch_size(free, llm)  # auto will not overlap: the LLM runs alone
+    return size
+
+
+def _overlap(config: ExtractConfig, manifest: Manifest, device: torch.device) -> bool:
+    """`--overlap` resolved for this process: `auto` overlaps on CUDA when the LLM at the store's batch size and the
+    image pass fit the free memory together (never with a feature file: its look-ups take no time)."""
+    if config.overlap is not None:
+        return config.overlap
+    if device.type != "cuda" or manifest.llm_model is None:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    llm = _llm_footprint(config, manifest)
+    return fits_alongside(free, llm, manifest.llm_batch_size, _image_pass_bytes(manifest))
+
+
+def _llm_footprint(config: ExtractConfig, manifest: Manifest) -> LLMFootprint:
+    from transformers import AutoConfig
+
+    with naming_the_source("--llm", config.llm, LLM_SOURCE):
+        llm = AutoConfig.from_pretrained(resolve_llm(config.llm), trust_remote_code=config.trust_remote_code)
+    text = llm.get_text_config()
+    width = text.hidden_size
+    mlp_width = getattr(text, "intermediate_size", None) or 4 * width
+    weights = llm_weight_bytes(
+        llm,
+        load_in_8bit=manifest.llm_8bit,
+        dtype_bytes=DTYPES[manifest.llm_dtype].itemsize,
+        trust_remote_code=config.trust_remote_code,
+    )
+    per_prompt = llm_bytes_per_prompt(width, mlp_width, text.num_attention_heads, manifest.tokenizer_max_length)
+    return LLMFootprint(weights, per_prompt)
+
+
+def _image_pass_bytes(manifest: Manifest) -> int:
+    return image_pass_bytes(manifest.batch_size, manifest.resolution, DTYPES[manifest.vae_compute_dtype].itemsize)
+
+
 def _sd_fingerprint(sd: str, kind: str) -> ModelRef:
     """One revision for the SD parts we use (tokenizers, text encoders, VAE), not the UNet we never load."""
     used = ("tokenizer", "text_encoder", "vae") + (("tokenizer_2", "text_encoder_2") if kind == "sdxl" else ())
@@ -346,8 +418,11 @@ class _ImageTextEncoder:
         self.dataset = ImageDataset(rows, manifest.resolution, manifest.crop, manifest.crop_seed, flip=flip)
         self.workers = workers
 
-    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
-        """One dict of arrays per shard, in order; decode failures mark the shard's samples SKIPPED."""
+    def encode(self, shards: list[_ShardState]) -> Iterator[dict[str, np.ndarray]]:
+        """One dict of arrays per shard, in order; decode failures mark the shard's samples SKIPPED.
+
+        The decoding workers start here, before the stream is read: before any encoder thread runs, so that no
+        worker is forked from a process with another thread inside a torch op."""
         per_shard = [_batches(s.start, s.stop, self.manifest.batch_size) for s in shards]
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -355,10 +430,11 @@ class _ImageTextEncoder:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
         )
-        items = iter(loader)
+        return self._shards(iter(loader), shards, per_shard)
+
+    def _shards(self, items, shards, per_shard) -> Iterator[dict[str, np.ndarray]]:
         for shard, batches in zip(shards, per_shard, strict=True):
             parts = [self._encode_batch(next(items), shard) for _ in batches]
-            progress.update(shard.stop - shard.start)
             yield {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _encode_batch(self, batch: dict, shard: _ShardState) -> dict[str, np.ndarray]:
@@ -414,11 +490,10 @@ class _LLMEncoder:
             trust_remote_code=config.trust_remote_code,
         )
 
-    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
+    def encode(self, shards: list[_ShardState]) -> Iterator[dict[str, np.ndarray]]:
         for shard in shards:
             batches = _batches(shard.start, shard.stop, self.manifest.llm_batch_size)
             parts = [self._encode_batch(a, b) for a, b in batches]
-            progress.update(shard.stop - shard.start)
             yield {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _encode_batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -444,53 +519,77 @@ class _LLMTableEncoder:
     def __init__(self, table: dict[str, torch.Tensor], rows: list[Row]):
         self.table, self.rows = table, rows
 
-    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
+    def encode(self, shards: list[_ShardState]) -> Iterator[dict[str, np.ndarray]]:
         for shard in shards:
             vectors = [self.table[row.text].float().numpy() for row in self.rows[shard.start : shard.stop]]
-            progress.update(shard.stop - shard.start)
             yield {"llm": np.stack(vectors)}
-
-
-class _Together:
-    """Several encoders in one pass (all models in memory at once): `--llm-alongside`."""
-
-    def __init__(self, *encoders):
-        self.encoders = encoders
-
-    def encode(self, shards: list[_ShardState], progress: tqdm) -> Iterator[dict[str, np.ndarray]]:
-        quiet = tqdm(disable=True)
-        streams = [encoder.encode(shards, quiet) for encoder in self.encoders]
-        for shard in shards:
-            merged = {}
-            for stream in streams:  # image encoder first: it decides which samples are skipped
-                merged.update(next(stream))
-            progress.update(shard.stop - shard.start)
-            yield merged
 
 
 # ---------------------------------------------------------------------------------------------------------- extract
 
 
-def _passes(config, manifest, rows, device, workers, llm_table) -> list[tuple[str, Callable[[], Any]]]:
-    """(label, encoder factory) per pass; each pass's models are loaded when it starts and freed when it ends."""
-    image = ("clip+vae", lambda: _ImageTextEncoder(config, manifest, rows, device, workers))
+def _passes(config, manifest, rows, device, workers, llm_table, overlap: bool) -> list[tuple[str, Callable[[], list]]]:
+    """(label, factory of the pass's encoders) per pass; each pass's models are loaded when it starts and freed when
+    it ends. Overlapped, one pass holds both encoders, the image encoder first: it decides which samples are
+    skipped."""
+    image = partial(_ImageTextEncoder, config, manifest, rows, device, workers)
     if llm_table is not None:
-        return [image, ("llm-features", lambda: _LLMTableEncoder(llm_table, rows))]
-    llm = ("llm", lambda: _LLMEncoder(config, manifest, rows, device))
-    if config.llm_alongside:
-        return [("clip+vae+llm", lambda: _Together(image[1](), llm[1]()))]
-    return [image, llm]
+        llm, label = partial(_LLMTableEncoder, llm_table, rows), "llm-features"
+    else:
+        llm, label = partial(_LLMEncoder, config, manifest, rows, device), "llm"
+    if overlap:
+        return [(f"clip+vae+{label}", lambda: [image(), llm()])]
+    return [("clip+vae", lambda: [image()]), (label, lambda: [llm()])]
 
 
-def _write(store: FeatureStore, shard_index: int, shard: _ShardState, arrays: dict[str, np.ndarray]) -> None:
-    """Write a pass's arrays for one shard; skipped samples keep their identity, their features are zeros."""
-    skipped = shard.status == SKIPPED
-    if skipped.any():
-        arrays = {
-            name: a if name in _IDENTITY_ARRAYS else np.where(_expand(skipped, a.ndim), np.zeros_like(a), a)
-            for name, a in arrays.items()
-        }
-    store.write_arrays(shard_index, arrays)
+_END = object()  # what an encoder's stream gives after its last shard
+
+
+def _shard_parts(encoders: list, shards: list[_ShardState], device: torch.device) -> Iterator[list[dict]]:
+    """Per shard, each encoder's arrays, in the encoders' order.
+
+    One encoder runs in this thread. Several run concurrently, each in its own thread and, on CUDA, its own stream
+    (torch releases the GIL inside its ops, so the threads overlap on the CPU too), each at most one shard ahead
+    of this thread: the shards in flight, and so the memory, stay bounded.
+    """
+    streams = [encoder.encode(shards) for encoder in encoders]  # in order: the image workers start first
+    if len(streams) == 1:
+        yield from ([arrays] for arrays in streams[0])
+        return
+    with ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="encoder") as pool:
+        ahead = [_one_shard_ahead(stream, pool, device) for stream in streams]
+        for _ in shards:
+            yield [next(stream) for stream in ahead]
+
+
+def _one_shard_ahead(stream: Iterator, pool: Executor, device: torch.device) -> Iterator:
+    """`stream`'s items, each computed in `pool` (on a CUDA stream of its own) while the previous one is used."""
+    cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if cuda_stream is not None:
+        cuda_stream.wait_stream(torch.cuda.current_stream(device))  # the weights loaded on the default stream
+
+    def step():
+        with torch.cuda.stream(cuda_stream) if cuda_stream is not None else nullcontext():
+            return next(stream, _END)
+
+    future = pool.submit(step)
+    while (item := future.result()) is not _END:
+        future = pool.submit(step)
+        yield item
+
+
+def _checked(state: _ShardState, arrays: dict[str, np.ndarray], rows, config, store_dtype: str) -> dict:
+    """One encoder's arrays of a shard, its non-finite samples marked skipped and every skipped sample's features
+    zeroed (their identity kept). Applied per encoder, in the encoders' order, when its arrays arrive: the image
+    encoder's arrays are zeroed by the skips known after them, the LLM's by all, in both modes alike."""
+    _skip_non_finite(state, arrays, rows, config, store_dtype)
+    skipped = state.status == SKIPPED
+    if not skipped.any():
+        return arrays
+    return {
+        name: a if name in _IDENTITY_ARRAYS else np.where(_expand(skipped, a.ndim), np.zeros_like(a), a)
+        for name, a in arrays.items()
+    }
 
 
 def _skip_non_finite(
@@ -523,31 +622,47 @@ def _expand(mask: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _extract_shards(
-    store, mine: list[int], passes, rows: list[Row], config: ExtractConfig, show_progress: bool, lock: HeldLock
-) -> None:
-    """Run each pass over this process's shards; a background thread writes shard k while shard k + 1 computes."""
+    store,
+    mine: list[int],
+    passes,
+    rows: list[Row],
+    config: ExtractConfig,
+    device: torch.device,
+    show_progress: bool,
+    lock: HeldLock,
+) -> float:
+    """Run each pass over this process's shards; a background thread writes shard k while shard k + 1 computes.
+
+    Returns the seconds spent in the passes once their models were loaded (the encoding throughput's time)."""
     ranges = store.shard_ranges()
     states = [_ShardState(*ranges[i], np.full(ranges[i][1] - ranges[i][0], DONE, np.uint8)) for i in mine]
-    total = sum(s.stop - s.start for s in states)
+    total, seconds = sum(s.stop - s.start for s in states), 0.0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-        for number, (label, make_encoder) in enumerate(passes):
-            encoder, commit, pending = make_encoder(), number == len(passes) - 1, None
+        for number, (label, make_encoders) in enumerate(passes):
+            encoders, commit, pending = make_encoders(), number == len(passes) - 1, None
+            started = time.perf_counter()
             with tqdm(total=total, unit="sample", desc=label, disable=not show_progress, dynamic_ncols=True) as bar:
-                for index, state, arrays in zip(mine, states, encoder.encode(states, bar), strict=True):
-                    _skip_non_finite(state, arrays, rows, config, store.manifest.store_dtype)
+                parts_per_shard = _shard_parts(encoders, states, device)
+                for index, state, parts in zip(mine, states, parts_per_shard, strict=True):
+                    dtype = store.manifest.store_dtype
+                    parts = [_checked(state, part, rows, config, dtype) for part in parts]  # image half first
+                    arrays = {name: array for part in parts for name, array in part.items()}
                     if pending is not None:
-                        pending.result()  # at most one shard waits for the disk: memory stays at two shards
+                        pending.result()  # at most one shard waits for the disk
                     pending = writer.submit(_write_shard, store, index, state, arrays, commit, lock)
+                    bar.update(state.stop - state.start)
                 if pending is not None:
                     pending.result()
-            del encoder
+            seconds += time.perf_counter() - started
+            del encoders, parts_per_shard
             _free_memory()
+    return seconds
 
 
 def _write_shard(
     store, index: int, state: _ShardState, arrays: dict[str, np.ndarray], commit: bool, lock: HeldLock
 ) -> None:
-    _write(store, index, state, arrays)
+    store.write_arrays(index, arrays)
     if commit:  # the commit: skip report first, status last
         lock.check()  # an S3 lease lost to another writer: stop before committing into its store
         store.write_skipped(index, state.skipped)
@@ -578,6 +693,7 @@ def run_extract(config: ExtractConfig) -> dict[str, Any]:
     if not state.is_main_process:
         return _write_store(config, state, rows, device, llm_table, started)
     manifest = build_manifest(config, rows, _sd_facts(config), _teacher(config, llm_table), device)
+    manifest = replace(manifest, llm_batch_size=_llm_batch_size(config, manifest, device))
     if finished is not None:  # the rows the metadata pass would give are the store's: same file, same settings
         manifest = replace(manifest, **{key: getattr(finished.manifest, key) for key in _ROW_FIELDS})
     # before the lock file goes in: never into a folder that is not ours
@@ -616,15 +732,17 @@ def _write_store(config, state, rows, device, llm_table, started, store=None, lo
     pending = store.pending_shards()
     mine = [shard for shard in pending if shard % state.num_processes == state.process_index]
     workers = config.num_workers if config.num_workers is not None else default_num_workers(state.num_processes)
+    overlap, encoding = bool(mine) and _overlap(config, store.manifest, device), 0.0
     if mine:
-        passes = _passes(config, store.manifest, rows, device, workers, llm_table)
+        passes = _passes(config, store.manifest, rows, device, workers, llm_table, overlap)
         show_progress = config.progress and state.is_main_process
-        _extract_shards(store, mine, passes, rows, config, show_progress, lock or HeldLock())
+        encoding = _extract_shards(store, mine, passes, rows, config, device, show_progress, lock or HeldLock())
     state.wait_for_everyone()
     if state.is_main_process and (pending or not store.has_commit_index()):
         (lock or HeldLock()).check()  # as before a commit: an S3 lease lost means another writer's store
         store.write_commit_index()  # every process has committed: inspect reads this file, not one per shard
     summary = _summarise(store, pending, time.perf_counter() - started)
+    summary.update(overlap=overlap, encode_seconds=round(encoding, 2))
     if state.is_main_process:
         summary["report"] = store.write_skipped_report()
     if summary["complete"] == 0:
@@ -667,6 +785,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"store       {summary['store']}",
         f"done        {summary['complete']} of {summary['num_samples']} samples "
         f"({summary['computed_now']} computed in this run, {summary['samples_per_second']} samples/s)",
+        f"encoding    {summary['encode_seconds']} s after the models loaded, "
+        + ("CLIP/VAE and LLM overlapped" if summary["overlap"] else "CLIP/VAE, then LLM"),
         f"skipped     {sum(summary['skipped'].values())} ({skipped})",
         f"truncated   {summary['truncated']['simple']} simple, {summary['truncated']['complex']} complex prompts "
         f"longer than the CLIP context",

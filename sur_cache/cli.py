@@ -9,7 +9,16 @@ import click
 
 from sur_cache import __version__
 from sur_cache.adapter_config import ATTENTION_CHOICES
-from sur_cache.choices import COMPILE_CHOICES, COMPRESSIONS, DEFAULT_RESOLUTION, DEVICE_HELP, DTYPE_CHOICES
+from sur_cache.choices import (
+    AUTO,
+    COMPILE_CHOICES,
+    COMPRESSIONS,
+    DEFAULT_RESOLUTION,
+    DEVICE_HELP,
+    DTYPE_CHOICES,
+    LLM_BATCH_SIZE_CAP,
+    LLM_BATCH_SIZE_CPU,
+)
 from sur_cache.config import (
     CROP_MODES,
     LLM_DTYPES,
@@ -56,6 +65,22 @@ def _storage_option(command):
         "botocore's environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Values are never "
         "printed or recorded.",
     )(command)
+
+
+class _AutoOrCount(click.ParamType):
+    """A count >= 1, or `auto` (None: the stage picks it)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == AUTO:
+            return None
+        if isinstance(value, int) or str(value).strip().removeprefix("-").isdigit():
+            return int(value)  # a count below 1 is refused by the config, with the others
+        self.fail(f"expected {AUTO} or a whole number, got {value!r}", param, ctx)
+
+
+_AUTO_OR_COUNT = _AutoOrCount()
 
 
 class _Commands(click.Group):
@@ -303,9 +328,11 @@ def evaluate_command(**options) -> None:
 @click.option("--batch-size", type=int, default=ExtractConfig.batch_size, help="Samples per CLIP and VAE call.")
 @click.option(
     "--llm-batch-size",
-    type=int,
+    type=_AUTO_OR_COUNT,
     default=ExtractConfig.llm_batch_size,
-    help="Prompts per LLM call (bitsandbytes' int8 matmul is far more efficient on larger batches).",
+    help=f"Prompts per LLM call, or auto [default]: on a GPU the largest power of two up to {LLM_BATCH_SIZE_CAP} "
+    f"that fits its free memory (docs/store.md), on the CPU {LLM_BATCH_SIZE_CPU}. The store records the one used "
+    "(bitsandbytes' int8 matmul is far more efficient on larger batches); a resume uses the recorded one.",
 )
 @click.option("--device", default=ExtractConfig.device, help=DEVICE_HELP)
 @click.option(
@@ -357,9 +384,12 @@ def evaluate_command(**options) -> None:
     help="LLM dtype (of the non-quantised parts with --llm-8bit; of all weights with --no-8bit).",
 )
 @click.option(
-    "--llm-alongside",
-    is_flag=True,
-    help="Keep CLIP, VAE and LLM in memory together for one pass (default: LLM after CLIP/VAE are freed).",
+    "--overlap/--no-overlap",
+    default=ExtractConfig.overlap,
+    help="Load CLIP, the VAE and the LLM together and run the image pass (decoding, CLIP, VAE) and the LLM pass of "
+    "the same shards concurrently, each in its own thread and CUDA stream; --no-overlap runs the LLM after CLIP "
+    "and the VAE are freed (less memory). The store is byte-identical either way. [default: on a GPU when all "
+    "three fit its free memory (docs/store.md), off on the CPU]",
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow the LLM's repository to run its own model code.")
 @click.option(

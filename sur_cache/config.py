@@ -64,7 +64,7 @@ class ExtractConfig:
     llm_features: Path | None = None
     resolution: int | None = None  # None: the model family's (models.DEFAULT_RESOLUTION)
     batch_size: int = 16
-    llm_batch_size: int = 64
+    llm_batch_size: int | None = None  # None: auto, from the GPU's free memory (sur_cache/memory_plan.py)
     device: str = AUTO
     sd_dtype: str = AUTO
     vae_dtype: str = AUTO  # auto: float32 for an SDXL VAE that asks to be upcast (fp16 overflows), else --sd-dtype
@@ -75,7 +75,7 @@ class ExtractConfig:
     llm_chat_template: bool = False
     llm_8bit: bool = True
     llm_dtype: str = "float16"
-    llm_alongside: bool = False
+    overlap: bool | None = None  # None: auto, on a GPU when CLIP, the VAE and the LLM fit together (memory_plan)
     trust_remote_code: bool = False
     crop: str = "center"
     seed: int = 0

@@ -251,3 +251,15 @@ def test_only_the_command_group_turns_errors_into_messages():
 def test_a_user_error_is_one_line_with_exit_code_1(tmp_path):
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "missing.zarr")])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
+
+
+def test_llm_batch_size_takes_auto_or_a_count(tmp_path):
+    """`auto` is the config's None (picked by the stage); anything but a whole number is refused before any work."""
+    option = next(o for o in main.commands["extract"].params if o.name == "llm_batch_size")
+    assert option.type.convert("auto", option, None) is None and option.type.convert("32", option, None) == 32
+    (tmp_path / "data").mkdir()
+    args = ["extract", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "s.zarr"), "--sd", "x"]
+    result = CliRunner().invoke(main, [*args, "--llm", "y", "--llm-batch-size", "many"])
+    assert result.exit_code == 2 and "expected auto or a whole number, got 'many'" in result.output
+    result = CliRunner().invoke(main, [*args, "--llm", "y", "--llm-batch-size", "0"])
+    assert result.exit_code == 1 and "--llm-batch-size must be >= 1, got 0" in result.output

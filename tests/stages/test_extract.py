@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,26 @@ def test_resume_after_kill_is_bit_identical(method, count, reference, tiny_model
     _assert_same_store(out, reference[0])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "count"), [("_writable", 20), ("commit_shard", 2)], ids=["mid-shard", "commit"])
+def test_an_overlapped_run_killed_resumes_bit_identical(method, count, reference, tiny_models, demo_dataset, tmp_path):
+    """kill -9 of `--overlap` in the middle of writing the second shard, and just before committing it (the third
+    shard's halves in flight); the re-run, sequential, finishes the uninterrupted run's bytes."""
+    out = tmp_path / "store.zarr"
+    args = [*_cli_args(demo_dataset, out, tiny_models), "--overlap"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLER, method, str(count), *args], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    status = FeatureStore.open(out).status()
+    assert (status == DONE).sum() == 4 and (status == PENDING).sum() == 8  # the first shard committed, no other
+    summary = run_extract(_config(demo_dataset, out, tiny_models))
+    assert summary["complete"] == 12 and summary["computed_now"] == 8
+    assert not list(out.rglob("*.partial"))
+    _assert_same_store(out, reference[0])
+
+
 def _bad_dataset(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     (target / "images" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # unreadable
@@ -457,11 +478,93 @@ def test_a_second_writer_is_refused_naming_the_holder(reference, tiny_models, de
     assert run_extract(_config(demo_dataset, out, tiny_models))["computed_now"] == 0  # released: resumes
 
 
-def test_llm_alongside_gives_the_same_store(reference, tiny_models, demo_dataset, tmp_path):
-    """One pass with all models loaded writes the same bytes as the default CLIP/VAE-then-LLM passes."""
+def test_the_overlapped_extract_writes_the_sequential_store_bit_for_bit(reference, tiny_models, demo_dataset, tmp_path):
+    """CLIP/VAE and the LLM in concurrent threads write every array, the skip report and the manifest (but the
+    store's own id) exactly as the default two passes, one after the other, do."""
     out = tmp_path / "store.zarr"
-    run_extract(_config(demo_dataset, out, tiny_models, llm_alongside=True))
+    summary = run_extract(_config(demo_dataset, out, tiny_models, overlap=True))
+    assert summary["overlap"] is True and reference[1]["overlap"] is False  # the CPU's auto: sequential
     _assert_same_store(out, reference[0])
+    assert FeatureStore.open(out).manifest.settings() == FeatureStore.open(reference[0]).manifest.settings()
+
+
+def test_overlapped_skips_are_the_sequential_ones_in_the_same_order(tiny_models, demo_dataset, tmp_path, monkeypatch):
+    """Bad rows, an unreadable image (line 1), a NaN from the VAE (line 5) and one from the LLM (line 0), all in the
+    first shard: the image half decides first, so both modes skip the same samples and report them in the same
+    order (the VAE's before the LLM's, though the LLM's sample comes first)."""
+    data = _bad_dataset(demo_dataset, tmp_path / "data")
+    real_vae, real_llm = extract.encode_vae, extract.encode_llm
+    first_text = json.loads((data / "metadata.jsonl").read_text().splitlines()[0])["text"]
+
+    def poisoned_llm(tokenizer, model, prompts, **options):
+        features = real_llm(tokenizer, model, prompts, **options)
+        features.pooled[[i for i, p in enumerate(prompts) if p == first_text], 0] = float("nan")
+        return features
+
+    def run(overlap: bool):
+        calls = []
+
+        def poisoned_vae(vae, pixels):
+            latents = real_vae(vae, pixels)
+            calls.append(1)
+            if len(calls) == 3:  # the second batch's images (after the first batch's and their mirrors)
+                latents.mean[0, 0, 0, 0] = float("nan")
+            return latents
+
+        monkeypatch.setattr(extract, "encode_vae", poisoned_vae)
+        monkeypatch.setattr(extract, "encode_llm", poisoned_llm)
+        out = tmp_path / f"overlap-{overlap}.zarr"
+        return run_extract(_config(data, out, tiny_models, shard_rows=3, num_workers=1, overlap=overlap)), out
+
+    (sequential, one), (overlapped, other) = run(False), run(True)
+    assert sequential["skipped"] == overlapped["skipped"] and sequential["skipped"]["non_finite_feature"] >= 2
+    # the first shard's own report, as written (PIL's message names an object's address, so not its bytes)
+    order = [
+        [(json.loads(line)["line"], json.loads(line)["reason"]) for line in part.read_text().splitlines()]
+        for part in (one / "skipped" / "shard-000000.jsonl", other / "skipped" / "shard-000000.jsonl")
+    ]
+    assert order[0] == order[1] == [(1, "unreadable_image"), (5, "non_finite_feature"), (0, "non_finite_feature")]
+    left, right = _contents(one), _contents(other)
+    assert left.keys() == right.keys() and all(left[name].tobytes() == right[name].tobytes() for name in left)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_auto_overlaps_and_writes_the_sequential_store(tiny_models, demo_dataset, tmp_path):
+    """The real GPU path: LLM.int8 and CLIP/VAE on their own CUDA streams, decoding workers, the batch size picked
+    from free memory (the cap, for the tiny LLM), the same bytes as --no-overlap."""
+    gpu = {"device": "cuda", "llm_batch_size": None, "llm_8bit": True, "llm_dtype": "float16", "num_workers": 2}
+    sequential = run_extract(_config(demo_dataset, tmp_path / "sequential.zarr", tiny_models, overlap=False, **gpu))
+    overlapped = run_extract(_config(demo_dataset, tmp_path / "auto.zarr", tiny_models, **gpu))
+    assert sequential["overlap"] is False and overlapped["overlap"] is True
+    assert FeatureStore.open(tmp_path / "auto.zarr").manifest.llm_batch_size == 128
+    _assert_same_store(tmp_path / "auto.zarr", tmp_path / "sequential.zarr")
+
+
+def test_llm_batch_size_auto_is_the_recorded_one_on_resume_else_picked_from_free_memory(
+    reference, tiny_models, demo_dataset, tmp_path, monkeypatch
+):
+    """On the CPU 64; on (a faked) CUDA the memory plan's pick, the LLM alone when the passes will not overlap; a
+    resume keeps the store's recorded size whatever the free memory says."""
+    from sur_cache.memory_plan import GIB, LLMFootprint
+
+    manifest = replace(FeatureStore.open(reference[0]).manifest, llm_batch_size=None)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fresh = _config(demo_dataset, tmp_path / "new.zarr", tiny_models, llm_batch_size=None)
+    assert extract._llm_batch_size(fresh, manifest, cpu) == 64
+    monkeypatch.setattr(extract, "_llm_footprint", lambda config, manifest: LLMFootprint(2 * GIB, 64 * 2**20))
+    monkeypatch.setattr(extract, "_image_pass_bytes", lambda manifest: 7 * GIB)
+    free = {"bytes": 140 * GIB}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 141 * GIB))
+    assert extract._llm_batch_size(fresh, manifest, cuda) == 128  # the cap
+    assert extract._overlap(fresh, replace(manifest, llm_batch_size=128), cuda) is True
+    free["bytes"] = 11 * GIB  # 0.75 x 11 - 2 = 6.25 GiB: 64 x 64 MiB fit alone; beside the image pass's 7, none
+    assert extract._llm_batch_size(fresh, manifest, cuda) == 64
+    assert extract._overlap(fresh, replace(manifest, llm_batch_size=64), cuda) is False
+    assert extract._llm_batch_size(replace(fresh, overlap=True), manifest, cuda) == 1  # --overlap: planned beside
+    resumed = _config(demo_dataset, reference[0], tiny_models, llm_batch_size=None)
+    assert extract._llm_batch_size(resumed, manifest, cuda) == SETTINGS["llm_batch_size"] == 3
+    assert run_extract(resumed)["computed_now"] == 0  # no mismatch: the recorded size is the one used
 
 
 def test_config_reports_every_bad_option_at_once(tiny_models, demo_dataset, tmp_path):
