@@ -7,13 +7,15 @@ variants 4 x 4 x 64 x 64, a pooled LLaMA-13B feature of 5120: about 378 KB. The 
   store_read    `FeatureStore.read` of every shard, all arrays (the raw range-read rate)
   loader_host   `StoreSource.fetch` in the loader's shuffled order, with flips: what a GPU run costs the host
                 (the float32 conversion and the latent sampling then run on the GPU)
-  loader_host_reader  the same with one reader process streaming shards ahead (the trainer's default)
+  loader_host_reader  the same with one reader process streaming shards ahead
+  loader_host_mapped  the same gathered straight from the memory-mapped shard files (`MappedSource`), each chunk's
+                crc32c checked on first use (in this one timed pass: every chunk)
   loader_cpu    whole `FeatureLoader` batches on the CPU: the above plus float32 conversion and latent sampling
   text_host     `loader_host` without latents (what the features-only mode reads)
   preload_text  `PreloadedSource` build time for the text features (the features-only fast path), as samples/s
   memmap        the floor to beat: the same arrays as plain `.npy` memmaps (written once from the store, page cache
                 warm), the same samples and flips in the same order, one fancy-index read per array and batch;
-                printed with the ratio loader_host_reader / memmap
+                printed with the ratios loader_host_reader / memmap and loader_host_mapped / memmap
 
 Targets: loader >= 1,000 samples/s from a warm page cache (issue 3); loader_host_reader >= 2,000 samples/s and
 never below memmap (issue 14). Rows go to bench/results/loader_<host>.csv with
@@ -35,7 +37,15 @@ import click
 import numpy as np
 import torch
 
-from sur_cache.loader import FeatureLoader, LoaderSettings, PreloadedSource, StoreSource, array_names, read_units
+from sur_cache.loader import (
+    FeatureLoader,
+    LoaderSettings,
+    MappedSource,
+    PreloadedSource,
+    StoreSource,
+    array_names,
+    read_units,
+)
 from sur_cache.store import DEFAULT_CHUNK_ROWS, DONE, FeatureStore, synthetic_store
 
 SD15 = dict(clip_width=768, llm_width=5120, latent_channels=4, latent_size=64, flip_variants=True)
@@ -65,10 +75,16 @@ def time_store_read(store: FeatureStore) -> float:
     return store.num_samples / (time.perf_counter() - started)
 
 
-def _loader(store: FeatureStore, batch_size: int, latents: bool, buffer_units: int, readers: int = 0) -> FeatureLoader:
+def _loader(
+    store: FeatureStore, batch_size: int, latents: bool, buffer_units: int, readers: int = 0, mapped: bool = False
+) -> FeatureLoader:
     units = read_units(store.shard_ranges(), store.complete_indices())
     names = array_names(latents=latents, flips=latents)
-    source = StoreSource(store, units, names, capacity=2 * buffer_units, readers=readers)
+    source = (
+        MappedSource(store, names, capacity=2 * buffer_units)
+        if mapped
+        else StoreSource(store, units, names, capacity=2 * buffer_units, readers=readers)
+    )
     settings = LoaderSettings(batch_size, seed=0, buffer_units=buffer_units, random_flip=latents, latents=latents)
     return FeatureLoader(source, units, settings, torch.device("cpu"))
 
@@ -82,19 +98,24 @@ def time_loader(store: FeatureStore, batch_size: int, buffer_units: int) -> floa
     return count * batch_size / (time.perf_counter() - started)
 
 
-def time_fetch(store: FeatureStore, batch_size: int, latents: bool, buffer_units: int, readers: int = 0) -> float:
-    loader = _loader(store, batch_size, latents, buffer_units, readers)
+def time_fetch(
+    store: FeatureStore, batch_size: int, latents: bool, buffer_units: int, readers: int = 0, mapped: bool = False
+) -> float:
+    loader = _loader(store, batch_size, latents, buffer_units, readers, mapped)
     order, count = loader.order(0), loader.batches_per_epoch(0)
     flips = np.random.default_rng(0).random(len(order)) < 0.5
     if readers:  # start the reader process outside the timed region, as a training run does during setup
         loader.source.plan(order[:batch_size])
         loader.source.fetch(order[:batch_size], flips[:batch_size])
     started = time.perf_counter()
-    loader.source.plan(order[: count * batch_size])
+    if hasattr(loader.source, "plan"):
+        loader.source.plan(order[: count * batch_size])
     for k in range(count):
         part = slice(k * batch_size, (k + 1) * batch_size)
         loader.source.fetch(order[part], flips[part])
-    return count * batch_size / (time.perf_counter() - started)
+    rate = count * batch_size / (time.perf_counter() - started)
+    loader.close()
+    return rate
 
 
 def write_memmaps(store: FeatureStore, folder: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -165,6 +186,7 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
             ("store_read", time_store_read(store)),
             ("loader_host", time_fetch(store, batch_size, latents=True, buffer_units=buffer_shards)),
             ("loader_host_reader", time_fetch(store, batch_size, True, buffer_shards, readers=1)),
+            ("loader_host_mapped", time_fetch(store, batch_size, True, buffer_shards, mapped=True)),
             ("loader_cpu", time_loader(store, batch_size, buffer_units=buffer_shards)),
             ("text_host", time_fetch(store, batch_size, latents=False, buffer_units=buffer_shards)),
             ("preload_text", time_preload(store)),
@@ -199,7 +221,8 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
     for metric, rate in rows:
         print(f"{metric:<20}{rate:>12,.0f}")
     rates = dict(rows)
-    print(f"loader_host_reader / memmap = {rates['loader_host_reader'] / rates['memmap']:.2f}")
+    for metric in ("loader_host_reader", "loader_host_mapped"):
+        print(f"{metric} / memmap = {rates[metric] / rates['memmap']:.2f}")
     print(f"wrote {out}")
 
 

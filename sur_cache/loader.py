@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from sur_cache.models import DEFAULT_VAE_SCALING_FACTOR, sd_model_facts
+from sur_cache.shard_files import MappedShard, ShardDamage
 from sur_cache.store import FeatureStore, Manifest, ManifestMismatchError, StoreFormatError
 
 TEXT_ARRAYS = ("clip_simple", "clip_complex", "llm")
@@ -382,6 +383,72 @@ class StoreSource:
         the buffered order that unit is never asked for again, so this drops nothing needed."""
         if len(self._received) > self.capacity:
             self._cache.pop(self._received[-self.capacity - 1], None)
+
+
+class MappedSource:
+    """Gathers each batch's rows straight from the memory-mapped shard files into the batch arrays: one copy from
+    the page cache, as a plain numpy memmap, with no reader process and no slot in between.
+
+    For local stores whose arrays use the plain layout (`FeatureStore.map_shard`; check with `maps`). Each chunk's
+    crc32c is checked the first time any of its rows is needed; a damaged chunk or a missing file is a
+    StoreFormatError naming the array and the shard's samples, as `StoreSource` raises it. At most `capacity` shards'
+    maps per array stay open (least recently used closed first): the buffered order needs a few shards at a time,
+    and a map is a file's pages in the page cache, not this process's memory. Batches equal `StoreSource`'s.
+    """
+
+    def __init__(self, store: FeatureStore, names: list[str], capacity: int) -> None:
+        self.store, self.names, self.capacity = store, names, capacity
+        self.outputs = [name for name in names if name not in FLIPPED_ARRAYS]
+        self._maps: OrderedDict[tuple[str, int], MappedShard] = OrderedDict()
+
+    @staticmethod
+    def maps(store: FeatureStore, names: list[str]) -> bool:
+        """Can every named array of `store` be read through maps?"""
+        return all(store.direct_layout(name) is not None for name in names)
+
+    def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self._allocate(len(indices))
+        rows = {name: array.reshape(len(indices), -1).view(np.uint8) for name, array in batch.items()}
+        shards, within = np.divmod(indices, self.store.shard_rows)
+        for k, (shard, row, flip) in enumerate(zip(shards.tolist(), within.tolist(), flipped.tolist(), strict=True)):
+            for name in self.outputs:
+                rows[name][k] = self._row(_MIRROR[name] if flip and name in _MIRROR else name, shard, row)
+        return {name: torch.from_numpy(array) for name, array in batch.items()}
+
+    def _allocate(self, count: int) -> dict[str, np.ndarray]:
+        """The batch's arrays as views of one block. One allocation, freed whole, is reused by malloc batch after
+        batch; separate megabyte arrays are returned to the system and each batch faulted in afresh (measured: one
+        page fault per 4 KiB copied, about half the gather's time)."""
+        specs = [self.store.specs[name] for name in self.outputs]
+        sizes = [-(-count * np.dtype(s.dtype).itemsize * int(np.prod(s.row_shape)) // 64) * 64 for s in specs]
+        block, offset, batch = np.empty(sum(sizes), np.uint8), 0, {}
+        for name, spec, size in zip(self.outputs, specs, sizes, strict=True):
+            width = np.dtype(spec.dtype).itemsize * int(np.prod(spec.row_shape))
+            batch[name] = block[offset : offset + count * width].view(spec.dtype).reshape(count, *spec.row_shape)
+            offset += size
+        return batch
+
+    def close(self) -> None:
+        """Close every map (each holds its file's pages mapped, and no file descriptor)."""
+        while self._maps:
+            self._maps.popitem()[1].close()
+
+    def _row(self, name: str, shard: int, row: int) -> np.ndarray:
+        mapped = self._map(name, shard)
+        try:
+            return mapped.row(row)
+        except ShardDamage as error:
+            raise self.store.damage_error(name, *self.store.shard_ranges()[shard], error) from None
+
+    def _map(self, name: str, shard: int) -> MappedShard:
+        key = (name, shard)
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
+        self._maps[key] = self.store.map_shard(name, shard)
+        while len(self._maps) > self.capacity * len(self.names):
+            self._maps.popitem(last=False)[1].close()
+        return self._maps[key]
 
 
 def _shared_slots(store: FeatureStore, units: list[ReadUnit], names: list[str], count: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ crc32c; an absent chunk has offset and nbytes 2**64 - 1. Edge chunks are stored 
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -126,3 +127,53 @@ def _read_chunk(fd: int, offset: int, rows: np.ndarray, path: str, chunk: int) -
         raise ShardDamage(f"{path}: chunk {chunk} is truncated")
     if google_crc32c.value(rows) != int.from_bytes(checksum, "little"):
         raise ShardDamage(f"{path}: chunk {chunk}: stored and computed checksum do not match")
+
+
+class MappedShard:
+    """One shard file mapped read-only, its rows served as views of the mapped chunks: no read, no copy.
+
+    A chunk's crc32c is checked the first time one of its rows is asked for, then never again for this map. The
+    mapped pages are the page cache itself (they count as cache, not as this process's memory). Raises
+    FileNotFoundError when there is no file; `row` raises ShardDamage for a chunk that fails its checksum, has the
+    wrong size or is absent from the index (an absent chunk holds no rows, and is never served as zeros).
+    """
+
+    def __init__(self, path: str, layout: ShardLayout) -> None:
+        self.path, self.layout = path, layout
+        with open(path, "rb") as file:
+            self._index = _index(file.fileno(), layout, path)
+            self._map = mmap.mmap(
+                file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
+            )  # the map outlives the descriptor
+        self._bytes = np.frombuffer(self._map, np.uint8)
+        self._chunks: dict[int, np.ndarray] = {}  # verified chunks, `[chunk_rows, row_bytes]` uint8 views
+
+    def row(self, row: int) -> np.ndarray:
+        """Row `row` (counted inside the shard) as a uint8 view of `layout.row_bytes`, its chunk verified."""
+        chunk, within = divmod(row, self.layout.chunk_rows)
+        if chunk not in self._chunks:
+            self._chunks[chunk] = self._verified(chunk)
+        return self._chunks[chunk][within]
+
+    def close(self) -> None:
+        """Unmap the file now, or, while a row view is still alive somewhere (a caller's, a traceback's), as soon as
+        the last one goes: the views keep the map alive, never a dangling pointer."""
+        self._chunks.clear()
+        self._bytes = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view still exports the map; dropping our references leaves the unmapping to it
+
+    def _verified(self, chunk: int) -> np.ndarray:
+        offset, nbytes = self._index[chunk]
+        chunk_bytes = self.layout.chunk_rows * self.layout.row_bytes
+        if offset == _ABSENT and nbytes == _ABSENT:
+            raise ShardDamage(f"{self.path}: chunk {chunk} is absent from the shard index")
+        if nbytes != chunk_bytes + _CHECKSUM_BYTES:
+            raise ShardDamage(f"{self.path}: chunk {chunk} holds {nbytes} bytes, expected {chunk_bytes + 4}")
+        rows = self._bytes[int(offset) : int(offset) + chunk_bytes]
+        stored = int.from_bytes(self._bytes[int(offset) + chunk_bytes : int(offset + nbytes)].tobytes(), "little")
+        if google_crc32c.value(rows) != stored:
+            raise ShardDamage(f"{self.path}: chunk {chunk}: stored and computed checksum do not match")
+        return rows.reshape(self.layout.chunk_rows, self.layout.row_bytes)

@@ -66,7 +66,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sur_cache.choices import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_ROWS
 from sur_cache.locations import filesystem, names_in, normalise_url, read_files, zarr_options
-from sur_cache.shard_files import ShardDamage, ShardLayout, plain_layout, read_rows
+from sur_cache.shard_files import MappedShard, ShardDamage, ShardLayout, plain_layout, read_rows
 from sur_cache.writer_lock import LOCK_FILE
 
 SCHEMA_VERSION = 2  # 2: a typed manifest with a store id and field checksums, names in an array, commit markers
@@ -1089,7 +1089,7 @@ class FeatureStore:
 
     def _read_direct(self, name: str, start: int, stop: int, out: np.ndarray) -> bool:
         """`read` of one array from its shard files without zarr; False when its layout or a chunk needs zarr."""
-        layout = self._direct_layout(name)
+        layout = self.direct_layout(name)
         if layout is None:
             return False
         for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
@@ -1107,8 +1107,27 @@ class FeatureStore:
                 raise StoreFormatError(self._damage(name, lo, hi, f"cannot be decoded: {error}")) from None
         return True
 
-    def _direct_layout(self, name: str) -> ShardLayout | None:
-        """The array's layout for direct reads (local stores only), worked out once per array."""
+    def map_shard(self, name: str, shard: int) -> MappedShard | None:
+        """Shard `shard` of array `name` mapped read-only (`shard_files.MappedShard`), or None when its layout needs
+        zarr (compressed, another codec chain, not a local store). For shards with complete samples: a missing file
+        is a StoreFormatError naming the array and the shard's samples, as `read` raises it."""
+        layout = self.direct_layout(name)
+        if layout is None:
+            return None
+        try:
+            return MappedShard(self._shard_path(name, shard), layout)
+        except (FileNotFoundError, ShardDamage) as error:
+            what = (
+                "its shard file is missing" if isinstance(error, FileNotFoundError) else f"cannot be decoded: {error}"
+            )
+            raise StoreFormatError(self._damage(name, *self._ranges[shard], what)) from None
+
+    def damage_error(self, name: str, start: int, stop: int, error: Exception) -> StoreFormatError:
+        """The error `read` raises for samples `[start, stop)` of array `name` that cannot be decoded."""
+        return StoreFormatError(self._damage(name, start, stop, f"cannot be decoded: {error}"))
+
+    def direct_layout(self, name: str) -> ShardLayout | None:
+        """The array's layout for direct reads and maps (local stores only; else None), worked out once per array."""
         if name not in self._layouts:
             local = isinstance(self._fs, LocalFileSystem)
             self._layouts[name] = plain_layout(self.array(name).metadata.to_dict()) if local else None

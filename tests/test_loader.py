@@ -14,6 +14,7 @@ from sur_cache.loader import (
     FLIP_STREAM,
     FeatureLoader,
     LoaderSettings,
+    MappedSource,
     PreloadedSource,
     StoreSource,
     array_names,
@@ -101,6 +102,8 @@ def _loader(store, source_kind="store", readers=0, **settings) -> FeatureLoader:
     names = array_names(latents=settings.get("latents", True), flips=settings.get("random_flip", False))
     if source_kind == "store":
         source = StoreSource(store, units, names, capacity=4, readers=readers)
+    elif source_kind == "mapped":
+        source = MappedSource(store, names, capacity=4)
     else:
         source = PreloadedSource(store, units, names, torch.device("cpu"))
     return FeatureLoader(
@@ -108,7 +111,7 @@ def _loader(store, source_kind="store", readers=0, **settings) -> FeatureLoader:
     )
 
 
-@pytest.mark.parametrize("source_kind", ["store", "preloaded"])
+@pytest.mark.parametrize("source_kind", ["store", "mapped", "preloaded"])
 def test_batches_pair_every_feature_with_its_own_sample(store, source_kind):
     loader = _loader(store, source_kind, scaling_factor=1.0)
     seen = []
@@ -139,6 +142,48 @@ def test_a_reader_process_streams_the_same_batches(store):
     assert readers
     streamed.close()  # the reader processes end now, not whenever the loader is garbage-collected
     assert not any(process.is_alive() for process in readers)
+
+
+def test_mapped_batches_equal_the_store_sources(tmp_path):
+    """Same samples, order, flips and values as `StoreSource`, over two epochs, on random data whose shards hold
+    several chunks (a partial last one) and more shards than the maps kept open."""
+    store = _random_store(tmp_path / "r.zarr", num_samples=28, shard_rows=6, chunk_rows=3)
+    settings = dict(random_flip=True, buffer_units=2, batch_size=4)
+    read, mapped = _loader(store, **settings), _loader(store, "mapped", **settings)
+    mapped.source.capacity = 1  # maps are closed and reopened as the epoch moves on
+    count = read.batches_per_epoch(0) + read.batches_per_epoch(1)
+    for a, b, _ in zip(read.batches(), mapped.batches(), range(count), strict=False):
+        assert (a.epoch, a.index) == (b.epoch, b.index) and np.array_equal(a.samples, b.samples)
+        for name in ("clip_simple", "clip_complex", "llm", "latents"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    flipped = np.array([True, False, True, True])
+    for name, rows in mapped.source.fetch(np.array([9, 2, 17, 27]), flipped).items():
+        assert torch.equal(rows, read.source.fetch(np.array([9, 2, 17, 27]), flipped)[name]), name
+    assert len(mapped.source._maps) <= len(mapped.source.names)
+    mapped.close()
+    assert not mapped.source._maps
+
+
+def _random_store(path, num_samples, shard_rows, chunk_rows) -> FeatureStore:
+    store = synthetic_store(
+        path, num_samples=num_samples, shard_rows=shard_rows, chunk_rows=chunk_rows, flip_variants=True, **SHAPES
+    )
+    rng = np.random.default_rng(0)
+    for shard, (start, stop) in enumerate(store.shard_ranges()):
+        rows = {
+            name: rng.standard_normal((stop - start, *spec.row_shape)).astype(spec.dtype)
+            for name, spec in store.specs.items()
+            if name != "status"
+        }
+        store.write_shard(shard, rows, np.full(stop - start, DONE, np.uint8))
+    return FeatureStore.open(path, mode="r")
+
+
+def test_only_plain_local_layouts_are_mapped(tmp_path, store):
+    names = array_names(latents=True, flips=True)
+    assert MappedSource.maps(store, names)
+    compressed = synthetic_store(tmp_path / "z.zarr", num_samples=4, shard_rows=4, compression="zstd", **SHAPES)
+    assert not MappedSource.maps(compressed, names)
 
 
 def test_flipped_rows_come_from_the_flipped_arrays(store):
@@ -194,8 +239,10 @@ def test_manifest_is_checked_against_the_sd_configs(tiny_models, store):
         assert field in str(error.value)
 
 
-@pytest.mark.parametrize("readers", [0, 1], ids=["in-loop", "reader-process"])
-def test_a_damaged_shard_is_named_by_array_and_samples_never_read_as_zeros(store, tmp_path, readers):
+@pytest.mark.parametrize(
+    "source_kind, readers", [("store", 0), ("store", 1), ("mapped", 0)], ids=["in-loop", "reader-process", "mapped"]
+)
+def test_a_damaged_shard_is_named_by_array_and_samples_never_read_as_zeros(store, tmp_path, source_kind, readers):
     from sur_cache.store import StoreFormatError
 
     (tmp_path / "s.zarr" / "llm" / "c" / "1" / "0").unlink()  # samples 4..7, all but 5 complete
@@ -203,7 +250,7 @@ def test_a_damaged_shard_is_named_by_array_and_samples_never_read_as_zeros(store
     data = bytearray(corrupt.read_bytes())
     data[200] ^= 0xFF
     corrupt.write_bytes(bytes(data))
-    loader = _loader(store, readers=readers)
+    loader = _loader(store, source_kind, readers=readers)
     with pytest.raises(StoreFormatError) as error:
         for _ in zip(loader.batches(), range(4 * loader.batches_per_epoch(0)), strict=False):
             pass
