@@ -8,14 +8,17 @@ variants 4 x 4 x 64 x 64, a pooled LLaMA-13B feature of 5120: about 378 KB. The 
   loader_host   `StoreSource.fetch` in the loader's shuffled order, with flips: what a GPU run costs the host
                 (the float32 conversion and the latent sampling then run on the GPU)
   loader_host_reader  the same with one reader process streaming shards ahead
-  loader_host_mapped  the same gathered straight from the memory-mapped shard files (`MappedSource`), each chunk's
-                crc32c checked on first use (in this one timed pass: every chunk)
+  loader_host_mapped  the same gathered straight from the memory-mapped shard files (`MappedSource`, the trainer's
+                default for local uncompressed stores): a first epoch, which maps every file and checks every
+                chunk's crc32c
+  loader_host_mapped_epoch2  the same order again through the same source: files mapped, chunks checked (every
+                later epoch of a run)
   loader_cpu    whole `FeatureLoader` batches on the CPU: the above plus float32 conversion and latent sampling
   text_host     `loader_host` without latents (what the features-only mode reads)
   preload_text  `PreloadedSource` build time for the text features (the features-only fast path), as samples/s
   memmap        the floor to beat: the same arrays as plain `.npy` memmaps (written once from the store, page cache
-                warm), the same samples and flips in the same order, one fancy-index read per array and batch;
-                printed with the ratios loader_host_reader / memmap and loader_host_mapped / memmap
+                warm), the same samples and flips in the same order, one fancy-index read per array and batch (its
+                pages mapped beforehand); printed with the ratio of each loader_host_reader/mapped row to it
 
 Targets: loader >= 1,000 samples/s from a warm page cache (issue 3); loader_host_reader >= 2,000 samples/s and
 never below memmap (issue 14). Rows go to bench/results/loader_<host>.csv with
@@ -81,7 +84,7 @@ def _loader(
     units = read_units(store.shard_ranges(), store.complete_indices())
     names = array_names(latents=latents, flips=latents)
     source = (
-        MappedSource(store, names, capacity=2 * buffer_units)
+        MappedSource(store, names)
         if mapped
         else StoreSource(store, units, names, capacity=2 * buffer_units, readers=readers)
     )
@@ -99,23 +102,32 @@ def time_loader(store: FeatureStore, batch_size: int, buffer_units: int) -> floa
 
 
 def time_fetch(
-    store: FeatureStore, batch_size: int, latents: bool, buffer_units: int, readers: int = 0, mapped: bool = False
-) -> float:
+    store: FeatureStore,
+    batch_size: int,
+    latents: bool,
+    buffer_units: int,
+    readers: int = 0,
+    mapped: bool = False,
+    epochs: int = 1,
+) -> list[float]:
+    """Samples/s of each of `epochs` passes over the loader's epoch-0 order through one source."""
     loader = _loader(store, batch_size, latents, buffer_units, readers, mapped)
     order, count = loader.order(0), loader.batches_per_epoch(0)
     flips = np.random.default_rng(0).random(len(order)) < 0.5
     if readers:  # start the reader process outside the timed region, as a training run does during setup
         loader.source.plan(order[:batch_size])
         loader.source.fetch(order[:batch_size], flips[:batch_size])
-    started = time.perf_counter()
-    if hasattr(loader.source, "plan"):
-        loader.source.plan(order[: count * batch_size])
-    for k in range(count):
-        part = slice(k * batch_size, (k + 1) * batch_size)
-        loader.source.fetch(order[part], flips[part])
-    rate = count * batch_size / (time.perf_counter() - started)
+    rates = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        if hasattr(loader.source, "plan"):
+            loader.source.plan(order[: count * batch_size])
+        for k in range(count):
+            part = slice(k * batch_size, (k + 1) * batch_size)
+            loader.source.fetch(order[part], flips[part])
+        rates.append(count * batch_size / (time.perf_counter() - started))
     loader.close()
-    return rate
+    return rates
 
 
 def write_memmaps(store: FeatureStore, folder: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -184,11 +196,15 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
         time_store_read(store)  # warm the page cache
         rows = [
             ("store_read", time_store_read(store)),
-            ("loader_host", time_fetch(store, batch_size, latents=True, buffer_units=buffer_shards)),
-            ("loader_host_reader", time_fetch(store, batch_size, True, buffer_shards, readers=1)),
-            ("loader_host_mapped", time_fetch(store, batch_size, True, buffer_shards, mapped=True)),
+            ("loader_host", *time_fetch(store, batch_size, latents=True, buffer_units=buffer_shards)),
+            ("loader_host_reader", *time_fetch(store, batch_size, True, buffer_shards, readers=1)),
+            *zip(
+                ("loader_host_mapped", "loader_host_mapped_epoch2"),
+                time_fetch(store, batch_size, True, buffer_shards, mapped=True, epochs=2),
+                strict=True,
+            ),
             ("loader_cpu", time_loader(store, batch_size, buffer_units=buffer_shards)),
-            ("text_host", time_fetch(store, batch_size, latents=False, buffer_units=buffer_shards)),
+            ("text_host", *time_fetch(store, batch_size, latents=False, buffer_units=buffer_shards)),
             ("preload_text", time_preload(store)),
             ("memmap", time_memmap(store, folder, batch_size, buffer_shards)),
         ]
@@ -221,7 +237,7 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
     for metric, rate in rows:
         print(f"{metric:<20}{rate:>12,.0f}")
     rates = dict(rows)
-    for metric in ("loader_host_reader", "loader_host_mapped"):
+    for metric in ("loader_host_reader", "loader_host_mapped", "loader_host_mapped_epoch2"):
         print(f"{metric} / memmap = {rates[metric] / rates['memmap']:.2f}")
     print(f"wrote {out}")
 

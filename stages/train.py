@@ -51,6 +51,7 @@ from sur_cache.devices import resolve_device
 from sur_cache.loader import (
     FeatureLoader,
     LoaderSettings,
+    MappedSource,
     PreloadedSource,
     ReadUnit,
     StoreSource,
@@ -85,7 +86,16 @@ RUN_KIND = "sur-cache train run"
 # what they resolve to (RESOLVED_SETTINGS).
 # --compile changes how the step is computed, not what: a resume with another mode continues the same run, its
 # numbers equal to rounding with dropout 0 (compiled dropout draws other masks: docs/train.md).
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "val_every", "read_workers", "preload", "compile")
+RESUME_MAY_CHANGE = (
+    "max_steps",
+    "epochs",
+    "checkpoint_every",
+    "val_every",
+    "read_workers",
+    "mapped_reads",
+    "preload",
+    "compile",
+)
 # Compared by what they resolve to, not as typed: the store by its identity (a copy resumes), --device by the device
 # type it resolves to (`auto` on a CPU machine resumes a `cpu` run), --attention by the backend it picks. Keys of
 # the recorded settings -> how a refusal names them.
@@ -310,6 +320,8 @@ def _build_loader(config: TrainConfig, store: FeatureStore, accelerator, units: 
     elif config.preload != "none":
         device = accelerator.device if config.preload == "device" else torch.device("cpu")
         source = PreloadedSource(store, units, names, device)
+    elif config.mapped_reads and MappedSource.maps(store, names):
+        source = MappedSource(store, names)
     else:
         source = StoreSource(store, units, names, capacity=2 * config.buffer_shards, readers=config.read_workers)
     settings = LoaderSettings(

@@ -582,7 +582,15 @@ def demo_assets_command(out, num_samples, llm) -> None:
     "--read-workers",
     type=int,
     default=TrainConfig.read_workers,
-    help="Reader processes streaming shards ahead of the training loop (0: read in the loop itself).",
+    help="Reader processes streaming shards ahead of the training loop (0: read in the loop itself), for stores "
+    "that are not read through maps (--mapped-reads).",
+)
+@click.option(
+    "--mapped-reads/--no-mapped-reads",
+    default=TrainConfig.mapped_reads,
+    help="Gather batches straight from the memory-mapped shard files where the store allows it (local, "
+    "uncompressed: one copy from the page cache, each chunk's checksum checked once); --no-mapped-reads uses the "
+    "--read-workers reader processes, which read ahead of the loop (a cold page cache, a network filesystem).",
 )
 @click.option(
     "--preload",

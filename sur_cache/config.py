@@ -212,6 +212,7 @@ class TrainConfig:
     random_flip: bool = False
     buffer_shards: int = 4
     read_workers: int = 1
+    mapped_reads: bool = True
     preload: str = "none"
     online: bool = False
     data: Path | None = None

@@ -390,16 +390,19 @@ class MappedSource:
     the page cache, as a plain numpy memmap, with no reader process and no slot in between.
 
     For local stores whose arrays use the plain layout (`FeatureStore.map_shard`; check with `maps`). Each chunk's
-    crc32c is checked the first time any of its rows is needed; a damaged chunk or a missing file is a
-    StoreFormatError naming the array and the shard's samples, as `StoreSource` raises it. At most `capacity` shards'
-    maps per array stay open (least recently used closed first): the buffered order needs a few shards at a time,
-    and a map is a file's pages in the page cache, not this process's memory. Batches equal `StoreSource`'s.
+    crc32c is checked once per process, the first time any of its rows is needed; a damaged chunk or a missing file
+    is a StoreFormatError naming the array and the shard's samples, as `StoreSource` raises it. At most `max_maps`
+    shard files stay mapped (least recently used closed first), far below Linux's default of 65,530 maps a process;
+    a map is the file's pages in the page cache, not this process's memory. Batches equal `StoreSource`'s.
     """
 
-    def __init__(self, store: FeatureStore, names: list[str], capacity: int) -> None:
-        self.store, self.names, self.capacity = store, names, capacity
+    MAX_MAPS = 4096  # every shard file of a store up to 585 shards x 7 arrays stays mapped for the whole run
+
+    def __init__(self, store: FeatureStore, names: list[str], max_maps: int = MAX_MAPS) -> None:
+        self.store, self.names, self.max_maps = store, names, max_maps
         self.outputs = [name for name in names if name not in FLIPPED_ARRAYS]
         self._maps: OrderedDict[tuple[str, int], MappedShard] = OrderedDict()
+        self._verified: dict[tuple[str, int], tuple[tuple, set[int]]] = {}  # file identity, chunks checked
 
     @staticmethod
     def maps(store: FeatureStore, names: list[str]) -> bool:
@@ -445,10 +448,14 @@ class MappedSource:
         if key in self._maps:
             self._maps.move_to_end(key)
             return self._maps[key]
-        self._maps[key] = self.store.map_shard(name, shard)
-        while len(self._maps) > self.capacity * len(self.names):
+        mapped = self._maps[key] = self.store.map_shard(name, shard)
+        identity, verified = self._verified.get(key, (None, None))
+        if identity == mapped.identity:  # the same file as when it was last mapped: its checked chunks stay checked
+            mapped.verified = verified
+        self._verified[key] = (mapped.identity, mapped.verified)
+        while len(self._maps) > self.max_maps:
             self._maps.popitem(last=False)[1].close()
-        return self._maps[key]
+        return mapped
 
 
 def _shared_slots(store: FeatureStore, units: list[ReadUnit], names: list[str], count: int) -> dict[str, torch.Tensor]:

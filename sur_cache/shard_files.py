@@ -132,8 +132,10 @@ def _read_chunk(fd: int, offset: int, rows: np.ndarray, path: str, chunk: int) -
 class MappedShard:
     """One shard file mapped read-only, its rows served as views of the mapped chunks: no read, no copy.
 
-    A chunk's crc32c is checked the first time one of its rows is asked for, then never again for this map. The
-    mapped pages are the page cache itself (they count as cache, not as this process's memory). Raises
+    A chunk's crc32c is checked the first time one of its rows is asked for, then never again for this file:
+    `verified` holds the chunks checked so far, and a later map of the same file (same `identity`: device, inode,
+    size and modification time) may be handed the earlier map's set. The mapped pages are the page cache itself
+    (they count as cache, not as this process's memory). Raises
     FileNotFoundError when there is no file; `row` raises ShardDamage for a chunk that fails its checksum, has the
     wrong size or is absent from the index (an absent chunk holds no rows, and is never served as zeros).
     """
@@ -141,18 +143,21 @@ class MappedShard:
     def __init__(self, path: str, layout: ShardLayout) -> None:
         self.path, self.layout = path, layout
         with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())
+            self.identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
             self._index = _index(file.fileno(), layout, path)
-            self._map = mmap.mmap(
-                file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
-            )  # the map outlives the descriptor
+            # the map outlives the descriptor; MAP_POPULATE maps every page now, in one call, rather than a page
+            # fault at a time (the buffered order reads all of a shard's rows within a few batches)
+            self._map = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
         self._bytes = np.frombuffer(self._map, np.uint8)
-        self._chunks: dict[int, np.ndarray] = {}  # verified chunks, `[chunk_rows, row_bytes]` uint8 views
+        self._chunks: dict[int, np.ndarray] = {}  # `[chunk_rows, row_bytes]` uint8 views of the chunks used
+        self.verified: set[int] = set()
 
     def row(self, row: int) -> np.ndarray:
         """Row `row` (counted inside the shard) as a uint8 view of `layout.row_bytes`, its chunk verified."""
         chunk, within = divmod(row, self.layout.chunk_rows)
         if chunk not in self._chunks:
-            self._chunks[chunk] = self._verified(chunk)
+            self._chunks[chunk] = self._chunk(chunk)
         return self._chunks[chunk][within]
 
     def close(self) -> None:
@@ -165,7 +170,7 @@ class MappedShard:
         except BufferError:
             pass  # a view still exports the map; dropping our references leaves the unmapping to it
 
-    def _verified(self, chunk: int) -> np.ndarray:
+    def _chunk(self, chunk: int) -> np.ndarray:
         offset, nbytes = self._index[chunk]
         chunk_bytes = self.layout.chunk_rows * self.layout.row_bytes
         if offset == _ABSENT and nbytes == _ABSENT:
@@ -173,7 +178,9 @@ class MappedShard:
         if nbytes != chunk_bytes + _CHECKSUM_BYTES:
             raise ShardDamage(f"{self.path}: chunk {chunk} holds {nbytes} bytes, expected {chunk_bytes + 4}")
         rows = self._bytes[int(offset) : int(offset) + chunk_bytes]
-        stored = int.from_bytes(self._bytes[int(offset) + chunk_bytes : int(offset + nbytes)].tobytes(), "little")
-        if google_crc32c.value(rows) != stored:
-            raise ShardDamage(f"{self.path}: chunk {chunk}: stored and computed checksum do not match")
+        if chunk not in self.verified:
+            stored = int.from_bytes(self._bytes[int(offset) + chunk_bytes : int(offset + nbytes)].tobytes(), "little")
+            if google_crc32c.value(rows) != stored:
+                raise ShardDamage(f"{self.path}: chunk {chunk}: stored and computed checksum do not match")
+            self.verified.add(chunk)
         return rows.reshape(self.layout.chunk_rows, self.layout.row_bytes)

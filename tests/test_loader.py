@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 
+import google_crc32c
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,7 @@ from sur_cache.loader import (
     sample_latents,
 )
 from sur_cache.models import sd_model_facts
-from sur_cache.store import DONE, SKIPPED, FeatureStore, ManifestMismatchError, synthetic_store
+from sur_cache.store import DONE, SKIPPED, FeatureStore, ManifestMismatchError, StoreFormatError, synthetic_store
 from sur_cache.tiny_models import TINY_CLIP_WIDTH
 
 SHAPES = dict(clip_width=TINY_CLIP_WIDTH, llm_width=6, latent_channels=4, latent_size=2)
@@ -103,7 +104,7 @@ def _loader(store, source_kind="store", readers=0, **settings) -> FeatureLoader:
     if source_kind == "store":
         source = StoreSource(store, units, names, capacity=4, readers=readers)
     elif source_kind == "mapped":
-        source = MappedSource(store, names, capacity=4)
+        source = MappedSource(store, names)
     else:
         source = PreloadedSource(store, units, names, torch.device("cpu"))
     return FeatureLoader(
@@ -150,7 +151,7 @@ def test_mapped_batches_equal_the_store_sources(tmp_path):
     store = _random_store(tmp_path / "r.zarr", num_samples=28, shard_rows=6, chunk_rows=3)
     settings = dict(random_flip=True, buffer_units=2, batch_size=4)
     read, mapped = _loader(store, **settings), _loader(store, "mapped", **settings)
-    mapped.source.capacity = 1  # maps are closed and reopened as the epoch moves on
+    mapped.source.max_maps = 3  # maps are closed and reopened as the epoch moves on
     count = read.batches_per_epoch(0) + read.batches_per_epoch(1)
     for a, b, _ in zip(read.batches(), mapped.batches(), range(count), strict=False):
         assert (a.epoch, a.index) == (b.epoch, b.index) and np.array_equal(a.samples, b.samples)
@@ -159,9 +160,28 @@ def test_mapped_batches_equal_the_store_sources(tmp_path):
     flipped = np.array([True, False, True, True])
     for name, rows in mapped.source.fetch(np.array([9, 2, 17, 27]), flipped).items():
         assert torch.equal(rows, read.source.fetch(np.array([9, 2, 17, 27]), flipped)[name]), name
-    assert len(mapped.source._maps) <= len(mapped.source.names)
+    assert len(mapped.source._maps) == 3
     mapped.close()
     assert not mapped.source._maps
+
+
+def test_a_chunk_is_checked_once_per_process_unless_its_file_changes(tmp_path, monkeypatch):
+    from sur_cache import shard_files
+
+    store = _random_store(tmp_path / "r.zarr", num_samples=12, shard_rows=6, chunk_rows=3)
+    checks, real = [], google_crc32c.value
+    monkeypatch.setattr(shard_files.google_crc32c, "value", lambda data: checks.append(1) or real(data))
+    source = MappedSource(store, ["clip_simple"], max_maps=1)
+    for _ in range(2):  # shard 0, shard 1 (shard 0's map closed), shard 0 again: remapped, not re-checked
+        for sample in (0, 6):
+            source.fetch(np.array([sample]), np.array([False]))
+    assert len(checks) == 2 * (1 + 2)  # one index and one chunk per map, the chunk only on the first map
+    path = tmp_path / "r.zarr" / "clip_simple" / "c" / "0" / "0" / "0"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))  # a new file: its chunks are checked again, and this one fails
+    with pytest.raises(StoreFormatError, match="array 'clip_simple', samples 0..5: cannot be decoded"):
+        source.fetch(np.array([1]), np.array([False]))
 
 
 def _random_store(path, num_samples, shard_rows, chunk_rows) -> FeatureStore:

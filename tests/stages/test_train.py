@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ from click.testing import CliRunner
 from sur_cache.adapter import SURAdapter
 from sur_cache.cli import main
 from sur_cache.config import ExtractConfig, TrainConfig
-from sur_cache.loader import FeatureLoader
+from sur_cache.loader import FeatureLoader, MappedSource, StoreSource, read_units
 from sur_cache.stages.extract import run_extract
-from sur_cache.stages.train import compute_losses, run_train, setup
+from sur_cache.stages.train import _build_loader, compute_losses, run_train, setup
+from sur_cache.store import FeatureStore
 from sur_cache.tiny_models import TINY_RESOLUTION
 from sur_cache.train_log import read_log
 
@@ -77,7 +79,7 @@ def _config(store, tiny_models, out, **overrides) -> TrainConfig:
         "max_steps": 4,
         "checkpoint_every": 2,
         "device": "cpu",
-        "read_workers": 0,  # the CLI test runs the default reader process
+        "read_workers": 0,  # the CLI test runs a reader process (--no-mapped-reads)
         **SMALL_ADAPTER,
     }
     return TrainConfig(**{**options, **overrides})
@@ -96,9 +98,22 @@ def _losses(folder) -> list[tuple]:
     ]
 
 
+@pytest.mark.parametrize("mapped_reads, kind", [(True, MappedSource), (False, StoreSource)])
+def test_a_local_uncompressed_store_is_read_through_maps_unless_told_not_to(
+    store, tiny_models, tmp_path, mapped_reads, kind
+):
+    config = _config(store, tiny_models, tmp_path / "run", mapped_reads=mapped_reads)
+    opened = FeatureStore.open(str(store), mode="r")
+    accelerator = types.SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
+    loader = _build_loader(config, opened, accelerator, read_units(opened.shard_ranges(), opened.complete_indices()))
+    assert type(loader.source) is kind
+    loader.close()
+
+
 def test_cli_run_writes_adapter_checkpoints_log_and_plot(store, tiny_models, tmp_path):
     out = tmp_path / "run"
-    args = _cli(store, tiny_models, out, "--max-steps", "3", "--checkpoint-every", "2", "--read-workers", "1")
+    reader = ("--read-workers", "1", "--no-mapped-reads")  # the reader process; the other tests read through maps
+    args = _cli(store, tiny_models, out, "--max-steps", "3", "--checkpoint-every", "2", *reader)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     adapter = SURAdapter.from_pretrained(out / "adapter")
@@ -594,7 +609,10 @@ def test_resume_refuses_each_changed_setting_before_loading_anything(store, tiny
         "lr schedule length (--max-steps / --epochs, with --lr-schedule cosine or linear): checkpoint 2, now 3",
     ):
         assert difference in str(error.value)
-    may_change = "--max-steps, --epochs, --checkpoint-every, --val-every, --read-workers, --preload and --compile may"
+    may_change = (
+        "--max-steps, --epochs, --checkpoint-every, --val-every, --read-workers, --mapped-reads, --preload and "
+        "--compile may"
+    )
     assert may_change in str(error.value)
     monkeypatch.undo()
     copy = tmp_path / "elsewhere" / "store.zarr"  # the store is compared by its identity, not its path
