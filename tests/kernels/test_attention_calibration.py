@@ -54,9 +54,10 @@ class Case:
         return f"B{self.batch}-L{self.length}-d{self.width}-{self.dtype}{layout}{scale}{poisoned}"
 
 
-# Every value of the grid (L in {1, 77, 128, 200}, d in {16, 64, 768}, B in {1, 3}, fp32 and fp16) appears at least
-# once; the interpreter is slow, so the grid is covered, not enumerated. The last two cases reach the batch-dependent
-# blocks of launch_settings (the same kernels with other constexprs) for 16-bit inputs.
+# Every value of the grid (L in {1, 77, 128, 200}, d in {16, 64, 768, 1024}, B in {1, 3}, fp32 and fp16) appears at
+# least once, and d in {64, 768, 1024} in both dtypes; the interpreter is slow, so the grid is covered, not
+# enumerated. The batch-16 and batch-90 cases reach the batch-dependent blocks of launch_settings (the same kernels
+# with other constexprs) for 16-bit inputs. Every case runs through the registered torch.library operators.
 INTERPRETER_CASES = [
     Case(1, 77, 768, "float32"),
     Case(3, 1, 16, "float32"),
@@ -64,6 +65,8 @@ INTERPRETER_CASES = [
     Case(1, 200, 64, "float32"),
     Case(3, 77, 64, "float16", contiguous=False),
     Case(1, 200, 768, "float16"),
+    Case(1, 77, 1024, "float32"),
+    Case(1, 77, 1024, "float16", contiguous=False),
     Case(3, 128, 16, "float32", contiguous=False, scale=0.3),
     # batches large enough to switch launch_settings to its other blocks: 64-wide output tiles (the benchmark's
     # B=16, d=768) and 32-row blocks in the kernels that reduce over d
