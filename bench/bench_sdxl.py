@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -32,13 +31,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_train import build_unet, median_ms  # noqa: E402
 from sdxl_shapes import SDXL_CLIP_BIG_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE  # noqa: E402
 
 from sur_cache.adapter import AdapterConfig, SURAdapter  # noqa: E402
 from sur_cache.config import TrainConfig  # noqa: E402
 from sur_cache.loader import FeatureLoader, LoaderSettings, StoreSource, array_names, read_units  # noqa: E402
 from sur_cache.models import TextEncoders, encode_prompts, encode_vae  # noqa: E402
-from sur_cache.stages.train import TrainingRun, optimizer_step  # noqa: E402
+from sur_cache.stages.train import TrainingRun, compile_adapter_terms, optimizer_step  # noqa: E402
 from sur_cache.store import DONE, FeatureStore, synthetic_store  # noqa: E402
 from sur_cache.tiny_models import (  # noqa: E402
     TINY_CLIP_CONFIG,
@@ -89,22 +89,6 @@ _TINY_CLIPS = tuple(
     for width in TINY_SDXL_CLIP_WIDTHS
 )
 TINY = Shapes("SMOKE tiny", _TINY_CLIPS, TINY_SDXL_UNET_CONFIG, TINY_VAE_CONFIG, TINY_LLM_WIDTH, TINY_RESOLUTION)
-
-
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn()` in ms, after two warm-up calls, the GPU synchronised around each call."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
 
 
 def build_store(path: Path, shapes: Shapes, samples: int) -> FeatureStore:
@@ -173,15 +157,6 @@ class OnlineFeatures:
         }
 
 
-def build_unet(shapes: Shapes, device: torch.device, dtype: torch.dtype):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    with torch.device(device):
-        unet = UNet2DConditionModel(**shapes.unet).to(dtype).eval().requires_grad_(False)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return unet, scheduler
-
-
 def make_run(source, units, shapes: Shapes, unet, scheduler, attention: str, device, batch: int, scratch: Path):
     """A `TrainingRun` as `setup` builds it for an SDXL store, from in-memory parts instead of a store and a folder."""
     from accelerate import Accelerator
@@ -207,7 +182,7 @@ def make_run(source, units, shapes: Shapes, unet, scheduler, attention: str, dev
     settings = LoaderSettings(
         batch_size=batch, seed=0, random_flip=True, scaling_factor=0.13025, sdxl_target_size=shapes.resolution
     )
-    return TrainingRun(
+    run = TrainingRun(
         config,
         {},
         accelerator,
@@ -220,6 +195,8 @@ def make_run(source, units, shapes: Shapes, unet, scheduler, attention: str, dev
         StepLog(scratch / "unused.jsonl", enabled=False),
         total_steps=10**9,
     )
+    compile_adapter_terms(run, "none")  # the adapter and its KL terms, eager, as `setup` sets them
+    return run
 
 
 def unet_only(unet, scheduler, shapes: Shapes, batch: int, device: torch.device):
