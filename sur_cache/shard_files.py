@@ -150,20 +150,27 @@ class MappedShard:
             # fault at a time (the buffered order reads all of a shard's rows within a few batches)
             self._map = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
         self._bytes = np.frombuffer(self._map, np.uint8)
-        self._chunks: dict[int, np.ndarray] = {}  # `[chunk_rows, row_bytes]` uint8 views of the chunks used
+        self._rows: list[np.ndarray | None] = [None] * (layout.chunks_per_shard * layout.chunk_rows)  # checked ones
         self.verified: set[int] = set()
 
     def row(self, row: int) -> np.ndarray:
-        """Row `row` (counted inside the shard) as a uint8 view of `layout.row_bytes`, its chunk verified."""
-        chunk, within = divmod(row, self.layout.chunk_rows)
-        if chunk not in self._chunks:
-            self._chunks[chunk] = self._chunk(chunk)
-        return self._chunks[chunk][within]
+        """Row `row` (counted inside the shard) as a `[1, row_bytes]` uint8 view, its chunk verified.
+
+        The views of a checked chunk's rows are made once and kept, so a later call is one list lookup: the loader
+        asks for every row of every batch (15,000 calls per 3,000 samples at SD 1.5 shapes)."""
+        view = self._rows[row]
+        if view is None:
+            chunk = row // self.layout.chunk_rows
+            rows = self._chunk(chunk)
+            first = chunk * self.layout.chunk_rows
+            self._rows[first : first + len(rows)] = [rows[k : k + 1] for k in range(len(rows))]
+            view = self._rows[row]
+        return view
 
     def close(self) -> None:
         """Unmap the file now, or, while a row view is still alive somewhere (a caller's, a traceback's), as soon as
         the last one goes: the views keep the map alive, never a dangling pointer."""
-        self._chunks.clear()
+        self._rows.clear()
         self._bytes = None
         try:
             self._map.close()
