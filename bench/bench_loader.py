@@ -22,8 +22,9 @@ variants 4 x 4 x 64 x 64, a pooled LLaMA-13B feature of 5120: about 378 KB. The 
   memmap        the floor to beat in every later epoch: the median of 5 more passes through them (pages mapped);
                 printed with the ratio of each loader_host_reader/mapped row to its floor
 
-Targets: loader >= 1,000 samples/s from a warm page cache (issue 3); loader_host_reader >= 2,000 samples/s and
-never below memmap (issue 14). Rows go to bench/results/loader_<host>.csv with
+It also prints how much of the store's shard files and of the memmaps the kernel maps with 2 MiB pages (which moves
+the copy rates). Targets: loader >= 1,000 samples/s from a warm page cache (issue 3); loader_host_reader >= 2,000
+samples/s and never below memmap (issue 14). Rows go to bench/results/loader_<host>.csv with
 the 1-minute load average (on a shared machine, read CPU numbers with it).
 Usage: .venv/bin/python bench/bench_loader.py [--samples 3072] [--batch-size 16] [--keep DIR]
 """
@@ -31,6 +32,7 @@ Usage: .venv/bin/python bench/bench_loader.py [--samples 3072] [--batch-size 16]
 from __future__ import annotations
 
 import csv
+import mmap
 import os
 import platform
 import shutil
@@ -177,28 +179,36 @@ def time_memmap(store: FeatureStore, folder: Path, batch_size: int, buffer_units
     one_pass({name: np.load(path, mmap_mode="r") for name, path in paths.items()})
     arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
     rates = first_and_later([one_pass(arrays) for _ in range(1 + LATER_PASSES)])
-    print(f"memmap: {huge_page_share(folder):.0%} of the mapped .npy pages are 2 MiB pages (FilePmdMapped)")
+    print(f"memmap: {huge_page_share(list(paths.values())):.0%} of the .npy files' pages mapped as 2 MiB pages")
     return rates
-
-
-def huge_page_share(folder: Path) -> float:
-    """The share of this process's resident mapped pages of `.npy` files in `folder` that are PMD (2 MiB) maps."""
-    resident = huge = 0
-    current = ""
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:
-                current = fields[-1] if len(fields) > 5 else ""
-            elif current.startswith(str(folder)) and current.endswith(".npy"):
-                resident += int(fields[1]) if fields[0] == "Rss:" else 0
-                huge += int(fields[1]) if fields[0] == "FilePmdMapped:" else 0
-    return huge / resident if resident else 0.0
 
 
 def first_and_later(rates: list[float]) -> list[float]:
     """The first pass's rate and the median of the later ones (single passes vary by up to 2x on a shared VM)."""
     return [rates[0], float(np.median(rates[1:]))]
+
+
+def huge_page_share(paths: list[Path]) -> float:
+    """The share of the files' pages that the kernel maps with 2 MiB pages (`FilePmdMapped` over `Rss` of a fresh
+    read-only map of each). It follows how the page cache holds them (large folios, as one large write leaves a
+    file), differs between the store's shard files and the memmaps, and moves the copy rate by up to 1.5x here."""
+    resident = huge = 0
+    for path in paths:
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        try:
+            with open("/proc/self/smaps") as smaps:
+                inside = False
+                for line in smaps:
+                    fields = line.split()
+                    if "-" in fields[0] and len(fields) >= 5:
+                        inside = fields[-1] == str(path)
+                    elif inside and fields[0] in ("Rss:", "FilePmdMapped:"):
+                        resident += int(fields[1]) if fields[0] == "Rss:" else 0
+                        huge += int(fields[1]) if fields[0] == "FilePmdMapped:" else 0
+        finally:
+            mapped.close()
+    return huge / resident if resident else 0.0
 
 
 def time_preload(store: FeatureStore) -> float:
@@ -232,6 +242,8 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
             f"written in {time.perf_counter() - started:.1f} s"
         )
         time_store_read(store)  # warm the page cache
+        shard_files = sorted(p for p in path.glob("*/c/**/*") if p.is_file())
+        print(f"store: {huge_page_share(shard_files):.0%} of the shard files' pages mapped as 2 MiB pages")
         passes = 1 + LATER_PASSES
         rows = [
             ("store_read", time_store_read(store)),
