@@ -202,6 +202,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     if config.features_only:
         accelerator.print("features-only: --denoise-weight 0, so the UNet is not loaded and no latent is read")
     loader = _build_loader(config, store, accelerator, units)
+    loader.prepare(*((position.epoch, position.batch) if resumed else (0, 0)))  # reads ahead while the UNet loads
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         adapter = SURAdapter(_adapter_config(config, manifest, accelerator.device)).train()

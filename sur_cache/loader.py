@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from sur_cache.check_ahead import WINDOW, CheckedArray, ChunkChecks
 from sur_cache.models import DEFAULT_VAE_SCALING_FACTOR, sd_model_facts
 from sur_cache.shard_files import MappedShard, ShardDamage
 from sur_cache.store import FeatureStore, Manifest, ManifestMismatchError, StoreFormatError
@@ -390,25 +391,49 @@ class MappedSource:
     the page cache, as a plain numpy memmap, with no reader process and no slot in between.
 
     For local stores whose arrays use the plain layout (`FeatureStore.map_shard`; check with `maps`). Each chunk's
-    crc32c is checked once per process, the first time any of its rows is needed; a damaged chunk or a missing file
-    is a StoreFormatError naming the array and the shard's samples, as `StoreSource` raises it. At most `max_maps`
-    shard files stay mapped (least recently used closed first), far below Linux's default of 65,530 maps a process;
-    a map is the file's pages in the page cache, not this process's memory. Batches equal `StoreSource`'s.
+    crc32c is checked once per process before any of its rows is served; a damaged chunk or a missing file is a
+    StoreFormatError naming the array and the shard's samples, as `StoreSource` raises it. With `check_ahead`, `plan`
+    starts a process that checks the epoch's chunks ahead of the loop (`sur_cache.check_ahead`), so that the first
+    epoch's checksums run beside the loop rather than in it; what it has not reached, the loop checks itself. At
+    most `max_maps` shard files stay mapped (least recently used closed first), far below Linux's default of 65,530
+    maps a process; a map is the file's pages in the page cache, not this process's memory. Batches equal
+    `StoreSource`'s.
     """
 
     MAX_MAPS = 4096  # every shard file of a store up to 585 shards x 7 arrays stays mapped for the whole run
+    CHECK_AHEAD = 2048  # samples; what the reader path's ring holds at the default buffer of 4 units of 256 rows
+    CHECK_WINDOW = WINDOW
 
-    def __init__(self, store: FeatureStore, names: list[str], max_maps: int = MAX_MAPS) -> None:
+    def __init__(
+        self, store: FeatureStore, names: list[str], max_maps: int = MAX_MAPS, check_ahead: bool = True
+    ) -> None:
         self.store, self.names, self.max_maps = store, names, max_maps
         self.outputs = [name for name in names if name not in FLIPPED_ARRAYS]
         self._maps: OrderedDict[tuple[str, int], MappedShard] = OrderedDict()
         self._verified: dict[tuple[str, int], tuple[tuple, set[int]]] = {}  # file identity, chunks checked
         self._widths: dict[str, int] | None = None
+        self._check_ahead = check_ahead
+        self._checks: ChunkChecks | None = None  # made at the first plan
+        self._mapped_before = np.zeros(len(store.shard_ranges()), dtype=bool)  # shards whose files the loop mapped
+        self._served = 0
 
     @staticmethod
     def maps(store: FeatureStore, names: list[str]) -> bool:
         """Can every named array of `store` be read through maps?"""
         return all(store.direct_layout(name) is not None for name in names)
+
+    def plan(self, indices: np.ndarray) -> None:
+        """The samples the next fetches ask for, in order (called at the start of each epoch, or a resume): with
+        `check_ahead`, a process checks their chunks from now on, when they include a shard this source has not read
+        yet (a later epoch of one process reads the shards its first read, except for a few samples the last
+        partial batch left out, which the loop checks itself)."""
+        if self._checks is not None:
+            self._checks.stop()
+        needed = np.bincount(indices // self.store.shard_rows, minlength=len(self._mapped_before)) > 0
+        if self._check_ahead and (needed & ~self._mapped_before).any():  # else every chunk it reads was checked
+            self._checks = self._checks or _chunk_checks(self.store, self.names, self.CHECK_AHEAD, self.CHECK_WINDOW)
+            self._served = 0
+            self._checks.start(indices)
 
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         batch = self._allocate(len(indices))
@@ -418,6 +443,9 @@ class MappedSource:
             mirror = _MIRROR.get(name)
             rows = [self._row(mirror if flip and mirror else name, shard, row) for shard, row, flip in places]
             np.concatenate(rows, axis=0, out=array.reshape(len(indices), -1).view(np.uint8))  # one copy, in C
+        if self._checks is not None:
+            self._served += len(indices)
+            self._checks.served(self._served)
         return {name: torch.from_numpy(array) for name, array in batch.items()}
 
     def _allocate(self, count: int) -> dict[str, np.ndarray]:
@@ -441,9 +469,12 @@ class MappedSource:
         return self._widths
 
     def close(self) -> None:
-        """Close every map (each holds its file's pages mapped, and no file descriptor)."""
+        """Close every map (each holds its file's pages mapped, no descriptor), and end the checking process."""
         while self._maps:
             self._maps.popitem()[1].close()
+        if self._checks is not None:
+            self._checks.close()
+            self._checks = None
 
     def _row(self, name: str, shard: int, row: int) -> np.ndarray:
         mapped = self._map(name, shard)
@@ -458,6 +489,9 @@ class MappedSource:
             self._maps.move_to_end(key)
             return self._maps[key]
         mapped = self._maps[key] = self.store.map_shard(name, shard)
+        self._mapped_before[shard] = True
+        if self._checks is not None:
+            mapped.tokens = self._checks.tokens(name, shard)
         identity, verified = self._verified.get(key, (None, None))
         if identity == mapped.identity:  # the same file as when it was last mapped: its checked chunks stay checked
             mapped.verified = verified
@@ -465,6 +499,16 @@ class MappedSource:
         while len(self._maps) > self.max_maps:
             self._maps.popitem(last=False)[1].close()
         return mapped
+
+
+def _chunk_checks(store: FeatureStore, names: list[str], ahead: int, window: int) -> ChunkChecks:
+    """The board for checking `names`' chunks ahead of the loop: one slot per chunk of every shard of every array."""
+    arrays, slot = [], 1  # slot 0: the samples served
+    for name in names:
+        layout = store.direct_layout(name)
+        arrays.append(CheckedArray(name, store.shard_path_template(name), layout, slot))
+        slot += len(store.shard_ranges()) * layout.chunks_per_shard
+    return ChunkChecks(arrays, store.shard_rows, slot, ahead, window)
 
 
 def _shared_slots(store: FeatureStore, units: list[ReadUnit], names: list[str], count: int) -> dict[str, torch.Tensor]:
@@ -567,6 +611,7 @@ class FeatureLoader:
         self, source: FeatureSource, units: list[ReadUnit], settings: LoaderSettings, device: torch.device
     ) -> None:
         self.source, self.units, self.settings, self.device = source, units, settings, torch.device(device)
+        self._prepared: tuple[int, int] | None = None  # the position `prepare` planned for, until `batches` starts
         if self.batches_per_epoch(0) < 1:
             raise ValueError(
                 f"too few complete samples for one batch: {sum(len(u.samples) for u in units)} samples over "
@@ -590,19 +635,32 @@ class FeatureLoader:
             self.units, seed=s.seed, epoch=epoch, rank=s.rank, world_size=s.world_size, buffer_units=s.buffer_units
         )
 
+    def prepare(self, epoch: int = 0, start: int = 0) -> None:
+        """Start the source's work ahead of the batches from `(epoch, start)` now (reader processes, chunk checks), so
+        that it runs while the caller sets up the rest (a training run loads its UNet); `batches` from that position
+        goes on from there."""
+        self._plan(epoch, start)
+        self._prepared = (epoch, start)
+
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """Yield batches from `(epoch, start)` on, forever; the caller decides when to stop."""
         while True:
+            if (epoch, start) != self._prepared:
+                self._plan(epoch, start)
+            self._prepared = None
             order, count = self.order(epoch), self.batches_per_epoch(epoch)
             size = self.settings.batch_size
-            if hasattr(self.source, "plan"):
-                self.source.plan(order[start * size : count * size])
             for index in range(start, count):
                 yield self._batch(epoch, index, order[index * size : (index + 1) * size])
             epoch, start = epoch + 1, 0
 
+    def _plan(self, epoch: int, start: int) -> None:
+        if hasattr(self.source, "plan"):
+            size = self.settings.batch_size
+            self.source.plan(self.order(epoch)[start * size : self.batches_per_epoch(epoch) * size])
+
     def close(self) -> None:
-        """Release what the source holds open (the store's reader processes)."""
+        """Release what the source holds open (the store's reader processes, the chunk-checking process)."""
         if hasattr(self.source, "close"):
             self.source.close()
 

@@ -13,6 +13,7 @@ crc32c; an absent chunk has offset and nbytes 2**64 - 1. Edge chunks are stored 
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import sys
@@ -25,6 +26,13 @@ import numpy as np
 _ABSENT = np.uint64(2**64 - 1)
 _CHECKSUM_BYTES = 4
 _PLAIN_CODECS = [{"name": "bytes"}, {"name": "crc32c"}]
+
+
+def identity_token(identity: tuple[int, int, int, int]) -> int:
+    """A nonzero 63-bit number standing for one version of one file (device, inode, size, modification time in ns),
+    the same in every process (Python's `hash` is salted per process)."""
+    raw = b"".join(int(part).to_bytes(16, "little", signed=True) for part in identity)
+    return (int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1) or 1
 
 
 class ShardDamage(ValueError):
@@ -134,7 +142,9 @@ class MappedShard:
 
     A chunk's crc32c is checked the first time one of its rows is asked for, then never again for this file:
     `verified` holds the chunks checked so far, and a later map of the same file (same `identity`: device, inode,
-    size and modification time) may be handed the earlier map's set. The mapped pages are the page cache itself
+    size and modification time) may be handed the earlier map's set. `tokens`, when set, are the slots where another
+    process records the chunks it checked (`check_ahead`): a chunk whose slot holds this file's `token` is taken as
+    checked. The mapped pages are the page cache itself
     (they count as cache, not as this process's memory). Raises
     FileNotFoundError when there is no file; `row` raises ShardDamage for a chunk that fails its checksum, has the
     wrong size or is absent from the index (an absent chunk holds no rows, and is never served as zeros).
@@ -145,6 +155,7 @@ class MappedShard:
         with open(path, "rb") as file:
             stat = os.fstat(file.fileno())
             self.identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            self.token = identity_token(self.identity)
             self._index = _index(file.fileno(), layout, path)
             # the map outlives the descriptor; MAP_POPULATE maps every page now, in one call, rather than a page
             # fault at a time (the buffered order reads all of a shard's rows within a few batches)
@@ -152,6 +163,11 @@ class MappedShard:
         self._bytes = np.frombuffer(self._map, np.uint8)
         self._rows: list[np.ndarray | None] = [None] * (layout.chunks_per_shard * layout.chunk_rows)  # checked ones
         self.verified: set[int] = set()
+        self.tokens: np.ndarray | None = None
+
+    def check(self, chunk: int) -> None:
+        """Check chunk `chunk`'s crc32c now if it is not checked yet (raises ShardDamage)."""
+        self._chunk(chunk)
 
     def row(self, row: int) -> np.ndarray:
         """Row `row` (counted inside the shard) as a `[1, row_bytes]` uint8 view, its chunk verified.
@@ -185,9 +201,11 @@ class MappedShard:
         if nbytes != chunk_bytes + _CHECKSUM_BYTES:
             raise ShardDamage(f"{self.path}: chunk {chunk} holds {nbytes} bytes, expected {chunk_bytes + 4}")
         rows = self._bytes[int(offset) : int(offset) + chunk_bytes]
-        if chunk not in self.verified:
+        if chunk not in self.verified and not (self.tokens is not None and self.tokens[chunk] == self.token):
             stored = int.from_bytes(self._bytes[int(offset) + chunk_bytes : int(offset + nbytes)].tobytes(), "little")
             if google_crc32c.value(rows) != stored:
                 raise ShardDamage(f"{self.path}: chunk {chunk}: stored and computed checksum do not match")
-            self.verified.add(chunk)
+            if self.tokens is not None:
+                self.tokens[chunk] = self.token  # the checking process need not check it again
+        self.verified.add(chunk)
         return rows.reshape(self.layout.chunk_rows, self.layout.row_bytes)

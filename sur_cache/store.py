@@ -1149,6 +1149,14 @@ class FeatureStore:
             "every damaged range; re-extract the store (`sur-cache extract ... --overwrite`)"
         )
 
+    def shard_path_template(self, name: str) -> str:
+        """The path of array `name`'s shard files with `{shard}` for the shard's index, for a process that reads them
+        without zarr (`check_ahead`); local stores only."""
+        sentinel = "987654321"  # a shard index no store reaches; its last occurrence is the key's, not the root's
+        path = self._shard_path(name, int(sentinel)).replace("{", "{{").replace("}", "}}")
+        before, _, after = path.rpartition(sentinel)
+        return before + "{shard}" + after
+
     def _shard_path(self, name: str, shard: int) -> str:
         return f"{self._root}/{_shard_key(self.array(name), shard)}"
 

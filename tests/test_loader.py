@@ -145,6 +145,19 @@ def test_a_reader_process_streams_the_same_batches(store):
     assert not any(process.is_alive() for process in readers)
 
 
+def test_prepared_batches_equal_unprepared_ones_from_any_position(store):
+    """`prepare` starts the readers early; `batches` from another position plans again (else a reader process
+    would hand over units out of order)."""
+    plain = _loader(store, random_flip=True, buffer_units=2)
+    for prepared_at, start in (((0, 2), (0, 2)), ((0, 0), (1, 1))):
+        streamed = _loader(store, readers=1, random_flip=True, buffer_units=2)
+        streamed.prepare(*prepared_at)
+        for a, b, _ in zip(plain.batches(*start), streamed.batches(*start), range(6), strict=False):  # into epoch 1
+            assert (a.epoch, a.index) == (b.epoch, b.index) and np.array_equal(a.samples, b.samples)
+            assert torch.equal(a.clip_simple, b.clip_simple) and torch.equal(a.latents, b.latents)
+        streamed.close()
+
+
 def test_mapped_batches_equal_the_store_sources(tmp_path):
     """Same samples, order, flips and values as `StoreSource`, over two epochs, on random data whose shards hold
     several chunks (a partial last one) and more shards than the maps kept open."""
