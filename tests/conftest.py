@@ -1,14 +1,46 @@
-"""Shared fixtures: tiny models saved to a temp folder once per session, and a small SURD-format dataset."""
+"""Shared fixtures: tiny models saved to a temp folder once per session, a small SURD-format dataset, and stores of
+random features."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from sur_cache.demo_data import build_demo_dataset  # noqa: E402
-from sur_cache.tiny_models import build_sdxl_pipeline, build_tiny_models  # noqa: E402
+from sur_cache.store import DONE, FeatureStore, synthetic_store  # noqa: E402
+from sur_cache.tiny_models import TINY_CLIP_WIDTH, build_sdxl_pipeline, build_tiny_models  # noqa: E402
+
+RANDOM_STORE_SHAPES = dict(clip_width=TINY_CLIP_WIDTH, llm_width=6, latent_channels=4, latent_size=2)
+
+
+@pytest.fixture
+def random_store():
+    """Makes a read-only store of complete samples with random features (and flipped latents) at tiny widths:
+    `random_store(path, num_samples, shard_rows, chunk_rows)`; clip arrays hold several chunks a shard."""
+
+    def make(path, num_samples: int, shard_rows: int, chunk_rows: int) -> FeatureStore:
+        store = synthetic_store(
+            path,
+            num_samples=num_samples,
+            shard_rows=shard_rows,
+            chunk_rows=chunk_rows,
+            flip_variants=True,
+            **RANDOM_STORE_SHAPES,
+        )
+        rng = np.random.default_rng(0)
+        for shard, (start, stop) in enumerate(store.shard_ranges()):
+            rows = {
+                name: rng.standard_normal((stop - start, *spec.row_shape)).astype(spec.dtype)
+                for name, spec in store.specs.items()
+                if name != "status"
+            }
+            store.write_shard(shard, rows, np.full(stop - start, DONE, np.uint8))
+        return FeatureStore.open(path, mode="r")
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -12,23 +12,9 @@ import torch
 
 from sur_cache import shard_files
 from sur_cache.loader import MappedSource
-from sur_cache.store import DONE, FeatureStore, StoreFormatError, synthetic_store
+from sur_cache.store import StoreFormatError
 
-SHAPES = dict(clip_width=32, llm_width=6, latent_channels=4, latent_size=2)  # clip_simple: two chunks a shard
 NAMES = ["clip_simple", "llm"]
-
-
-def _store(path, num_samples=24, shard_rows=6, chunk_rows=3) -> FeatureStore:
-    store = synthetic_store(path, num_samples=num_samples, shard_rows=shard_rows, chunk_rows=chunk_rows, **SHAPES)
-    rng = np.random.default_rng(0)
-    for shard, (start, stop) in enumerate(store.shard_ranges()):
-        rows = {
-            name: rng.standard_normal((stop - start, *spec.row_shape)).astype(spec.dtype)
-            for name, spec in store.specs.items()
-            if name != "status"
-        }
-        store.write_shard(shard, rows, np.full(stop - start, DONE, np.uint8))
-    return FeatureStore.open(path, mode="r")
 
 
 def _wait_until(condition, seconds=60.0) -> None:
@@ -62,15 +48,15 @@ def _count_chunk_checks(monkeypatch) -> list[int]:
     return calls
 
 
-def test_shard_path_template_names_every_shard_file(tmp_path):
-    store = _store(tmp_path / "s.zarr")
+def test_shard_path_template_names_every_shard_file(tmp_path, random_store):
+    store = random_store(tmp_path / "s.zarr", num_samples=24, shard_rows=6, chunk_rows=3)
     for name in NAMES + ["latent_mean"]:
         for shard in range(4):
             assert store.shard_path_template(name).format(shard=shard) == store._shard_path(name, shard)
 
 
-def test_the_process_checks_ahead_so_the_loop_does_not(tmp_path, monkeypatch):
-    store = _store(tmp_path / "s.zarr")
+def test_the_process_checks_ahead_so_the_loop_does_not(tmp_path, monkeypatch, random_store):
+    store = random_store(tmp_path / "s.zarr", num_samples=24, shard_rows=6, chunk_rows=3)
     source = MappedSource(store, NAMES)
     order = np.random.default_rng(1).permutation(24)
     source.plan(order)
@@ -86,8 +72,8 @@ def test_the_process_checks_ahead_so_the_loop_does_not(tmp_path, monkeypatch):
     assert process.poll() is not None  # close ends the process
 
 
-def test_the_process_stays_within_ahead_of_the_loop(tmp_path):
-    store = _store(tmp_path / "s.zarr")
+def test_the_process_stays_within_ahead_of_the_loop(tmp_path, random_store):
+    store = random_store(tmp_path / "s.zarr", num_samples=24, shard_rows=6, chunk_rows=3)
     source = MappedSource(store, NAMES)
     source.CHECK_AHEAD, source.CHECK_WINDOW = 0, 6  # one shard's samples at a time, none past those served
     order = np.concatenate([np.arange(6, 12), np.arange(0, 6), np.arange(18, 24)])  # shard 1, shard 0, shard 3
@@ -100,8 +86,8 @@ def test_the_process_stays_within_ahead_of_the_loop(tmp_path):
     source.close()
 
 
-def test_a_chunk_the_process_finds_damaged_is_raised_by_the_loop(tmp_path):
-    store = _store(tmp_path / "s.zarr")
+def test_a_chunk_the_process_finds_damaged_is_raised_by_the_loop(tmp_path, random_store):
+    store = random_store(tmp_path / "s.zarr", num_samples=24, shard_rows=6, chunk_rows=3)
     path = store.shard_path_template("clip_simple").format(shard=1)
     data = bytearray(open(path, "rb").read())
     data[10] ^= 0xFF  # a byte of the shard's first chunk: samples 6..8
@@ -116,8 +102,8 @@ def test_a_chunk_the_process_finds_damaged_is_raised_by_the_loop(tmp_path):
     source.close()
 
 
-def test_a_file_replaced_after_its_check_is_checked_again(tmp_path):
-    store = _store(tmp_path / "s.zarr")
+def test_a_file_replaced_after_its_check_is_checked_again(tmp_path, random_store):
+    store = random_store(tmp_path / "s.zarr", num_samples=24, shard_rows=6, chunk_rows=3)
     source = MappedSource(store, NAMES)
     source.plan(np.arange(24))
     _wait_until(lambda: all(all(_checked(source, name, shard)) for name in NAMES for shard in range(4)))
@@ -131,8 +117,8 @@ def test_a_file_replaced_after_its_check_is_checked_again(tmp_path):
     source.close()
 
 
-def test_a_process_starts_only_for_an_epoch_that_reads_a_shard_not_read_yet(tmp_path):
-    store = _store(tmp_path / "s.zarr")
+def test_a_process_starts_only_for_an_epoch_that_reads_a_shard_not_read_yet(tmp_path, random_store):
+    store = random_store(tmp_path / "s.zarr", num_samples=24, shard_rows=6, chunk_rows=3)
     source = MappedSource(store, NAMES)
     source.plan(np.arange(12))
     assert source._checks._process is not None

@@ -158,10 +158,10 @@ def test_prepared_batches_equal_unprepared_ones_from_any_position(store):
         streamed.close()
 
 
-def test_mapped_batches_equal_the_store_sources(tmp_path):
+def test_mapped_batches_equal_the_store_sources(tmp_path, random_store):
     """Same samples, order, flips and values as `StoreSource`, over two epochs, on random data whose shards hold
     several chunks (a partial last one) and more shards than the maps kept open."""
-    store = _random_store(tmp_path / "r.zarr", num_samples=28, shard_rows=6, chunk_rows=3)
+    store = random_store(tmp_path / "r.zarr", num_samples=28, shard_rows=6, chunk_rows=3)
     settings = dict(random_flip=True, buffer_units=2, batch_size=4)
     read, mapped = _loader(store, **settings), _loader(store, "mapped", **settings)
     mapped.source.max_maps = 3  # maps are closed and reopened as the epoch moves on
@@ -178,10 +178,10 @@ def test_mapped_batches_equal_the_store_sources(tmp_path):
     assert not mapped.source._maps
 
 
-def test_a_chunk_is_checked_once_per_process_unless_its_file_changes(tmp_path, monkeypatch):
+def test_a_chunk_is_checked_once_per_process_unless_its_file_changes(tmp_path, monkeypatch, random_store):
     from sur_cache import shard_files
 
-    store = _random_store(tmp_path / "r.zarr", num_samples=12, shard_rows=6, chunk_rows=3)
+    store = random_store(tmp_path / "r.zarr", num_samples=12, shard_rows=6, chunk_rows=3)
     checks, real = [], google_crc32c.value
     monkeypatch.setattr(shard_files.google_crc32c, "value", lambda data: checks.append(1) or real(data))
     source = MappedSource(store, ["clip_simple"], max_maps=1)
@@ -195,21 +195,6 @@ def test_a_chunk_is_checked_once_per_process_unless_its_file_changes(tmp_path, m
     path.write_bytes(bytes(data))  # a new file: its chunks are checked again, and this one fails
     with pytest.raises(StoreFormatError, match="array 'clip_simple', samples 0..5: cannot be decoded"):
         source.fetch(np.array([1]), np.array([False]))
-
-
-def _random_store(path, num_samples, shard_rows, chunk_rows) -> FeatureStore:
-    store = synthetic_store(
-        path, num_samples=num_samples, shard_rows=shard_rows, chunk_rows=chunk_rows, flip_variants=True, **SHAPES
-    )
-    rng = np.random.default_rng(0)
-    for shard, (start, stop) in enumerate(store.shard_ranges()):
-        rows = {
-            name: rng.standard_normal((stop - start, *spec.row_shape)).astype(spec.dtype)
-            for name, spec in store.specs.items()
-            if name != "status"
-        }
-        store.write_shard(shard, rows, np.full(stop - start, DONE, np.uint8))
-    return FeatureStore.open(path, mode="r")
 
 
 def test_only_plain_local_layouts_are_mapped(tmp_path, store):
