@@ -19,6 +19,7 @@ chunk of every array's every shard. The epoch's sample order goes to the process
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import subprocess
@@ -35,6 +36,7 @@ WINDOW = 256  # samples whose chunks the process works out at once (vectorised),
 MAPS_HELD = 64  # shard files the process keeps mapped (least recently used closed first)
 POLL_SECONDS = 0.005  # how often a waiting process looks at the loop's progress
 _SERVED = 0  # the board's slot for the loop's progress
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class ChunkChecks:
             )
             self._process.stdin.write(json.dumps(job).encode())
             self._process.stdin.close()
+        except OSError as error:  # no process (or one that died at once) costs speed, never a batch: the loop checks
+            _log.warning("the chunk-checking process did not start (%s); the loop checks every chunk itself", error)
+            self.stop()
         finally:
             os.close(plan)
 

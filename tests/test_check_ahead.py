@@ -128,3 +128,14 @@ def test_a_process_starts_only_for_an_epoch_that_reads_a_shard_not_read_yet(tmp_
     source.plan(np.arange(24))
     assert source._checks._process is not None  # shards 2 and 3 are new
     source.close()
+
+
+def test_a_checking_process_that_cannot_start_costs_only_speed(tmp_path, monkeypatch, random_store, caplog):
+    store = random_store(tmp_path / "s.zarr", num_samples=12, shard_rows=6, chunk_rows=3)
+    monkeypatch.setattr("sys.executable", str(tmp_path / "no-python"))
+    source = MappedSource(store, NAMES)
+    source.plan(np.arange(12))
+    assert "the chunk-checking process did not start" in caplog.text
+    rows = source.fetch(np.arange(12), np.zeros(12, bool))
+    assert torch.equal(rows["llm"], torch.from_numpy(store.read(["llm"], 0, 12)["llm"]))
+    source.close()
