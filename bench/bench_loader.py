@@ -8,26 +8,26 @@ variants 4 x 4 x 64 x 64, a pooled LLaMA-13B feature of 5120: about 378 KB. The 
   loader_host   `StoreSource.fetch` in the loader's shuffled order, with flips: what a GPU run costs the host
                 (the float32 conversion and the latent sampling then run on the GPU)
   loader_host_reader  the same with one reader process streaming shards ahead
-  loader_host_mapped  the same gathered straight from the memory-mapped shard files (`MappedSource`, the trainer's
-                default for local uncompressed stores): a first epoch, which maps every file and checks every
-                chunk's crc32c (the checking process, `sur_cache.check_ahead`, started at its first batch)
-  loader_host_mapped_prepared  the first epoch again, on a new source, planned 1 s before it is timed, as a training
-                run prepares its loader before loading the UNet: the chunk-checking process gets that head start
-                (at most 2,048 samples ahead of the loop)
-  loader_host_mapped_epoch2  the same order again through the same source, files mapped and chunks checked
-                (every later epoch of a run): the median of 5 passes
   loader_cpu    whole `FeatureLoader` batches on the CPU: the above plus float32 conversion and latent sampling
   text_host     `loader_host` without latents (what the features-only mode reads)
   preload_text  `PreloadedSource` build time for the text features (the features-only fast path), as samples/s
-  memmap_first_pass  the floor to beat in a first epoch: the same arrays as plain `.npy` memmaps (written once
-                from the store, page cache warm) opened afresh, the same samples and flips in the same order, one
-                fancy-index read per array and batch; each page is mapped when first touched
-  memmap        the floor to beat in every later epoch: the median of 5 more passes through them (pages mapped);
-                printed with the ratio of each loader_host_reader/mapped row to its floor
+
+The mapped loader (`MappedSource`, the trainer's default for local uncompressed stores) and its floor, plain `.npy`
+memmaps of the same arrays (written once from the store, page cache warm) read with the same samples and flips in
+the same order, one fancy-index read per array and batch, are measured in alternation (`mapped_against_memmap`),
+each row the median of its passes, and the ratios of the pairs are printed:
+
+  memmap_first_pass  the floor to beat in a first epoch: the memmaps opened afresh (each page mapped when touched)
+  loader_host_mapped_prepared  a first epoch on a new source, which maps every file and checks every chunk's
+                crc32c, planned 1 s before it is timed, as a training run prepares its loader before loading the
+                UNet: the chunk-checking process (`sur_cache.check_ahead`) gets that head start
+  loader_host_mapped  a first epoch planned at its first batch (one pass)
+  memmap        the floor to beat in every later epoch: later passes through the same memmaps
+  loader_host_mapped_epoch2  later epochs through the same source, files mapped and chunks checked
 
 It also prints how much of the store's shard files and of the memmaps the kernel maps with 2 MiB pages (which moves
 the copy rates). Targets: loader >= 1,000 samples/s from a warm page cache (issue 3); loader_host_reader >= 2,000
-samples/s and never below memmap (issue 14). Rows go to bench/results/loader_<host>.csv with
+samples/s and the mapped loader never below memmap (issue 14). Rows go to bench/results/loader_<host>.csv with
 the 1-minute load average (on a shared machine, read CPU numbers with it).
 Usage: .venv/bin/python bench/bench_loader.py [--samples 3072] [--batch-size 16] [--keep DIR]
 """
@@ -35,12 +35,15 @@ Usage: .venv/bin/python bench/bench_loader.py [--samples 3072] [--batch-size 16]
 from __future__ import annotations
 
 import csv
+import itertools
 import mmap
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import click
@@ -60,7 +63,8 @@ from sur_cache.store import DEFAULT_CHUNK_ROWS, DONE, FeatureStore, synthetic_st
 
 SD15 = dict(clip_width=768, llm_width=5120, latent_channels=4, latent_size=64, flip_variants=True)
 RESULTS = Path(__file__).parent / "results"
-LATER_PASSES = 5  # the `_epoch2` and `memmap` rows are the median of this many passes after the first
+PAIRS = 3  # first epochs of the mapped loader and of the memmaps, measured in alternation
+LATER_PASSES = 5  # the `_epoch2` and `memmap` rows: the median of this many later passes of each, alternately
 SETUP_SECONDS = 1.0  # between `prepare` and the first batch: a run loads its UNet then (SD 1.5's takes longer)
 
 
@@ -118,31 +122,45 @@ def time_fetch(
     readers: int = 0,
     mapped: bool = False,
     epochs: int = 1,
-    setup_seconds: float = 0.0,
 ) -> list[float]:
-    """Samples/s of each of `epochs` passes over the loader's epoch-0 order through one source. With
-    `setup_seconds`, the first pass is planned that long before it is timed, as a training run prepares its loader
-    and then loads its UNet (`FeatureLoader.prepare`); else each pass is planned inside its timing."""
+    """Samples/s of each of `epochs` passes over the loader's epoch-0 order through one source."""
+    with closing(fetch_passes(store, batch_size, latents, buffer_units, readers, mapped)) as passes:
+        return list(itertools.islice(passes, epochs))
+
+
+def fetch_passes(
+    store: FeatureStore,
+    batch_size: int,
+    latents: bool,
+    buffer_units: int,
+    readers: int = 0,
+    mapped: bool = False,
+    setup_seconds: float = 0.0,
+) -> Iterator[float]:
+    """Samples/s of one pass after another over the loader's epoch-0 order through one source, each pass planned
+    inside its timing. With `setup_seconds`, the first pass is planned that long before it is timed, as a training
+    run prepares its loader and then loads its UNet (`FeatureLoader.prepare`). Closing the iterator closes the loader.
+    """
     loader = _loader(store, batch_size, latents, buffer_units, readers, mapped)
     order, count = loader.order(0), loader.batches_per_epoch(0)
     flips = np.random.default_rng(0).random(len(order)) < 0.5
-    if readers:  # start the reader process outside the timed region, as a training run does during setup
-        loader.source.plan(order[:batch_size])
-        loader.source.fetch(order[:batch_size], flips[:batch_size])
-    if setup_seconds:
-        loader.source.plan(order[: count * batch_size])
-        time.sleep(setup_seconds)
-    rates = []
-    for epoch in range(epochs):
-        started = time.perf_counter()
-        if hasattr(loader.source, "plan") and not (setup_seconds and epoch == 0):
+    try:
+        if readers:  # start the reader process outside the timed region, as a training run does during setup
+            loader.source.plan(order[:batch_size])
+            loader.source.fetch(order[:batch_size], flips[:batch_size])
+        if setup_seconds:
             loader.source.plan(order[: count * batch_size])
-        for k in range(count):
-            part = slice(k * batch_size, (k + 1) * batch_size)
-            loader.source.fetch(order[part], flips[part])
-        rates.append(count * batch_size / (time.perf_counter() - started))
-    loader.close()
-    return rates
+            time.sleep(setup_seconds)
+        for epoch in itertools.count():
+            started = time.perf_counter()
+            if hasattr(loader.source, "plan") and not (setup_seconds and epoch == 0):
+                loader.source.plan(order[: count * batch_size])
+            for k in range(count):
+                part = slice(k * batch_size, (k + 1) * batch_size)
+                loader.source.fetch(order[part], flips[part])
+            yield count * batch_size / (time.perf_counter() - started)
+    finally:
+        loader.close()
 
 
 def write_memmaps(store: FeatureStore, folder: Path, names: list[str]) -> dict[str, Path]:
@@ -161,20 +179,16 @@ def write_memmaps(store: FeatureStore, folder: Path, names: list[str]) -> dict[s
     return paths
 
 
-def time_memmap(store: FeatureStore, folder: Path, batch_size: int, buffer_units: int) -> list[float]:
-    """Samples/s of a first pass over the loader's samples and flips, in the loader's order, read from plain memmaps
-    (see `write_memmaps`) opened afresh, which maps each page as it touches it (a first epoch), and the median of
-    `LATER_PASSES` more, which find them mapped (every later epoch). An untimed pass through other maps of the same
-    files comes first: it leaves malloc as a long run leaves it (its threshold for returning freed blocks to the
-    system raised by the batch-sized arrays), without which each batch's fresh arrays are faulted in page by page
-    (measured: 4,400 against 37,000 samples/s)."""
+def memmap_passes(store: FeatureStore, paths: dict[str, Path], batch_size: int, buffer_units: int) -> Iterator[float]:
+    """Samples/s of passes over the loader's samples and flips, in the loader's order, read from plain memmaps (see
+    `write_memmaps`) opened afresh: the first maps each page as it touches it (a first epoch), the later ones find
+    them mapped (every later epoch). One fancy-index read per array and batch, the flipped rows read over them."""
     loader = _loader(store, batch_size, True, buffer_units)
     order, count = loader.order(0), loader.batches_per_epoch(0)
     flips = np.random.default_rng(0).random(len(order)) < 0.5
-    paths = write_memmaps(store, folder, array_names(latents=True, flips=True))
-
-    def one_pass(arrays: dict[str, np.ndarray]) -> float:
-        outputs = [name for name in arrays if not name.endswith("_flipped")]
+    arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+    outputs = [name for name in arrays if not name.endswith("_flipped")]
+    while True:
         started = time.perf_counter()
         for k in range(count):
             part = slice(k * batch_size, (k + 1) * batch_size)
@@ -184,18 +198,56 @@ def time_memmap(store: FeatureStore, folder: Path, batch_size: int, buffer_units
                 if f"{name}_flipped" in arrays:
                     rows[flipped] = arrays[f"{name}_flipped"][samples[flipped]]
                 torch.from_numpy(rows)
-        return count * batch_size / (time.perf_counter() - started)
+        yield count * batch_size / (time.perf_counter() - started)
 
-    one_pass({name: np.load(path, mmap_mode="r") for name, path in paths.items()})
-    arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
-    rates = first_and_later([one_pass(arrays) for _ in range(1 + LATER_PASSES)])
+
+def first_pass(passes: Iterator[float]) -> float:
+    """The first pass of `passes`, which are then closed."""
+    with closing(passes):
+        return next(passes)
+
+
+def mapped_against_memmap(
+    store: FeatureStore, folder: Path, batch_size: int, buffer_units: int
+) -> list[tuple[str, float]]:
+    """The mapped loader and its memmap floor, measured in alternation so that both see the same machine (single
+    passes vary by up to 2x on a shared VM): `PAIRS` first epochs of each on fresh maps (the loader prepared as a
+    training run prepares it), then `LATER_PASSES` later epochs of each, alternately; every row is the median of its
+    passes, and the ratios of the pairs are printed.
+
+    An untimed memmap pass comes first: it leaves malloc as a long run leaves it (its threshold for returning freed
+    blocks to the system raised by the batch-sized arrays), without which each batch's fresh arrays are faulted in
+    page by page (measured: 4,400 against 37,000 samples/s)."""
+    paths = write_memmaps(store, folder, array_names(latents=True, flips=True))
     print(f"memmap: {huge_page_share(list(paths.values())):.0%} of the .npy files' pages mapped as 2 MiB pages")
-    return rates
-
-
-def first_and_later(rates: list[float]) -> list[float]:
-    """The first pass's rate and the median of the later ones (single passes vary by up to 2x on a shared VM)."""
-    return [rates[0], float(np.median(rates[1:]))]
+    first_pass(memmap_passes(store, paths, batch_size, buffer_units))
+    firsts = [
+        (
+            first_pass(memmap_passes(store, paths, batch_size, buffer_units)),
+            first_pass(fetch_passes(store, batch_size, True, buffer_units, mapped=True, setup_seconds=SETUP_SECONDS)),
+        )
+        for _ in range(PAIRS)
+    ]
+    with (
+        closing(memmap_passes(store, paths, batch_size, buffer_units)) as memmap,
+        closing(fetch_passes(store, batch_size, True, buffer_units, mapped=True)) as mapped,
+    ):
+        next(memmap)
+        unprepared = next(mapped)
+        later = [(next(memmap), next(mapped)) for _ in range(LATER_PASSES)]
+    for what, pairs in (("first epochs (prepared)", firsts), ("later epochs", later)):
+        ratios = [loader / floor for floor, loader in pairs]
+        print(
+            f"mapped / memmap, {what}, pass by pass: median {np.median(ratios):.2f}, "
+            f"{min(ratios):.2f}-{max(ratios):.2f} ({len(ratios)} pairs)"
+        )
+    return [
+        ("loader_host_mapped", unprepared),
+        ("loader_host_mapped_prepared", float(np.median([loader for _, loader in firsts]))),
+        ("loader_host_mapped_epoch2", float(np.median([loader for _, loader in later]))),
+        ("memmap_first_pass", float(np.median([floor for floor, _ in firsts]))),
+        ("memmap", float(np.median([floor for floor, _ in later]))),
+    ]
 
 
 def huge_page_share(paths: list[Path]) -> float:
@@ -254,24 +306,14 @@ def main(samples, shard_rows, chunk_rows, batch_size, buffer_shards, keep) -> No
         time_store_read(store)  # warm the page cache
         shard_files = sorted(p for p in path.glob("*/c/**/*") if p.is_file())
         print(f"store: {huge_page_share(shard_files):.0%} of the shard files' pages mapped as 2 MiB pages")
-        passes = 1 + LATER_PASSES
         rows = [
             ("store_read", time_store_read(store)),
             ("loader_host", *time_fetch(store, batch_size, latents=True, buffer_units=buffer_shards)),
             ("loader_host_reader", *time_fetch(store, batch_size, True, buffer_shards, readers=1)),
-            *zip(
-                ("loader_host_mapped", "loader_host_mapped_epoch2"),
-                first_and_later(time_fetch(store, batch_size, True, buffer_shards, mapped=True, epochs=passes)),
-                strict=True,
-            ),
-            (
-                "loader_host_mapped_prepared",
-                *time_fetch(store, batch_size, True, buffer_shards, mapped=True, setup_seconds=SETUP_SECONDS),
-            ),
             ("loader_cpu", time_loader(store, batch_size, buffer_units=buffer_shards)),
             ("text_host", *time_fetch(store, batch_size, latents=False, buffer_units=buffer_shards)),
             ("preload_text", time_preload(store)),
-            *zip(("memmap_first_pass", "memmap"), time_memmap(store, folder, batch_size, buffer_shards), strict=True),
+            *mapped_against_memmap(store, folder, batch_size, buffer_shards),
         ]
     finally:
         if keep is None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -322,7 +323,7 @@ def _build_loader(config: TrainConfig, store: FeatureStore, accelerator, units: 
         device = accelerator.device if config.preload == "device" else torch.device("cpu")
         source = PreloadedSource(store, units, names, device)
     elif config.mapped_reads and MappedSource.maps(store, names):
-        source = MappedSource(store, names)
+        source = MappedSource(store, names, processes_per_host=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     else:
         source = StoreSource(store, units, names, capacity=2 * config.buffer_shards, readers=config.read_workers)
     settings = LoaderSettings(

@@ -33,6 +33,8 @@ import numpy as np
 from sur_cache.shard_files import MappedShard, ShardDamage, ShardLayout, identity_token
 
 WINDOW = 256  # samples whose chunks the process works out at once (vectorised), by default
+MEMORY_SHARE = 0.25  # of the memory available at the plan, for the pages checked ahead (a host's processes share it)
+MIN_AHEAD = 2048  # samples; what the reader path's ring holds at the default buffer of 4 units of 256 rows
 MAPS_HELD = 64  # shard files the process keeps mapped (least recently used closed first)
 POLL_SECONDS = 0.005  # how often a waiting process looks at the loop's progress
 _SERVED = 0  # the board's slot for the loop's progress
@@ -117,6 +119,26 @@ class ChunkChecks:
         except BufferError:
             pass  # a token view is still alive somewhere; it unmaps when the last one goes
         os.close(self._fd)
+
+
+def samples_ahead(sample_bytes: int, processes_per_host: int = 1) -> int:
+    """How many samples past the loop's the process may check: those whose pages fit in `MEMORY_SHARE` of the memory
+    available now (split among the host's training processes), and at least `MIN_AHEAD`.
+
+    Checked pages must still be in the page cache when the loop reads them, or a store the cache does not hold would
+    be read from disk twice; within that, further is better: a training run's first epoch is checked while it loads
+    its models (about 10 GB/s of crc32c a core here), and on a cold cache the checks read the files in ahead of the
+    loop."""
+    return max(MIN_AHEAD, int(_available_bytes() * MEMORY_SHARE / max(1, processes_per_host)) // max(1, sample_bytes))
+
+
+def _available_bytes() -> int:
+    """The kernel's estimate of memory available without swapping (`MemAvailable`: free plus reclaimable cache)."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def chunks_in_first_use(indices: np.ndarray, shard_rows: int, arrays: list[CheckedArray]) -> list[tuple[int, int, int]]:

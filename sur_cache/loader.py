@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sur_cache.check_ahead import WINDOW, CheckedArray, ChunkChecks
+from sur_cache.check_ahead import WINDOW, CheckedArray, ChunkChecks, samples_ahead
 from sur_cache.models import DEFAULT_VAE_SCALING_FACTOR, sd_model_facts
 from sur_cache.shard_files import MappedShard, ShardDamage
 from sur_cache.store import FeatureStore, Manifest, ManifestMismatchError, StoreFormatError
@@ -216,6 +216,7 @@ def sdxl_conditioning(features: dict[str, torch.Tensor], target_size: int) -> di
 
 
 _MIRROR = dict(zip(LATENT_ARRAYS, FLIPPED_ARRAYS, strict=True))
+_PLAIN = dict(zip(FLIPPED_ARRAYS, LATENT_ARRAYS, strict=True))
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -394,22 +395,33 @@ class MappedSource:
     crc32c is checked once per process before any of its rows is served; a damaged chunk or a missing file is a
     StoreFormatError naming the array and the shard's samples, as `StoreSource` raises it. With `check_ahead`, `plan`
     starts a process that checks the epoch's chunks ahead of the loop (`sur_cache.check_ahead`), so that the first
-    epoch's checksums run beside the loop rather than in it; what it has not reached, the loop checks itself. At
-    most `max_maps` shard files stay mapped (least recently used closed first), far below Linux's default of 65,530
-    maps a process; a map is the file's pages in the page cache, not this process's memory. Batches equal
+    epoch's checksums run beside the loop rather than in it; what it has not reached, the loop checks itself.
+
+    A checked chunk's rows are kept as views, so a batch is one dict lookup per row and one `np.concatenate` per
+    array, both in C (a Python call per row was 30% of a later epoch). At most `max_maps` shard files stay mapped,
+    far below Linux's default of 65,530 maps a process; the earliest mapped is closed first (row lookups do not track
+    use; the buffered order reads a shard's rows within its buffer, and a map closed too early is only made again,
+    its checked chunks kept). A map is the file's pages in the page cache, not this process's memory. Batches equal
     `StoreSource`'s.
     """
 
     MAX_MAPS = 4096  # every shard file of a store up to 585 shards x 7 arrays stays mapped for the whole run
-    CHECK_AHEAD = 2048  # samples; what the reader path's ring holds at the default buffer of 4 units of 256 rows
     CHECK_WINDOW = WINDOW
 
     def __init__(
-        self, store: FeatureStore, names: list[str], max_maps: int = MAX_MAPS, check_ahead: bool = True
+        self,
+        store: FeatureStore,
+        names: list[str],
+        max_maps: int = MAX_MAPS,
+        check_ahead: bool = True,
+        processes_per_host: int = 1,
     ) -> None:
         self.store, self.names, self.max_maps = store, names, max_maps
+        self.processes_per_host = processes_per_host
+        self.ahead: int | None = None  # samples the process checks past the loop; None: `check_ahead.samples_ahead`
         self.outputs = [name for name in names if name not in FLIPPED_ARRAYS]
-        self._maps: OrderedDict[tuple[str, int], MappedShard] = OrderedDict()
+        self._maps: OrderedDict[tuple[str, int], MappedShard] = OrderedDict()  # in the order they were mapped
+        self._views: dict[str, dict[int, np.ndarray]] = {name: {} for name in self.outputs}  # checked rows
         self._verified: dict[tuple[str, int], tuple[tuple, set[int]]] = {}  # file identity, chunks checked
         self._widths: dict[str, int] | None = None
         self._check_ahead = check_ahead
@@ -431,22 +443,59 @@ class MappedSource:
             self._checks.stop()
         needed = np.bincount(indices // self.store.shard_rows, minlength=len(self._mapped_before)) > 0
         if self._check_ahead and (needed & ~self._mapped_before).any():  # else every chunk it reads was checked
-            self._checks = self._checks or _chunk_checks(self.store, self.names, self.CHECK_AHEAD, self.CHECK_WINDOW)
+            self._checks = self._checks or self._chunk_checks()
             self._served = 0
             self._checks.start(indices)
 
+    def _chunk_checks(self) -> ChunkChecks:
+        """The board for checking the arrays' chunks ahead of the loop: one slot per chunk of every shard of every
+        array, and how far ahead (`ahead`, else sized to the memory available now)."""
+        arrays, slot = [], 1  # slot 0: the samples served
+        for name in self.names:
+            layout = self.store.direct_layout(name)
+            arrays.append(CheckedArray(name, self.store.shard_path_template(name), layout, slot))
+            slot += len(self.store.shard_ranges()) * layout.chunks_per_shard
+        sample_bytes = sum(array.layout.row_bytes for array in arrays)
+        ahead = self.ahead if self.ahead is not None else samples_ahead(sample_bytes, self.processes_per_host)
+        return ChunkChecks(arrays, self.store.shard_rows, slot, ahead, self.CHECK_WINDOW)
+
     def fetch(self, indices: np.ndarray, flipped: np.ndarray) -> dict[str, torch.Tensor]:
         batch = self._allocate(len(indices))
-        shards, within = np.divmod(indices, self.store.shard_rows)
-        places = list(zip(shards.tolist(), within.tolist(), flipped.tolist(), strict=True))
+        plain, variant = indices.tolist(), np.where(flipped, ~indices, indices).tolist()  # keys of `_views`
         for name, array in batch.items():
-            mirror = _MIRROR.get(name)
-            rows = [self._row(mirror if flip and mirror else name, shard, row) for shard, row, flip in places]
+            rows = self._gather(name, variant if name in _MIRROR else plain)
             np.concatenate(rows, axis=0, out=array.reshape(len(indices), -1).view(np.uint8))  # one copy, in C
         if self._checks is not None:
             self._served += len(indices)
             self._checks.served(self._served)
         return {name: torch.from_numpy(array) for name, array in batch.items()}
+
+    def _gather(self, name: str, keys: list[int]) -> list[np.ndarray]:
+        """The row views of `keys` (samples, or `~sample` for a latent's flipped variant): one dict lookup each, in C,
+        when every row's chunk is checked already; else each missing row's chunk is mapped and checked first."""
+        views = self._views[name]
+        try:
+            return list(map(views.__getitem__, keys))
+        except KeyError:
+            return [views[key] if key in views else self._load(name, key) for key in keys]
+
+    def _load(self, name: str, key: int) -> np.ndarray:
+        """Check the chunk holding row `key` of output `name` and keep views of all its rows; returns `key`'s view."""
+        array, sample = (_MIRROR[name], ~key) if key < 0 else (name, key)
+        shard, row = divmod(sample, self.store.shard_rows)
+        mapped, chunk_rows = self._map(array, shard), self.store.direct_layout(array).chunk_rows
+        try:
+            rows = mapped.rows(row // chunk_rows)
+        except ShardDamage as error:
+            raise self.store.damage_error(array, *self.store.shard_ranges()[shard], error) from None
+        first = sample - row % chunk_rows
+        count = min(chunk_rows, self.store.shard_ranges()[shard][1] - first)  # an edge chunk's padding is no sample
+        keys = range(~first, ~first - count, -1) if key < 0 else range(first, first + count)
+        views = self._views[name]
+        views.update(
+            zip(keys, rows[:count, None], strict=True)
+        )  # `[1, row_bytes]` views, made by numpy's iteration in C
+        return views[key]
 
     def _allocate(self, count: int) -> dict[str, np.ndarray]:
         """The batch's arrays as views of one block. One allocation, freed whole, is reused by malloc batch after
@@ -470,23 +519,18 @@ class MappedSource:
 
     def close(self) -> None:
         """Close every map (each holds its file's pages mapped, no descriptor), and end the checking process."""
+        for views in self._views.values():
+            views.clear()
         while self._maps:
             self._maps.popitem()[1].close()
         if self._checks is not None:
             self._checks.close()
             self._checks = None
 
-    def _row(self, name: str, shard: int, row: int) -> np.ndarray:
-        mapped = self._map(name, shard)
-        try:
-            return mapped.row(row)
-        except ShardDamage as error:
-            raise self.store.damage_error(name, *self.store.shard_ranges()[shard], error) from None
-
     def _map(self, name: str, shard: int) -> MappedShard:
+        """Shard `shard` of array `name`, mapped; the earliest map is closed when more than `max_maps` are open."""
         key = (name, shard)
         if key in self._maps:
-            self._maps.move_to_end(key)
             return self._maps[key]
         mapped = self._maps[key] = self.store.map_shard(name, shard)
         self._mapped_before[shard] = True
@@ -497,18 +541,19 @@ class MappedSource:
             mapped.verified = verified
         self._verified[key] = (mapped.identity, mapped.verified)
         while len(self._maps) > self.max_maps:
-            self._maps.popitem(last=False)[1].close()
+            (closed, closed_shard), old = self._maps.popitem(last=False)
+            self._forget(closed, closed_shard)
+            old.close()
         return mapped
 
-
-def _chunk_checks(store: FeatureStore, names: list[str], ahead: int, window: int) -> ChunkChecks:
-    """The board for checking `names`' chunks ahead of the loop: one slot per chunk of every shard of every array."""
-    arrays, slot = [], 1  # slot 0: the samples served
-    for name in names:
-        layout = store.direct_layout(name)
-        arrays.append(CheckedArray(name, store.shard_path_template(name), layout, slot))
-        slot += len(store.shard_ranges()) * layout.chunks_per_shard
-    return ChunkChecks(arrays, store.shard_rows, slot, ahead, window)
+    def _forget(self, name: str, shard: int) -> None:
+        """Drop the row views of a map being closed (they would keep it open)."""
+        output = _PLAIN.get(name, name)
+        start, stop = self.store.shard_ranges()[shard]
+        keys = range(~start, ~stop, -1) if name in _PLAIN else range(start, stop)
+        views = self._views[output]
+        for key in keys:
+            views.pop(key, None)
 
 
 def _shared_slots(store: FeatureStore, units: list[ReadUnit], names: list[str], count: int) -> dict[str, torch.Tensor]:

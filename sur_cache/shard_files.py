@@ -138,15 +138,14 @@ def _read_chunk(fd: int, offset: int, rows: np.ndarray, path: str, chunk: int) -
 
 
 class MappedShard:
-    """One shard file mapped read-only, its rows served as views of the mapped chunks: no read, no copy.
+    """One shard file mapped read-only, its chunks' rows served as views of the map: no read, no copy.
 
-    A chunk's crc32c is checked the first time one of its rows is asked for, then never again for this file:
-    `verified` holds the chunks checked so far, and a later map of the same file (same `identity`: device, inode,
-    size and modification time) may be handed the earlier map's set. `tokens`, when set, are the slots where another
-    process records the chunks it checked (`check_ahead`): a chunk whose slot holds this file's `token` is taken as
-    checked. The mapped pages are the page cache itself
-    (they count as cache, not as this process's memory). Raises
-    FileNotFoundError when there is no file; `row` raises ShardDamage for a chunk that fails its checksum, has the
+    A chunk's crc32c is checked the first time its rows are asked for, then never again for this file: `verified`
+    holds the chunks checked so far, and a later map of the same file (same `identity`: device, inode, size and
+    modification time) may be handed the earlier map's set. `tokens`, when set, are the slots where another process
+    records the chunks it checked (`check_ahead`): a chunk whose slot holds this file's `token` is taken as checked.
+    The mapped pages are the page cache itself (they count as cache, not as this process's memory). Raises
+    FileNotFoundError when there is no file; `rows` raises ShardDamage for a chunk that fails its checksum, has the
     wrong size or is absent from the index (an absent chunk holds no rows, and is never served as zeros).
     """
 
@@ -161,51 +160,37 @@ class MappedShard:
             # fault at a time (the buffered order reads all of a shard's rows within a few batches)
             self._map = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
         self._bytes = np.frombuffer(self._map, np.uint8)
-        self._rows: list[np.ndarray | None] = [None] * (layout.chunks_per_shard * layout.chunk_rows)  # checked ones
+        self._chunks = self._index.tolist()  # `(offset, nbytes)` as Python ints: `rows` runs once per chunk and map
         self.verified: set[int] = set()
         self.tokens: np.ndarray | None = None
 
     def check(self, chunk: int) -> None:
         """Check chunk `chunk`'s crc32c now if it is not checked yet (raises ShardDamage)."""
-        self._chunk(chunk)
+        self.rows(chunk)
 
-    def row(self, row: int) -> np.ndarray:
-        """Row `row` (counted inside the shard) as a `[1, row_bytes]` uint8 view, its chunk verified.
-
-        The views of a checked chunk's rows are made once and kept, so a later call is one list lookup: the loader
-        asks for every row of every batch (15,000 calls per 3,000 samples at SD 1.5 shapes)."""
-        view = self._rows[row]
-        if view is None:
-            chunk = row // self.layout.chunk_rows
-            rows = self._chunk(chunk)
-            first = chunk * self.layout.chunk_rows
-            self._rows[first : first + len(rows)] = [rows[k : k + 1] for k in range(len(rows))]
-            view = self._rows[row]
-        return view
-
-    def close(self) -> None:
-        """Unmap the file now, or, while a row view is still alive somewhere (a caller's, a traceback's), as soon as
-        the last one goes: the views keep the map alive, never a dangling pointer."""
-        self._rows.clear()
-        self._bytes = None
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # a view still exports the map; dropping our references leaves the unmapping to it
-
-    def _chunk(self, chunk: int) -> np.ndarray:
-        offset, nbytes = self._index[chunk]
+    def rows(self, chunk: int) -> np.ndarray:
+        """Chunk `chunk`'s rows as a `[chunk_rows, row_bytes]` uint8 view of the map, its crc32c checked first."""
+        offset, nbytes = self._chunks[chunk]
         chunk_bytes = self.layout.chunk_rows * self.layout.row_bytes
-        if offset == _ABSENT and nbytes == _ABSENT:
+        if offset == nbytes == _ABSENT:
             raise ShardDamage(f"{self.path}: chunk {chunk} is absent from the shard index")
         if nbytes != chunk_bytes + _CHECKSUM_BYTES:
             raise ShardDamage(f"{self.path}: chunk {chunk} holds {nbytes} bytes, expected {chunk_bytes + 4}")
-        rows = self._bytes[int(offset) : int(offset) + chunk_bytes]
+        rows = self._bytes[offset : offset + chunk_bytes]
         if chunk not in self.verified and not (self.tokens is not None and self.tokens[chunk] == self.token):
-            stored = int.from_bytes(self._bytes[int(offset) + chunk_bytes : int(offset + nbytes)].tobytes(), "little")
+            stored = int.from_bytes(self._bytes[offset + chunk_bytes : offset + nbytes].tobytes(), "little")
             if google_crc32c.value(rows) != stored:
                 raise ShardDamage(f"{self.path}: chunk {chunk}: stored and computed checksum do not match")
             if self.tokens is not None:
                 self.tokens[chunk] = self.token  # the checking process need not check it again
         self.verified.add(chunk)
         return rows.reshape(self.layout.chunk_rows, self.layout.row_bytes)
+
+    def close(self) -> None:
+        """Unmap the file now, or, while a view of it is still alive somewhere (a caller's, a traceback's), as soon as
+        the last one goes: the views keep the map alive, never a dangling pointer."""
+        self._bytes = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view still exports the map; dropping our references leaves the unmapping to it

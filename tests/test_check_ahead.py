@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sur_cache import shard_files
+from sur_cache import check_ahead, shard_files
 from sur_cache.loader import MappedSource
 from sur_cache.store import StoreFormatError
 
@@ -75,7 +75,7 @@ def test_the_process_checks_ahead_so_the_loop_does_not(tmp_path, monkeypatch, ra
 def test_the_process_stays_within_ahead_of_the_loop(tmp_path, random_store):
     store = random_store(tmp_path / "s.zarr", num_samples=24, shard_rows=6, chunk_rows=3)
     source = MappedSource(store, NAMES)
-    source.CHECK_AHEAD, source.CHECK_WINDOW = 0, 6  # one shard's samples at a time, none past those served
+    source.ahead, source.CHECK_WINDOW = 0, 6  # one shard's samples at a time, none past those served
     order = np.concatenate([np.arange(6, 12), np.arange(0, 6), np.arange(18, 24)])  # shard 1, shard 0, shard 3
     source.plan(order)
     _wait_until(lambda: all(_checked(source, "clip_simple", 1)) and all(_checked(source, "llm", 1)))
@@ -139,3 +139,11 @@ def test_a_checking_process_that_cannot_start_costs_only_speed(tmp_path, monkeyp
     rows = source.fetch(np.arange(12), np.zeros(12, bool))
     assert torch.equal(rows["llm"], torch.from_numpy(store.read(["llm"], 0, 12)["llm"]))
     source.close()
+
+
+def test_how_far_ahead_follows_the_memory_available_split_among_the_hosts_processes(monkeypatch):
+    assert check_ahead._available_bytes() > 0  # read from /proc/meminfo
+    monkeypatch.setattr(check_ahead, "_available_bytes", lambda: 64 * 2**30)
+    assert check_ahead.samples_ahead(2**20) == 16 * 1024  # a quarter of 64 GiB, in samples of 1 MiB
+    assert check_ahead.samples_ahead(2**20, processes_per_host=4) == 4 * 1024
+    assert check_ahead.samples_ahead(2**20, processes_per_host=64) == check_ahead.MIN_AHEAD

@@ -174,6 +174,11 @@ def test_mapped_batches_equal_the_store_sources(tmp_path, random_store):
     for name, rows in mapped.source.fetch(np.array([9, 2, 17, 27]), flipped).items():
         assert torch.equal(rows, read.source.fetch(np.array([9, 2, 17, 27]), flipped)[name]), name
     assert len(mapped.source._maps) == 3
+    mirror = {"latent_mean": "latent_mean_flipped", "latent_logvar": "latent_logvar_flipped"}
+    for name, views in mapped.source._views.items():  # a closed map's row views are dropped (they keep it mapped)
+        for key in views:
+            array, sample = (mirror[name], ~key) if key < 0 else (name, key)
+            assert (array, sample // 6) in mapped.source._maps, (name, key)
     mapped.close()
     assert not mapped.source._maps
 

@@ -70,16 +70,16 @@ def test_a_mapped_shard_serves_zarrs_rows_and_checks_each_chunk_when_first_neede
     path, layout = store._shard_path("clip_complex", 1), store.direct_layout("clip_complex")
     assert layout.chunks_per_shard == 2
     mapped = MappedShard(path, layout)
-    rows = np.stack([mapped.row(r).view(np.float16).reshape(4, 16) for r in range(4)])
+    rows = np.concatenate([mapped.rows(c).view(np.float16).reshape(2, 4, 16) for c in range(2)])
     np.testing.assert_array_equal(rows, store.array("clip_complex")[4:8])
     mapped.close()
     data = bytearray(open(path, "rb").read())
     data[layout.chunk_rows * layout.row_bytes + 4 + 3] ^= 0xFF  # chunk 1 (rows 2, 3)
     open(path, "wb").write(bytes(data))
     mapped = MappedShard(path, layout)
-    mapped.row(1)  # chunk 0 is intact and served
+    mapped.rows(0)  # chunk 0 (rows 0, 1) is intact and served
     with pytest.raises(ShardDamage, match="chunk 1: stored and computed checksum do not match"):
-        mapped.row(2)
+        mapped.rows(1)
     mapped.close()
 
 
@@ -93,5 +93,5 @@ def test_a_chunk_absent_from_the_index_is_damage_never_zeros(tmp_path):
     open(path, "wb").write(bytes(data[:-36]) + raw + google_crc32c.value(raw).to_bytes(4, "little"))
     mapped = MappedShard(path, layout)
     with pytest.raises(ShardDamage, match="chunk 1 is absent from the shard index"):
-        mapped.row(3)
+        mapped.rows(1)
     mapped.close()
