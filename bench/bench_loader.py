@@ -114,17 +114,10 @@ def time_loader(store: FeatureStore, batch_size: int, buffer_units: int) -> floa
     return count * batch_size / (time.perf_counter() - started)
 
 
-def time_fetch(
-    store: FeatureStore,
-    batch_size: int,
-    latents: bool,
-    buffer_units: int,
-    readers: int = 0,
-    mapped: bool = False,
-    epochs: int = 1,
-) -> list[float]:
-    """Samples/s of each of `epochs` passes over the loader's epoch-0 order through one source."""
-    with closing(fetch_passes(store, batch_size, latents, buffer_units, readers, mapped)) as passes:
+def time_fetch(*args, epochs: int = 1, **options) -> list[float]:
+    """Samples/s of each of `epochs` passes over the loader's epoch-0 order through one source (`fetch_passes`'s
+    arguments)."""
+    with closing(fetch_passes(*args, **options)) as passes:
         return list(itertools.islice(passes, epochs))
 
 
